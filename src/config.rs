@@ -1,0 +1,160 @@
+//! The broker's configuration: one struct, from flags and environment (clap), validated once at
+//! start with messages that say what to set. Also the `ca` subcommands' arguments.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::wire::parse_duration;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "photon-broker",
+    version,
+    about = "Photon broker: stores and forwards sealed tasks between site proxies",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// The built-in certificate authority.
+    Ca {
+        #[command(subcommand)]
+        action: CaAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaAction {
+    /// Make the root key and certificate, and the broker's own key and certificate.
+    Init {
+        /// Directory for the CA's files (created).
+        #[arg(long, env = "PKI_DIR", default_value = "pki")]
+        dir: PathBuf,
+        /// The broker's URL; its host name is the broker id.
+        #[arg(long, env = "BROKER_URL")]
+        broker_url: String,
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+    },
+    /// Issue a proxy certificate from its CSR (written to <dir>/certs/<proxy id>.crt).
+    Sign {
+        #[arg(long, env = "PKI_DIR", default_value = "pki")]
+        dir: PathBuf,
+        #[arg(long, env = "BROKER_URL")]
+        broker_url: String,
+        /// The CSR made by `photon-proxy keygen`.
+        #[arg(long)]
+        csr: PathBuf,
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "BIND_ADDR", default_value = "0.0.0.0:8080")]
+    pub bind_addr: SocketAddr,
+    /// The URL proxies use to reach this broker; its host name is the broker id.
+    #[arg(long, env = "BROKER_URL")]
+    pub broker_url: Option<String>,
+    /// The CA directory made by `photon-broker ca init`.
+    #[arg(long, env = "PKI_DIR", default_value = "pki")]
+    pub pki_dir: PathBuf,
+    /// Longest task TTL accepted.
+    #[arg(long, env = "MAX_TTL", default_value = "7d")]
+    pub max_ttl: String,
+    /// Longest long-poll wait.
+    #[arg(long, env = "MAX_WAIT", default_value = "1h")]
+    pub max_wait: String,
+    /// Largest request body in bytes (sealed bodies are about a third larger than plaintext).
+    #[arg(long, env = "MAX_BODY", default_value_t = 16 * 1024 * 1024)]
+    pub max_body: usize,
+    /// Keep-alive interval on idle streams.
+    #[arg(long, env = "KEEPALIVE", default_value = "15s")]
+    pub keepalive: String,
+    /// HTTP worker threads (default: one per core).
+    #[arg(long, env = "WORKERS")]
+    pub workers: Option<usize>,
+}
+
+/// The validated configuration `serve` runs with.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    pub broker_id: String,
+    pub pki_dir: PathBuf,
+    pub max_ttl: Duration,
+    pub max_wait: Duration,
+    pub max_body: usize,
+    pub keepalive: Duration,
+    pub workers: usize,
+    pub session_lifetime: Duration,
+}
+
+/// The host name of a URL (`http://broker:8080/` → `broker`).
+pub fn host_of(url: &str) -> Result<String, String> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or_else(|| format!("{url:?} is not an http:// or https:// URL"))?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = host_port.split(':').next().unwrap_or_default();
+    if host.is_empty() {
+        return Err(format!("{url:?} has no host name"));
+    }
+    Ok(host.to_ascii_lowercase())
+}
+
+fn duration_setting(name: &str, value: &str) -> Result<Duration, String> {
+    parse_duration(value, Duration::from_secs(365 * 86_400)).map_err(|e| format!("{name}: {e}"))
+}
+
+impl ServeArgs {
+    pub fn validate(&self) -> Result<BrokerConfig, String> {
+        let url = self.broker_url.as_deref().ok_or(
+            "BROKER_URL is not set: set it to the URL proxies use to reach this broker, e.g. http://broker:8080",
+        )?;
+        let broker_id = host_of(url).map_err(|e| format!("BROKER_URL: {e}"))?;
+        let max_wait = duration_setting("MAX_WAIT", &self.max_wait)?;
+        let keepalive = duration_setting("KEEPALIVE", &self.keepalive)?;
+        if keepalive.is_zero() {
+            return Err("KEEPALIVE must be more than 0".into());
+        }
+        Ok(BrokerConfig {
+            broker_id,
+            pki_dir: self.pki_dir.clone(),
+            max_ttl: duration_setting("MAX_TTL", &self.max_ttl)?,
+            max_wait,
+            max_body: self.max_body,
+            keepalive,
+            workers: self
+                .workers
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+            session_lifetime: Duration::from_secs(3600),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts() {
+        assert_eq!(host_of("http://broker:8080").unwrap(), "broker");
+        assert_eq!(
+            host_of("https://Broker.Example.org/path").unwrap(),
+            "broker.example.org"
+        );
+        assert!(host_of("broker:8080").is_err());
+        assert!(host_of("http://:80").is_err());
+    }
+}

@@ -1,0 +1,155 @@
+//! The built-in certificate authority (rcgen, P-256): `ca init` makes the root and the broker's
+//! own certificate, `keygen` makes a site's key and CSR, `ca sign` issues a proxy certificate.
+//! Nothing external is needed.
+//!
+//! Layout of a CA directory: `root.key` (0600), `root.crt`, `broker.key` (0600), `broker.crt`,
+//! `certs/<proxy id>.crt` for every issued proxy certificate (the broker serves these).
+
+use std::{
+    fs,
+    io::Write,
+    path::{Path, PathBuf},
+};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, DnValue, IsCa, Issuer, KeyPair, KeyUsagePurpose, SerialNumber, PKCS_ECDSA_P256_SHA256,
+};
+use time::{Duration as TimeDuration, OffsetDateTime};
+
+use super::CryptoError;
+use crate::wire::ProxyId;
+
+pub const ROOT_KEY: &str = "root.key";
+pub const ROOT_CERT: &str = "root.crt";
+pub const BROKER_KEY: &str = "broker.key";
+pub const BROKER_CERT: &str = "broker.crt";
+pub const CERTS_DIR: &str = "certs";
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CryptoError + '_ {
+    move |source| CryptoError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+fn rc(e: rcgen::Error) -> CryptoError {
+    CryptoError::Certificate(e.to_string())
+}
+
+/// Writes a private key readable by its owner only.
+pub fn write_private(path: &Path, pem: &str) -> Result<(), CryptoError> {
+    let mut opts = fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut file = opts.open(path).map_err(io_err(path))?;
+    file.write_all(pem.as_bytes()).map_err(io_err(path))
+}
+
+pub fn read_to_string(path: &Path) -> Result<String, CryptoError> {
+    fs::read_to_string(path).map_err(io_err(path))
+}
+
+fn random_serial() -> SerialNumber {
+    let mut bytes: [u8; 16] = rand::random();
+    bytes[0] &= 0x7f; // positive INTEGER
+    SerialNumber::from_slice(&bytes)
+}
+
+fn leaf_params(common_name: &str, days: u32) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, common_name);
+    params.distinguished_name = dn;
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - TimeDuration::minutes(5);
+    params.not_after = now + TimeDuration::days(days.into());
+    params.serial_number = Some(random_serial());
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyAgreement,
+    ];
+    params
+}
+
+/// `photon-broker ca init`: a root key and self-signed certificate, plus the broker's own key
+/// and certificate (CN = broker id). Refuses to overwrite an existing root.
+pub fn init(dir: &Path, broker_id: &str, days: u32) -> Result<(), CryptoError> {
+    let root_key_path = dir.join(ROOT_KEY);
+    if root_key_path.exists() {
+        return Err(CryptoError::Key(format!(
+            "{} already exists; remove the directory to start a new CA",
+            root_key_path.display()
+        )));
+    }
+    fs::create_dir_all(dir.join(CERTS_DIR)).map_err(io_err(dir))?;
+    let root_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(rc)?;
+    let mut params = leaf_params(&format!("Photon root CA for {broker_id}"), days);
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let root_cert = params.self_signed(&root_key).map_err(rc)?;
+    write_private(&root_key_path, &root_key.serialize_pem())?;
+    fs::write(dir.join(ROOT_CERT), root_cert.pem()).map_err(io_err(dir))?;
+
+    let issuer = Issuer::new(params, root_key);
+    let broker_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(rc)?;
+    let broker_cert = leaf_params(broker_id, days)
+        .signed_by(&broker_key, &issuer)
+        .map_err(rc)?;
+    write_private(&dir.join(BROKER_KEY), &broker_key.serialize_pem())?;
+    fs::write(dir.join(BROKER_CERT), broker_cert.pem()).map_err(io_err(dir))
+}
+
+/// `photon-proxy keygen`: a fresh P-256 private key (PKCS#8 PEM) and a CSR with CN = proxy id.
+pub fn keygen(proxy_id: &ProxyId) -> Result<(String, String), CryptoError> {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(rc)?;
+    let mut params = CertificateParams::default();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, proxy_id.as_str());
+    let csr = params.serialize_request(&key).map_err(rc)?;
+    Ok((key.serialize_pem(), csr.pem().map_err(rc)?))
+}
+
+/// `photon-broker ca sign`: checks the CSR's signature and that its CN is a proxy of
+/// `broker_id`, then issues a certificate with only the CA's own choice of extensions and
+/// writes it to `certs/<proxy id>.crt`. Returns the proxy id and the certificate's path.
+pub fn sign(
+    dir: &Path,
+    broker_id: &str,
+    csr_pem: &str,
+    days: u32,
+) -> Result<(ProxyId, PathBuf), CryptoError> {
+    let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+        .map_err(|e| CryptoError::Csr(e.to_string()))?;
+    let cn = match csr.params.distinguished_name.get(&DnType::CommonName) {
+        Some(DnValue::Utf8String(s)) => s.clone(),
+        Some(DnValue::PrintableString(s)) => s.as_str().to_owned(),
+        _ => {
+            return Err(CryptoError::Csr(
+                "the CSR has no common name; it must be the proxy id".into(),
+            ))
+        }
+    };
+    let proxy_id = ProxyId::parse(&cn).map_err(|e| CryptoError::Csr(e.to_string()))?;
+    proxy_id
+        .within(broker_id)
+        .map_err(|e| CryptoError::Csr(e.to_string()))?;
+
+    let root_key_pem = read_to_string(&dir.join(ROOT_KEY))?;
+    let root_cert_pem = read_to_string(&dir.join(ROOT_CERT))?;
+    let root_key = KeyPair::from_pem(&root_key_pem).map_err(|e| CryptoError::Key(e.to_string()))?;
+    let issuer = Issuer::from_ca_cert_pem(&root_cert_pem, root_key).map_err(rc)?;
+    let request = CertificateSigningRequestParams {
+        params: leaf_params(proxy_id.as_str(), days),
+        public_key: csr.public_key,
+    };
+    let cert = request.signed_by(&issuer).map_err(rc)?;
+    let certs = dir.join(CERTS_DIR);
+    fs::create_dir_all(&certs).map_err(io_err(&certs))?;
+    let path = certs.join(format!("{proxy_id}.crt"));
+    fs::write(&path, cert.pem()).map_err(io_err(&path))?;
+    Ok((proxy_id, path))
+}

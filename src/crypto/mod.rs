@@ -1,0 +1,53 @@
+//! Keys, certificates and the proxy↔broker session: the built-in certificate authority
+//! ([`ca`]), certificate checks against the pinned root ([`cert`]), and the authenticated,
+//! replay-proof session every proxy request rides on ([`session`]).
+
+pub mod ca;
+pub mod cert;
+pub mod directory;
+pub mod session;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub use cert::{RootCert, VerifiedCert};
+
+/// What can go wrong with keys, certificates and signatures. Never carries secret material.
+#[derive(Debug, thiserror::Error)]
+pub enum CryptoError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("bad key: {0}")]
+    Key(String),
+    #[error("bad certificate: {0}")]
+    Certificate(String),
+    #[error("certificate for {subject} expired or not yet valid")]
+    CertificateExpired { subject: String },
+    #[error("bad certificate signing request: {0}")]
+    Csr(String),
+    #[error("signature does not verify")]
+    BadSignature,
+    #[error("malformed {0}")]
+    Malformed(&'static str),
+    #[error("{0}")]
+    Session(String),
+}
+
+/// Milliseconds since the Unix epoch, by the system clock.
+pub fn unix_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Appends `bytes` with a 4-byte length prefix, so transcripts can't be re-split.
+pub(crate) fn put_lp(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    out.extend_from_slice(bytes);
+}
+
+pub(crate) fn b64() -> base64::engine::GeneralPurpose {
+    base64::engine::general_purpose::STANDARD
+}

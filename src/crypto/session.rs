@@ -1,0 +1,457 @@
+//! The proxy↔broker session: a signed handshake once, then one MAC per request.
+//!
+//! Handshake (`POST /v1/session`): the proxy sends its certificate, an ephemeral P-256 key, a
+//! timestamp and a nonce, signed with its certified key. The broker checks the certificate
+//! against the root and the signature, answers with its own ephemeral key signed with the
+//! broker's certified key, and both derive the session key with ECDH + HKDF over the whole
+//! transcript. A captured hello is useless to replay: its session key needs the proxy's
+//! ephemeral secret.
+//!
+//! Requests: HMAC-SHA256 under the session key over method, path and query, acting app,
+//! sequence number, timestamp and the body's SHA-256. The broker refuses a request outside the
+//! timestamp window or whose sequence number it has seen (sliding window), so a captured request
+//! can't be replayed. Public-key operations happen once per session, never per request.
+
+use std::{
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
+
+use base64::Engine;
+use dashmap::DashMap;
+use hkdf::Hkdf;
+use hmac::{Hmac, Mac};
+use p256::{
+    ecdh::EphemeralSecret,
+    ecdsa::{
+        signature::{Signer, Verifier},
+        Signature, SigningKey, VerifyingKey,
+    },
+    pkcs8::DecodePrivateKey,
+    PublicKey, SecretKey,
+};
+use parking_lot::Mutex;
+use rand::rngs::OsRng;
+use sha2::{Digest, Sha256};
+
+use super::{b64, put_lp, unix_millis, CryptoError, RootCert, VerifiedCert};
+use crate::wire::{
+    broker::{SessionAccept, SessionHello},
+    ProxyId,
+};
+
+/// How far a request's timestamp may be from the broker's clock.
+pub const TS_WINDOW_MS: u64 = 300_000;
+/// Sequence numbers this far behind the highest seen are refused outright.
+const REPLAY_WINDOW: u64 = 4096;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// A party's certified key: a proxy's or the broker's.
+pub struct Identity {
+    pub id: String,
+    pub secret: SecretKey,
+    pub cert_pem: String,
+}
+
+impl Identity {
+    /// Loads a PKCS#8 PEM private key and checks that `cert_pem` certifies it.
+    pub fn new(key_pem: &str, cert_pem: String, cert: &VerifiedCert) -> Result<Self, CryptoError> {
+        let secret = SecretKey::from_pkcs8_pem(key_pem)
+            .map_err(|_| CryptoError::Key("not a PKCS#8 P-256 private key".into()))?;
+        if secret.public_key() != cert.public_key {
+            return Err(CryptoError::Key(format!(
+                "the private key does not match the certificate for {}",
+                cert.subject
+            )));
+        }
+        Ok(Self {
+            id: cert.subject.clone(),
+            secret,
+            cert_pem,
+        })
+    }
+
+    fn sign(&self, msg: &[u8]) -> String {
+        let sig: Signature = SigningKey::from(&self.secret).sign(msg);
+        b64().encode(sig.to_der().as_bytes())
+    }
+}
+
+fn verify_sig(key: &PublicKey, msg: &[u8], sig_b64: &str) -> Result<(), CryptoError> {
+    let der = b64()
+        .decode(sig_b64)
+        .map_err(|_| CryptoError::Malformed("signature encoding"))?;
+    let sig = Signature::from_der(&der).map_err(|_| CryptoError::Malformed("signature"))?;
+    VerifyingKey::from(key)
+        .verify(msg, &sig)
+        .map_err(|_| CryptoError::BadSignature)
+}
+
+fn decode_point(b64_text: &str) -> Result<PublicKey, CryptoError> {
+    let bytes = b64()
+        .decode(b64_text)
+        .map_err(|_| CryptoError::Malformed("public key encoding"))?;
+    PublicKey::from_sec1_bytes(&bytes).map_err(|_| CryptoError::Malformed("P-256 public key"))
+}
+
+fn hello_transcript(broker_id: &str, hello: &SessionHello, proxy_id: &str) -> Vec<u8> {
+    let mut t = b"photon-session-hello-v1".to_vec();
+    put_lp(&mut t, broker_id.as_bytes());
+    put_lp(&mut t, proxy_id.as_bytes());
+    put_lp(&mut t, hello.eph_pub.as_bytes());
+    t.extend_from_slice(&hello.ts.to_be_bytes());
+    put_lp(&mut t, hello.nonce.as_bytes());
+    t
+}
+
+fn accept_transcript(hello_t: &[u8], accept: &SessionAccept) -> Vec<u8> {
+    let mut t = b"photon-session-accept-v1".to_vec();
+    put_lp(&mut t, &Sha256::digest(hello_t));
+    put_lp(&mut t, accept.session.as_bytes());
+    put_lp(&mut t, accept.eph_pub.as_bytes());
+    t.extend_from_slice(&accept.expires_in.to_be_bytes());
+    t
+}
+
+fn derive_key(eph: EphemeralSecret, peer: &PublicKey, nonce: &str, accept_t: &[u8]) -> [u8; 32] {
+    let shared = eph.diffie_hellman(peer);
+    let hk = Hkdf::<Sha256>::new(Some(nonce.as_bytes()), shared.raw_secret_bytes());
+    let mut key = [0u8; 32];
+    hk.expand(&Sha256::digest(accept_t), &mut key)
+        .expect("32 bytes is a valid HKDF output length");
+    key
+}
+
+fn request_mac(
+    key: &[u8; 32],
+    method: &str,
+    path_and_query: &str,
+    app: &str,
+    seq: u64,
+    ts: u64,
+    body: &[u8],
+) -> HmacSha256 {
+    let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes any key length");
+    let mut head = b"photon-request-v1".to_vec();
+    put_lp(&mut head, method.as_bytes());
+    put_lp(&mut head, path_and_query.as_bytes());
+    put_lp(&mut head, app.as_bytes());
+    head.extend_from_slice(&seq.to_be_bytes());
+    head.extend_from_slice(&ts.to_be_bytes());
+    mac.update(&head);
+    mac.update(&Sha256::digest(body));
+    mac
+}
+
+// === proxy side ===
+
+/// A hello in flight: what the proxy must keep to finish the handshake.
+pub struct PendingHello {
+    pub hello: SessionHello,
+    eph: EphemeralSecret,
+    transcript: Vec<u8>,
+}
+
+/// Starts a handshake with the broker `broker_id`.
+pub fn client_hello(identity: &Identity, broker_id: &str) -> PendingHello {
+    let eph = EphemeralSecret::random(&mut OsRng);
+    let mut hello = SessionHello {
+        cert: identity.cert_pem.clone(),
+        eph_pub: b64().encode(eph.public_key().to_sec1_bytes()),
+        ts: unix_millis(),
+        nonce: b64().encode(rand::random::<[u8; 16]>()),
+        sig: String::new(),
+    };
+    let transcript = hello_transcript(broker_id, &hello, &identity.id);
+    hello.sig = identity.sign(&transcript);
+    PendingHello {
+        hello,
+        eph,
+        transcript,
+    }
+}
+
+/// Checks the broker's answer (its certificate names `broker_id` and signed the transcript)
+/// and derives the session.
+pub fn client_finish(
+    pending: PendingHello,
+    accept: &SessionAccept,
+    root: &RootCert,
+    broker_id: &str,
+) -> Result<ClientSession, CryptoError> {
+    let now = (unix_millis() / 1000) as i64;
+    let broker = root.verify(&accept.cert, now)?;
+    if broker.subject != broker_id {
+        return Err(CryptoError::Session(format!(
+            "the broker's certificate names {:?}, expected {broker_id:?}",
+            broker.subject
+        )));
+    }
+    let accept_t = accept_transcript(&pending.transcript, accept);
+    verify_sig(&broker.public_key, &accept_t, &accept.sig)?;
+    let peer = decode_point(&accept.eph_pub)?;
+    let key = derive_key(pending.eph, &peer, &pending.hello.nonce, &accept_t);
+    Ok(ClientSession {
+        id: accept.session.clone(),
+        key,
+        next_seq: AtomicU64::new(1),
+        renew_at: Instant::now() + Duration::from_secs(accept.expires_in.saturating_mul(4) / 5),
+    })
+}
+
+/// The proxy's half of a session: signs each request.
+pub struct ClientSession {
+    pub id: String,
+    key: [u8; 32],
+    next_seq: AtomicU64,
+    renew_at: Instant,
+}
+
+/// The authentication headers of one request.
+pub struct RequestAuth {
+    pub session: String,
+    pub seq: u64,
+    pub ts: u64,
+    pub mac: String,
+}
+
+impl ClientSession {
+    pub fn sign(&self, method: &str, path_and_query: &str, app: &str, body: &[u8]) -> RequestAuth {
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        let ts = unix_millis();
+        let mac = request_mac(&self.key, method, path_and_query, app, seq, ts, body)
+            .finalize()
+            .into_bytes();
+        RequestAuth {
+            session: self.id.clone(),
+            seq,
+            ts,
+            mac: b64().encode(mac),
+        }
+    }
+
+    /// True once the session is old enough that the proxy should make a new one.
+    pub fn needs_renewal(&self) -> bool {
+        Instant::now() >= self.renew_at
+    }
+}
+
+// === broker side ===
+
+/// Why the broker refused to authenticate a request.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("missing or malformed authentication header {0}")]
+    Header(&'static str),
+    #[error("unknown or expired session; make a new one")]
+    UnknownSession,
+    #[error("request timestamp outside the allowed window; check the clock")]
+    Clock,
+    #[error("request MAC does not verify")]
+    BadMac,
+    #[error("replayed request")]
+    Replay,
+}
+
+struct ServerSession {
+    proxy: ProxyId,
+    key: [u8; 32],
+    expires_at: Instant,
+    window: Mutex<ReplayWindow>,
+}
+
+/// The broker's sessions, by id. At most `MAX_SESSIONS_PER_PROXY` per proxy: a new handshake
+/// evicts that proxy's oldest session.
+pub struct SessionStore {
+    identity: Identity,
+    root: RootCert,
+    broker_id: String,
+    lifetime: Duration,
+    sessions: DashMap<String, std::sync::Arc<ServerSession>>,
+    by_proxy: DashMap<ProxyId, Vec<String>>,
+}
+
+const MAX_SESSIONS_PER_PROXY: usize = 16;
+
+impl SessionStore {
+    pub fn new(identity: Identity, root: RootCert, broker_id: String, lifetime: Duration) -> Self {
+        Self {
+            identity,
+            root,
+            broker_id,
+            lifetime,
+            sessions: DashMap::new(),
+            by_proxy: DashMap::new(),
+        }
+    }
+
+    pub fn root(&self) -> &RootCert {
+        &self.root
+    }
+
+    /// Checks a proxy's hello and opens a session for it.
+    pub fn accept(
+        &self,
+        hello: &SessionHello,
+    ) -> Result<(SessionAccept, VerifiedCert), CryptoError> {
+        let now_ms = unix_millis();
+        if now_ms.abs_diff(hello.ts) > TS_WINDOW_MS {
+            return Err(CryptoError::Session(
+                "hello timestamp outside the allowed window; check the clock".into(),
+            ));
+        }
+        let cert = self.root.verify(&hello.cert, (now_ms / 1000) as i64)?;
+        let proxy =
+            ProxyId::parse(&cert.subject).map_err(|e| CryptoError::Certificate(e.to_string()))?;
+        proxy
+            .within(&self.broker_id)
+            .map_err(|e| CryptoError::Certificate(e.to_string()))?;
+        let hello_t = hello_transcript(&self.broker_id, hello, proxy.as_str());
+        verify_sig(&cert.public_key, &hello_t, &hello.sig)?;
+        let peer = decode_point(&hello.eph_pub)?;
+
+        let eph = EphemeralSecret::random(&mut OsRng);
+        let mut accept = SessionAccept {
+            session: b64().encode(rand::random::<[u8; 18]>()),
+            proxy_id: proxy.clone(),
+            cert: self.identity.cert_pem.clone(),
+            eph_pub: b64().encode(eph.public_key().to_sec1_bytes()),
+            sig: String::new(),
+            expires_in: self.lifetime.as_secs(),
+        };
+        let accept_t = accept_transcript(&hello_t, &accept);
+        accept.sig = self.identity.sign(&accept_t);
+        let key = derive_key(eph, &peer, &hello.nonce, &accept_t);
+        let session = ServerSession {
+            proxy: proxy.clone(),
+            key,
+            expires_at: Instant::now() + self.lifetime,
+            window: Mutex::new(ReplayWindow::default()),
+        };
+        self.sessions
+            .insert(accept.session.clone(), std::sync::Arc::new(session));
+        let mut ids = self.by_proxy.entry(proxy).or_default();
+        ids.push(accept.session.clone());
+        if ids.len() > MAX_SESSIONS_PER_PROXY {
+            let oldest = ids.remove(0);
+            self.sessions.remove(&oldest);
+        }
+        Ok((accept, cert))
+    }
+
+    /// Authenticates one request; returns the proxy it came from.
+    #[allow(clippy::too_many_arguments)]
+    pub fn verify(
+        &self,
+        session: &str,
+        seq: u64,
+        ts: u64,
+        mac_b64: &str,
+        method: &str,
+        path_and_query: &str,
+        app: &str,
+        body: &[u8],
+    ) -> Result<ProxyId, AuthError> {
+        let session = self
+            .sessions
+            .get(session)
+            .map(|s| s.clone())
+            .ok_or(AuthError::UnknownSession)?;
+        if Instant::now() >= session.expires_at {
+            return Err(AuthError::UnknownSession);
+        }
+        let tag = b64()
+            .decode(mac_b64)
+            .map_err(|_| AuthError::Header("x-photon-mac"))?;
+        request_mac(&session.key, method, path_and_query, app, seq, ts, body)
+            .verify_slice(&tag)
+            .map_err(|_| AuthError::BadMac)?;
+        if unix_millis().abs_diff(ts) > TS_WINDOW_MS {
+            return Err(AuthError::Clock);
+        }
+        if !session.window.lock().accept(seq) {
+            return Err(AuthError::Replay);
+        }
+        Ok(session.proxy.clone())
+    }
+
+    /// Drops expired sessions; called periodically.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        self.sessions.retain(|_, s| s.expires_at > now);
+        self.by_proxy.retain(|_, ids| {
+            ids.retain(|id| self.sessions.contains_key(id));
+            !ids.is_empty()
+        });
+    }
+}
+
+/// Sliding anti-replay window over sequence numbers (as in IPsec): accepts each number once,
+/// and nothing more than `REPLAY_WINDOW` behind the highest seen.
+struct ReplayWindow {
+    top: u64,
+    seen: [u64; (REPLAY_WINDOW / 64) as usize],
+}
+
+impl Default for ReplayWindow {
+    fn default() -> Self {
+        Self {
+            top: 0,
+            seen: [0; (REPLAY_WINDOW / 64) as usize],
+        }
+    }
+}
+
+impl ReplayWindow {
+    fn bit(seq: u64) -> (usize, u64) {
+        let i = seq % REPLAY_WINDOW;
+        ((i / 64) as usize, 1 << (i % 64))
+    }
+
+    fn accept(&mut self, seq: u64) -> bool {
+        if seq == 0 || seq + REPLAY_WINDOW <= self.top {
+            return false;
+        }
+        if seq > self.top {
+            // Clear the slots that the window slides over.
+            let from = self.top.max(seq.saturating_sub(REPLAY_WINDOW)) + 1;
+            for s in from..seq {
+                let (w, b) = Self::bit(s);
+                self.seen[w] &= !b;
+            }
+            self.top = seq;
+            let (w, b) = Self::bit(seq);
+            self.seen[w] |= b;
+            return true;
+        }
+        let (w, b) = Self::bit(seq);
+        if self.seen[w] & b != 0 {
+            return false;
+        }
+        self.seen[w] |= b;
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replay_window() {
+        let mut w = ReplayWindow::default();
+        assert!(w.accept(1));
+        assert!(!w.accept(1));
+        assert!(w.accept(3));
+        assert!(w.accept(2));
+        assert!(!w.accept(2));
+        assert!(w.accept(10_000));
+        assert!(!w.accept(3), "far behind the window");
+        assert!(w.accept(9_999));
+        assert!(!w.accept(9_999));
+        assert!(w.accept(10_000 + REPLAY_WINDOW + 5));
+        assert!(!w.accept(10_000));
+        assert!(!w.accept(0));
+    }
+}

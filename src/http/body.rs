@@ -1,0 +1,82 @@
+//! Request plumbing shared by broker and proxy: bounded body reads, JSON and query parsing with
+//! errors that say what is wrong, and the long-poll parameters.
+
+use std::time::Duration;
+
+use actix_web::{web, HttpRequest};
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use serde::de::DeserializeOwned;
+
+use super::ApiError;
+use crate::{
+    actors::engine::Wait,
+    wire::{parse_duration, ReadQuery},
+};
+
+/// Reads the whole body, refusing (`413`) anything over `limit` bytes before reading it all.
+pub async fn read_limited(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
+    let declared = req
+        .headers()
+        .get(actix_web::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::TooLarge { limit });
+    }
+    let mut body = BytesMut::with_capacity(declared.unwrap_or(0).min(limit as u64) as usize);
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk
+            .map_err(|e| ApiError::BadRequest(format!("cannot read the request body: {e}")))?;
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::TooLarge { limit });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+/// Parses a JSON body; the error says where and what.
+pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+}
+
+/// Parses a query string.
+pub fn parse_query<T: DeserializeOwned>(req: &HttpRequest) -> Result<T, ApiError> {
+    web::Query::<T>::from_query(req.query_string())
+        .map(web::Query::into_inner)
+        .map_err(|e| ApiError::BadRequest(format!("invalid query: {e}")))
+}
+
+/// Turns `wait_count`/`wait_time` into a [`Wait`], bounded by `max_wait`.
+pub fn parse_wait(q: &ReadQuery, max_wait: Duration) -> Result<Wait, ApiError> {
+    let time = q
+        .wait_time
+        .as_deref()
+        .map(|t| parse_duration(t, max_wait))
+        .transpose()
+        .map_err(|e| ApiError::BadRequest(format!("wait_time: {e}")))?;
+    Ok(Wait {
+        count: q.wait_count,
+        time,
+    })
+}
+
+/// The stream resume point: the `Last-Event-ID` header, else the `last_event_id` parameter.
+pub fn last_event_id(req: &HttpRequest, q: &ReadQuery) -> Result<u64, ApiError> {
+    match req.headers().get("last-event-id") {
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .ok_or_else(|| {
+                ApiError::BadRequest("Last-Event-ID must be a non-negative integer".into())
+            }),
+        None => Ok(q.last_event_id.unwrap_or(0)),
+    }
+}

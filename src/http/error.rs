@@ -1,0 +1,101 @@
+//! `ApiError`: every error the broker answers, turned into an HTTP status in exactly one place.
+
+use actix_web::{http::StatusCode, HttpResponse, ResponseError};
+
+use crate::{
+    actors::EngineError,
+    crypto::session::AuthError,
+    wire::{ErrorBody, ProxyId},
+};
+
+/// Header telling a proxy its session is gone and it should handshake again.
+pub const REAUTH_HEADER: &str = "x-photon-reauth";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    SessionGone(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Gone(String),
+    #[error("request body is larger than the limit of {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("recipients without a valid certificate: {0:?}")]
+    MissingCerts(Vec<ProxyId>),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    BadGateway(String),
+    #[error("{0}")]
+    GatewayTimeout(String),
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        let msg = e.to_string();
+        match e {
+            EngineError::BadRequest(_) => Self::BadRequest(msg),
+            EngineError::Forbidden(_) => Self::Forbidden(msg),
+            EngineError::NotFound => Self::NotFound(msg),
+            EngineError::Conflict(_) => Self::Conflict(msg),
+            EngineError::Gone => Self::Gone(msg),
+            EngineError::Unavailable => Self::Unavailable(msg),
+        }
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::UnknownSession => Self::SessionGone(e.to_string()),
+            _ => Self::Unauthorized(e.to_string()),
+        }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Unauthorized(_) | Self::SessionGone(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::Gone(_) => StatusCode::GONE,
+            Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::MissingCerts(_) => StatusCode::FAILED_DEPENDENCY,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
+            Self::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut res = HttpResponse::build(self.status_code());
+        match self {
+            // beam-lib parses the 424 body as the array of offending proxy ids.
+            Self::MissingCerts(ids) => res.json(ids),
+            Self::SessionGone(_) => res.insert_header((REAUTH_HEADER, "1")).json(ErrorBody {
+                error: self.to_string(),
+            }),
+            Self::Unauthorized(_) => {
+                res.insert_header(("www-authenticate", "ApiKey"))
+                    .json(ErrorBody {
+                        error: self.to_string(),
+                    })
+            }
+            _ => res.json(ErrorBody {
+                error: self.to_string(),
+            }),
+        }
+    }
+}

@@ -1,0 +1,262 @@
+//! The broker's HTTP API, spoken only by proxies (plus health for operators). The route table
+//! is [`routes`]; handlers are thin: authenticate, parse, one engine call, map the error.
+//!
+//! Every task endpoint requires a proxy session (see `crypto::session`) and names the app the
+//! proxy acts for in `x-photon-app`; the broker checks the proxy may sign for that app.
+
+pub mod body;
+pub mod error;
+mod stream;
+
+use std::{sync::Arc, time::Duration};
+
+use actix_web::{http::header, web, HttpRequest, HttpResponse};
+use uuid::Uuid;
+
+pub use error::ApiError;
+
+use crate::{
+    actors::{engine::Listing, mailbox::ListFilter, task::PutOutcome, Engine},
+    crypto::{directory::CertDirectory, session::SessionStore},
+    wire::{
+        broker::{self as bw, SessionHello, WireResult, WireTask},
+        may_sign_for, AppId, ProxyId, ReadQuery,
+    },
+};
+
+/// What every broker handler shares.
+pub struct BrokerState {
+    pub engine: Engine,
+    pub sessions: SessionStore,
+    pub certs: CertDirectory,
+    /// Largest request body accepted (sealed bodies are larger than the apps' plaintext).
+    pub max_body: usize,
+    /// Interval of keep-alive lines on idle streams.
+    pub keepalive: Duration,
+}
+
+type State = web::Data<Arc<BrokerState>>;
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v1/health", web::get().to(health))
+        .route("/v1/health", web::head().to(health))
+        .route("/v1/session", web::post().to(open_session))
+        .route("/v1/certs/{proxy_id}", web::get().to(get_cert))
+        .route("/v1/tasks", web::post().to(create_task))
+        .route("/v1/tasks", web::get().to(list_tasks))
+        .route("/v1/tasks/{id}", web::get().to(get_task))
+        .route("/v1/tasks/{id}/results", web::get().to(get_results))
+        .route("/v1/tasks/{id}/results/{app_id}", web::put().to(put_result))
+        .default_service(web::to(|| async {
+            Err::<HttpResponse, _>(ApiError::NotFound("no such endpoint".into()))
+        }));
+}
+
+/// The app a request acts for, after the proxy's session and right to act for it are checked.
+fn authenticate(state: &BrokerState, req: &HttpRequest, body: &[u8]) -> Result<AppId, ApiError> {
+    let h = |name: &'static str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .ok_or(ApiError::Unauthorized(format!("missing header {name}")))
+    };
+    let app_text = h(bw::APP_HEADER)?;
+    let seq = h(bw::SEQ_HEADER)?
+        .parse()
+        .map_err(|_| ApiError::Unauthorized("malformed x-photon-seq".into()))?;
+    let ts = h(bw::TS_HEADER)?
+        .parse()
+        .map_err(|_| ApiError::Unauthorized("malformed x-photon-ts".into()))?;
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let proxy = state.sessions.verify(
+        h(bw::SESSION_HEADER)?,
+        seq,
+        ts,
+        h(bw::MAC_HEADER)?,
+        req.method().as_str(),
+        path,
+        app_text,
+        body,
+    )?;
+    let app = AppId::parse(app_text).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    if !may_sign_for(proxy.as_str(), app.as_str()) {
+        return Err(ApiError::Forbidden(format!(
+            "proxy {proxy} may not act for {app}"
+        )));
+    }
+    Ok(app)
+}
+
+fn parse_task_id(text: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(text)
+        .map_err(|_| ApiError::BadRequest(format!("invalid task id {text:?}: expected a UUID")))
+}
+
+fn json_listing<T: serde::Serialize>(listing: Listing<T>) -> HttpResponse {
+    let mut res = if listing.partial {
+        HttpResponse::PartialContent()
+    } else {
+        HttpResponse::Ok()
+    };
+    res.json(listing.items)
+}
+
+async fn health(state: State) -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({
+        "summary": "healthy",
+        "tasks": state.engine.n_tasks(),
+    }))
+}
+
+async fn open_session(
+    state: State,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let body = body::read_limited(&req, payload, 64 * 1024).await?;
+    let hello: SessionHello = body::parse_json(&body)?;
+    let (accept, cert) = state
+        .sessions
+        .accept(&hello)
+        .map_err(|e| ApiError::Unauthorized(format!("handshake refused: {e}")))?;
+    tracing::info!(proxy = %accept.proxy_id, "proxy session opened");
+    state.certs.learn(accept.proxy_id.clone(), cert);
+    Ok(HttpResponse::Ok().json(accept))
+}
+
+async fn get_cert(state: State, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let proxy = ProxyId::parse(&path).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let cert = state
+        .certs
+        .get(&proxy)
+        .ok_or_else(|| ApiError::NotFound(format!("no valid certificate for {proxy}")))?;
+    Ok(HttpResponse::Ok()
+        .content_type("application/x-pem-file")
+        .body(cert.pem.to_string()))
+}
+
+async fn create_task(
+    state: State,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let body = body::read_limited(&req, payload, state.max_body).await?;
+    let caller = authenticate(&state, &req, &body)?;
+    let task: WireTask = body::parse_json(&body)?;
+    if task.from != caller {
+        return Err(ApiError::Forbidden(format!(
+            "from is {}, but the caller is {caller}",
+            task.from
+        )));
+    }
+    let broker_id = &state.engine.limits().broker_id;
+    let proxies: Vec<ProxyId> = task
+        .to
+        .iter()
+        .filter(|a| a.within(broker_id).is_ok())
+        .map(AppId::proxy_id)
+        .collect();
+    let missing = state.certs.missing(&proxies);
+    if !missing.is_empty() {
+        return Err(ApiError::MissingCerts(missing));
+    }
+    let id = state.engine.create(&caller, task).await?;
+    Ok(HttpResponse::Created()
+        .insert_header((header::LOCATION, format!("/v1/tasks/{id}")))
+        .finish())
+}
+
+async fn list_tasks(state: State, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let caller = authenticate(&state, &req, b"")?;
+    let q: ReadQuery = body::parse_query(&req)?;
+    if q.filter.is_some() && !q.todo() {
+        return Err(ApiError::BadRequest(
+            "filter must be \"todo\" if given".into(),
+        ));
+    }
+    for (name, given) in [("from", &q.from), ("to", &q.to)] {
+        if given.as_ref().is_some_and(|id| id != &caller) {
+            return Err(ApiError::Forbidden(format!(
+                "{name} must be the caller ({caller})"
+            )));
+        }
+    }
+    if q.from.is_none() && q.to.is_none() && !q.todo() {
+        return Err(ApiError::BadRequest(
+            "give from or to (or filter=todo)".into(),
+        ));
+    }
+    let filter = ListFilter {
+        todo: q.todo(),
+        from: q.from.clone(),
+        to: q.to.clone(),
+    };
+    let wait = body::parse_wait(&q, state.engine.limits().max_wait)?;
+    if q.stream.is_some() {
+        if !q.todo() {
+            return Err(ApiError::BadRequest("task streams need filter=todo".into()));
+        }
+        let last = body::last_event_id(&req, &q)?;
+        return Ok(stream::tasks(&state, &caller, wait, last));
+    }
+    Ok(json_listing(
+        state.engine.list(&caller, filter, wait).await?,
+    ))
+}
+
+async fn get_task(
+    state: State,
+    req: HttpRequest,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let caller = authenticate(&state, &req, b"")?;
+    let id = parse_task_id(&path)?;
+    let q: ReadQuery = body::parse_query(&req)?;
+    if q.wait_count.is_some_and(|c| c != 1) {
+        return Err(ApiError::BadRequest(
+            "wait_count must be absent or 1 for a single task".into(),
+        ));
+    }
+    let wait = body::parse_wait(&q, state.engine.limits().max_wait)?;
+    Ok(HttpResponse::Ok().json(state.engine.get(&caller, id, wait).await?))
+}
+
+async fn put_result(
+    state: State,
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let body = body::read_limited(&req, payload, state.max_body).await?;
+    let caller = authenticate(&state, &req, &body)?;
+    let (task_text, app_text) = path.into_inner();
+    let id = parse_task_id(&task_text)?;
+    let result: WireResult = body::parse_json(&body)?;
+    if result.task != id || result.from.as_str() != app_text {
+        return Err(ApiError::BadRequest(
+            "the task id and app id in the path must match the result's task and from".into(),
+        ));
+    }
+    Ok(match state.engine.put_result(&caller, result).await? {
+        PutOutcome::Created => HttpResponse::Created().finish(),
+        PutOutcome::Replaced | PutOutcome::Ignored => HttpResponse::NoContent().finish(),
+    })
+}
+
+async fn get_results(
+    state: State,
+    req: HttpRequest,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let caller = authenticate(&state, &req, b"")?;
+    let id = parse_task_id(&path)?;
+    let q: ReadQuery = body::parse_query(&req)?;
+    let wait = body::parse_wait(&q, state.engine.limits().max_wait)?;
+    if q.stream.is_some() {
+        let last = body::last_event_id(&req, &q)?;
+        return stream::results(&state, &caller, id, wait, last).await;
+    }
+    Ok(json_listing(
+        state.engine.read_results(&caller, id, wait).await?,
+    ))
+}

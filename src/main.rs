@@ -1,0 +1,64 @@
+//! `photon-broker`: parse the configuration, set up tracing, run the library's `serve`, or the
+//! CA's subcommands.
+
+use std::{net::TcpListener, process::ExitCode};
+
+use clap::Parser;
+use photon::{
+    config::{host_of, CaAction, Cli, Command},
+    crypto::ca,
+};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    photon::init_tracing();
+    let outcome = match cli.command {
+        Some(Command::Ca { action }) => run_ca(action),
+        None => serve(&cli),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("photon-broker: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(cli: &Cli) -> Result<(), String> {
+    let config = cli.serve.validate()?;
+    let listener = TcpListener::bind(cli.serve.bind_addr)
+        .map_err(|e| format!("cannot listen on {} (BIND_ADDR): {e}", cli.serve.bind_addr))?;
+    actix_web::rt::System::new().block_on(async move {
+        let server = photon::serve(config, listener).map_err(|e| e.to_string())?;
+        server.await.map_err(|e| e.to_string())
+    })
+}
+
+fn run_ca(action: CaAction) -> Result<(), String> {
+    match action {
+        CaAction::Init {
+            dir,
+            broker_url,
+            days,
+        } => {
+            let broker_id = host_of(&broker_url).map_err(|e| format!("--broker-url: {e}"))?;
+            ca::init(&dir, &broker_id, days).map_err(|e| e.to_string())?;
+            println!("CA for broker {broker_id} written to {}", dir.display());
+        }
+        CaAction::Sign {
+            dir,
+            broker_url,
+            csr,
+            days,
+        } => {
+            let broker_id = host_of(&broker_url).map_err(|e| format!("--broker-url: {e}"))?;
+            let csr_pem = std::fs::read_to_string(&csr)
+                .map_err(|e| format!("cannot read {}: {e}", csr.display()))?;
+            let (proxy, path) =
+                ca::sign(&dir, &broker_id, &csr_pem, days).map_err(|e| e.to_string())?;
+            println!("issued certificate for {proxy}: {}", path.display());
+        }
+    }
+    Ok(())
+}

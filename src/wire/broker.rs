@@ -1,0 +1,105 @@
+//! What proxies and the broker exchange. Bodies travel as an opaque [`Envelope`] the broker
+//! stores and forwards byte for byte without parsing (`RawValue`).
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{value::RawValue, Value};
+use uuid::Uuid;
+
+use super::{AppId, FailureStrategy, ProxyId, WorkStatus};
+
+/// Header naming the app a proxy acts for; the broker checks the proxy may sign for it.
+pub const APP_HEADER: &str = "x-photon-app";
+/// Header carrying the session id of a proxy's authenticated session.
+pub const SESSION_HEADER: &str = "x-photon-session";
+/// Header carrying the request's sequence number within the session (anti-replay).
+pub const SEQ_HEADER: &str = "x-photon-seq";
+/// Header carrying the request's timestamp, Unix milliseconds (anti-replay window).
+pub const TS_HEADER: &str = "x-photon-ts";
+/// Header carrying the request MAC (base64).
+pub const MAC_HEADER: &str = "x-photon-mac";
+/// Query flag asking a read endpoint for a stream of [`StreamEvent`] lines instead of JSON.
+pub const STREAM_PARAM: &str = "stream";
+
+/// A task between proxy and broker. On creation `ttl_ms` is the requested lifetime; when the
+/// broker hands a task out it is the lifetime left.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WireTask {
+    pub id: Uuid,
+    pub from: AppId,
+    pub to: Vec<AppId>,
+    pub ttl_ms: u64,
+    pub failure_strategy: FailureStrategy,
+    pub metadata: Value,
+    pub body: Arc<RawValue>,
+}
+
+/// A result between proxy and broker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WireResult {
+    pub from: AppId,
+    pub to: Vec<AppId>,
+    pub task: Uuid,
+    pub status: WorkStatus,
+    pub metadata: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<Arc<RawValue>>,
+}
+
+/// One line of a broker stream (newline-delimited JSON; an empty line is a keep-alive).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "ev", rename_all = "snake_case")]
+pub enum StreamEvent {
+    /// A stored, new or replaced result; `n_answers` counts the task's non-claimed results after it.
+    NewResult {
+        seq: u64,
+        n_answers: usize,
+        result: Arc<WireResult>,
+    },
+    /// A task for the streaming worker.
+    NewTask { seq: u64, task: Arc<WireTask> },
+    /// `wait_time` passed.
+    WaitExpired,
+    /// The task expired.
+    DeletedTask { task_id: Uuid },
+    /// The stream ends because of trouble on the broker's side.
+    Error { message: String },
+}
+
+/// How a message body travels. The broker never looks inside.
+///
+/// `Plain` carries the app's JSON as is; the end-to-end encryption issue adds the sealed form
+/// here without changing anything else on the wire.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "alg", rename_all = "snake_case")]
+pub enum Envelope {
+    Plain { data: Value },
+}
+
+/// Answer of `POST /v1/session`'s handshake, see `crypto::session`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionHello {
+    /// The proxy's certificate (PEM).
+    pub cert: String,
+    /// The proxy's ephemeral P-256 public key (SEC1, base64).
+    pub eph_pub: String,
+    /// Unix milliseconds.
+    pub ts: u64,
+    /// 16 random bytes, base64.
+    pub nonce: String,
+    /// ECDSA P-256 SHA-256 signature (DER, base64) over the hello transcript.
+    pub sig: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionAccept {
+    pub session: String,
+    pub proxy_id: ProxyId,
+    /// The broker's certificate (PEM).
+    pub cert: String,
+    pub eph_pub: String,
+    pub sig: String,
+    /// Seconds the session is valid; the proxy renews before.
+    pub expires_in: u64,
+}

@@ -1,0 +1,81 @@
+//! The JSON shapes of API.md (what apps send and receive) and of the proxy↔broker protocol.
+//! serde only: no I/O, no state. One definition of each message serves broker, proxy and tests.
+
+pub mod app;
+pub mod broker;
+pub mod duration;
+pub mod ids;
+
+use serde::{Deserialize, Serialize};
+
+pub use duration::{parse_duration, DurationError, DurationText};
+pub use ids::{may_sign_for, AppId, IdError, ProxyId};
+
+/// Every error answer except `424`: `{"error": "..."}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// Advisory retry policy, stored and returned unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureStrategy {
+    #[default]
+    Discard,
+    Retry {
+        backoff_millisecs: u64,
+        max_tries: u32,
+    },
+}
+
+/// A worker's state for a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkStatus {
+    Claimed,
+    Tempfailed,
+    Permfailed,
+    Succeeded,
+}
+
+impl WorkStatus {
+    /// Counts towards `wait_count` (everything but `claimed`).
+    pub fn is_answer(self) -> bool {
+        self != Self::Claimed
+    }
+
+    /// Takes the task off the worker's `filter=todo` list (everything but `tempfailed`).
+    pub fn settles(self) -> bool {
+        self != Self::Tempfailed
+    }
+}
+
+/// The query of every read endpoint: listing filters (`from`, `to`, `filter=todo`), long-poll
+/// parameters (`wait_count`, `wait_time`), the stream resume point (`last_event_id`) and, between
+/// proxy and broker, `stream=1` for a stream of events. One flat struct: serde's `flatten`
+/// can't parse numbers from query strings.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ReadQuery {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<AppId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<AppId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_count: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_event_id: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<u8>,
+}
+
+impl ReadQuery {
+    /// `filter=todo` (any other filter value is refused by the caller).
+    pub fn todo(&self) -> bool {
+        self.filter.as_deref() == Some("todo")
+    }
+}
