@@ -37,9 +37,11 @@ pub enum CaAction {
         /// Directory for the CA's files (created).
         #[arg(long, env = "PKI_DIR", default_value = "pki")]
         dir: PathBuf,
-        /// The broker's URL; its host name is the broker id.
+        /// The broker's URL; its host name is the broker id unless --broker-id says otherwise.
         #[arg(long, env = "BROKER_URL")]
         broker_url: String,
+        #[arg(long, env = "BROKER_ID")]
+        broker_id: Option<String>,
         #[arg(long, default_value_t = 3650)]
         days: u32,
     },
@@ -49,6 +51,8 @@ pub enum CaAction {
         dir: PathBuf,
         #[arg(long, env = "BROKER_URL")]
         broker_url: String,
+        #[arg(long, env = "BROKER_ID")]
+        broker_id: Option<String>,
         /// The CSR made by `photon-proxy keygen`.
         #[arg(long)]
         csr: PathBuf,
@@ -65,6 +69,10 @@ pub struct ServeArgs {
     /// The URL proxies use to reach this broker; its host name is the broker id.
     #[arg(long, env = "BROKER_URL")]
     pub broker_url: Option<String>,
+    /// The broker id, when it is not the host name of BROKER_URL (e.g. `broker` in the dev
+    /// network, reached at 127.0.0.1).
+    #[arg(long, env = "BROKER_ID")]
+    pub broker_id: Option<String>,
     /// The CA directory made by `photon-broker ca init`.
     #[arg(long, env = "PKI_DIR", default_value = "pki")]
     pub pki_dir: PathBuf,
@@ -113,6 +121,16 @@ pub fn host_of(url: &str) -> Result<String, String> {
     Ok(host.to_ascii_lowercase())
 }
 
+/// The broker id: `BROKER_ID` if set, else the host name of `BROKER_URL`.
+pub fn broker_id_setting(broker_url: &str, broker_id: Option<&str>) -> Result<String, String> {
+    let id = match broker_id {
+        Some(id) => id.to_owned(),
+        None => host_of(broker_url).map_err(|e| format!("BROKER_URL: {e}"))?,
+    };
+    crate::wire::ProxyId::parse(&format!("x.{id}")).map_err(|_| format!("broker id {id:?} is not a valid dot-separated name (BROKER_ID or BROKER_URL)"))?;
+    Ok(id)
+}
+
 fn duration_setting(name: &str, value: &str) -> Result<Duration, String> {
     parse_duration(value, Duration::from_secs(365 * 86_400)).map_err(|e| format!("{name}: {e}"))
 }
@@ -122,7 +140,7 @@ impl ServeArgs {
         let url = self.broker_url.as_deref().ok_or(
             "BROKER_URL is not set: set it to the URL proxies use to reach this broker, e.g. http://broker:8080",
         )?;
-        let broker_id = host_of(url).map_err(|e| format!("BROKER_URL: {e}"))?;
+        let broker_id = broker_id_setting(url, self.broker_id.as_deref())?;
         let max_wait = duration_setting("MAX_WAIT", &self.max_wait)?;
         let keepalive = duration_setting("KEEPALIVE", &self.keepalive)?;
         if keepalive.is_zero() {

@@ -5,7 +5,7 @@ use std::{net::TcpListener, process::ExitCode};
 
 use clap::Parser;
 use photon::{
-    config::{host_of, CaAction, Cli, Command},
+    config::{broker_id_setting, CaAction, Cli, Command},
     crypto::ca,
 };
 
@@ -37,22 +37,13 @@ fn serve(cli: &Cli) -> Result<(), String> {
 
 fn run_ca(action: CaAction) -> Result<(), String> {
     match action {
-        CaAction::Init {
-            dir,
-            broker_url,
-            days,
-        } => {
-            let broker_id = host_of(&broker_url).map_err(|e| format!("--broker-url: {e}"))?;
+        CaAction::Init { dir, broker_url, broker_id, days } => {
+            let broker_id = broker_id_setting(&broker_url, broker_id.as_deref())?;
             ca::init(&dir, &broker_id, days).map_err(|e| e.to_string())?;
             println!("CA for broker {broker_id} written to {}", dir.display());
         }
-        CaAction::Sign {
-            dir,
-            broker_url,
-            csr,
-            days,
-        } => {
-            let broker_id = host_of(&broker_url).map_err(|e| format!("--broker-url: {e}"))?;
+        CaAction::Sign { dir, broker_url, broker_id, csr, days } => {
+            let broker_id = broker_id_setting(&broker_url, broker_id.as_deref())?;
             let csr_pem = std::fs::read_to_string(&csr)
                 .map_err(|e| format!("cannot read {}: {e}", csr.display()))?;
             let (proxy, path) =

@@ -1,1 +1,66 @@
+//! `photon-proxy`: one per site. Apps talk plain HTTP to it with an API key; it checks and seals
+//! what they send, relays through the broker over outbound HTTP only, and opens and checks what
+//! comes back.
+//!
+//! Crate map: [`config`] (flags, environment, app keys), [`auth`] (API keys), [`upstream`] (the
+//! signed session to the broker), [`seal`] (bodies ↔ envelopes), [`http`] (the app API).
+#![forbid(unsafe_code)]
 
+pub mod auth;
+pub mod config;
+pub mod http;
+pub mod seal;
+pub mod upstream;
+
+use std::{net::TcpListener, sync::Arc, time::Duration};
+
+use actix_web::{web, App, HttpServer};
+use photon::crypto::RootCert;
+
+pub use config::ProxyConfig;
+use upstream::{Upstream, UpstreamError};
+
+/// What every handler shares.
+pub struct ProxyState {
+    pub config: ProxyConfig,
+    pub keys: auth::AppKeys,
+    pub upstream: Upstream,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Crypto(#[from] photon::crypto::CryptoError),
+    #[error("{0}")]
+    Upstream(#[from] UpstreamError),
+    #[error("cannot serve: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Loads keys, gets this proxy's certificate (from `CERT_FILE` or the broker, retrying for up
+/// to `patience` while the broker comes up) and builds the server on `listener`. Call inside an
+/// actix `System`.
+pub async fn serve(config: ProxyConfig, listener: TcpListener, patience: Duration) -> Result<actix_web::dev::Server, StartError> {
+    let root = RootCert::load(&config.rootcert_file)?;
+    let (key_pem, cert_pem) = Upstream::read_files(&config.privkey_file, config.cert_file.as_deref())?;
+    let give_up = tokio::time::Instant::now() + patience;
+    let upstream = loop {
+        match Upstream::connect(&config.broker_url, &config.broker_id, &config.proxy_id, &key_pem, root.clone(), cert_pem.clone()).await {
+            Ok(u) => break u,
+            Err(UpstreamError::Unreachable(e)) if tokio::time::Instant::now() < give_up => {
+                tracing::info!(error = %e, "waiting for the broker");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let addr = listener.local_addr()?;
+    let workers = config.workers;
+    tracing::info!(%addr, proxy = %config.proxy_id, apps = config.apps.len(), "proxy listening");
+    let state = Arc::new(ProxyState { keys: auth::AppKeys::new(&config.apps), config, upstream });
+    let data = web::Data::new(state);
+    Ok(HttpServer::new(move || App::new().app_data(data.clone()).configure(http::routes))
+        .workers(workers)
+        .listen(listener)?
+        .run())
+}

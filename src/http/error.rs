@@ -37,6 +37,9 @@ pub enum ApiError {
     BadGateway(String),
     #[error("{0}")]
     GatewayTimeout(String),
+    /// An error answer from the broker, passed on to the app as it came.
+    #[error("the broker answered {status}")]
+    Relayed { status: StatusCode, body: bytes::Bytes },
 }
 
 impl From<EngineError> for ApiError {
@@ -76,6 +79,7 @@ impl ResponseError for ApiError {
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
             Self::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::Relayed { status, .. } => *status,
         }
     }
 
@@ -84,6 +88,7 @@ impl ResponseError for ApiError {
         match self {
             // beam-lib parses the 424 body as the array of offending proxy ids.
             Self::MissingCerts(ids) => res.json(ids),
+            Self::Relayed { body, .. } => res.content_type("application/json").body(body.clone()),
             Self::SessionGone(_) => res.insert_header((REAUTH_HEADER, "1")).json(ErrorBody {
                 error: self.to_string(),
             }),

@@ -48,8 +48,10 @@ pub struct WireResult {
 }
 
 /// One line of a broker stream (newline-delimited JSON; an empty line is a keep-alive).
+/// Externally tagged (`{"new_result":{...}}`): internally tagged enums buffer their content,
+/// which `RawValue` bodies can't pass through.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "ev", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum StreamEvent {
     /// A stored, new or replaced result; `n_answers` counts the task's non-claimed results after it.
     NewResult {

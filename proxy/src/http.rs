@@ -1,0 +1,316 @@
+//! The app API of `../shared/API.md`. Handlers: authenticate the app, check and seal what it
+//! sends, make one signed request to the broker, open and check what comes back. Long-polls and
+//! streams are relayed as they happen.
+
+use std::{sync::Arc, time::Duration};
+
+use actix_web::{http::header, web, HttpRequest, HttpResponse};
+use actix_web_lab::sse;
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use photon::{
+    http::{body, ApiError},
+    wire::{
+        app::{NewTask, TaskResult},
+        broker::{StreamEvent, WireResult, WireTask},
+        parse_duration, ReadQuery,
+    },
+};
+use reqwest::{Method, StatusCode};
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use crate::{seal, ProxyState};
+
+type State = web::Data<Arc<ProxyState>>;
+
+/// Extra time over a long-poll's own limit before the proxy gives up on the broker.
+const UPSTREAM_SLACK: Duration = Duration::from_secs(30);
+/// A broker stream line longer than this ends the stream (a sealed 10 MiB body fits).
+const MAX_LINE: usize = 64 * 1024 * 1024;
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v1/health", web::get().to(health))
+        .route("/v1/health", web::head().to(health))
+        .route("/v1/tasks", web::post().to(create_task))
+        .route("/v1/tasks", web::get().to(list_tasks))
+        .route("/v1/tasks/{id}", web::get().to(get_task))
+        .route("/v1/tasks/{id}/results", web::get().to(get_results))
+        .route("/v1/tasks/{id}/results/{app_id}", web::put().to(put_result))
+        .default_service(web::to(|| async { Err::<HttpResponse, _>(ApiError::NotFound("no such endpoint".into())) }));
+}
+
+fn wants_events(req: &HttpRequest) -> bool {
+    req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("text/event-stream"))
+}
+
+fn parse_task_id(text: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(text).map_err(|_| ApiError::BadRequest(format!("invalid task id {text:?}: expected a UUID")))
+}
+
+fn query_string(q: &ReadQuery) -> String {
+    serde_urlencoded::to_string(q).expect("query fields serialize")
+}
+
+/// An error answer from the broker, passed on.
+async fn relayed(res: reqwest::Response) -> ApiError {
+    let status = actix_web::http::StatusCode::from_u16(res.status().as_u16()).unwrap_or(actix_web::http::StatusCode::BAD_GATEWAY);
+    match res.bytes().await {
+        Ok(body) => ApiError::Relayed { status, body },
+        Err(e) => ApiError::BadGateway(format!("broker answer cut off: {e}")),
+    }
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(res: reqwest::Response) -> Result<T, ApiError> {
+    let bytes = res.bytes().await.map_err(|e| ApiError::BadGateway(format!("broker answer cut off: {e}")))?;
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::BadGateway(format!("malformed answer from the broker: {e}")))
+}
+
+fn long_poll_timeout(state: &ProxyState, q: &ReadQuery) -> Duration {
+    let wait = q.wait_time.as_deref().and_then(|t| parse_duration(t, state.config.max_wait).ok());
+    wait.unwrap_or(state.config.max_wait) + UPSTREAM_SLACK
+}
+
+fn status_of(res: &reqwest::Response) -> actix_web::http::StatusCode {
+    actix_web::http::StatusCode::from_u16(res.status().as_u16()).expect("reqwest statuses are valid")
+}
+
+/// Opens each wire task; one that doesn't open is refused, logged and left out.
+fn open_tasks(tasks: Vec<WireTask>) -> Vec<photon::wire::app::Task> {
+    tasks
+        .into_iter()
+        .filter_map(|t| {
+            let id = t.id;
+            seal::open_task(t).map_err(|e| tracing::warn!(task = %id, error = %e, "refused a task from the broker")).ok()
+        })
+        .collect()
+}
+
+fn open_results(results: &[WireResult]) -> Vec<TaskResult> {
+    results
+        .iter()
+        .filter_map(|r| {
+            seal::open_result(r).map_err(|e| tracing::warn!(task = %r.task, from = %r.from, error = %e, "refused a result from the broker")).ok()
+        })
+        .collect()
+}
+
+async fn health(state: State) -> HttpResponse {
+    let check = async {
+        state.upstream.ensure_session().await?;
+        state.upstream.broker_healthy().await
+    };
+    match check.await {
+        Ok(()) => HttpResponse::Ok().json(serde_json::json!({"summary": "healthy"})),
+        Err(e) => HttpResponse::ServiceUnavailable().json(serde_json::json!({"summary": "unhealthy", "error": e.to_string()})),
+    }
+}
+
+async fn create_task(state: State, req: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+    let caller = state.keys.authenticate(&req)?;
+    let body = body::read_limited(&req, payload, state.config.max_body).await?;
+    let new: NewTask = body::parse_json(&body)?;
+    if new.from != caller {
+        return Err(ApiError::Forbidden(format!("from is {}, but you are {caller}", new.from)));
+    }
+    let ttl = parse_duration(&new.ttl.0, state.config.max_ttl).map_err(|e| ApiError::BadRequest(format!("ttl: {e}")))?;
+    let id = new.id.unwrap_or_else(Uuid::new_v4);
+    let wire = WireTask {
+        id,
+        from: new.from,
+        to: new.to,
+        ttl_ms: ttl.as_millis() as u64,
+        failure_strategy: new.failure_strategy,
+        metadata: new.metadata,
+        body: seal::seal(&new.body)?,
+    };
+    let bytes = Bytes::from(serde_json::to_vec(&wire).expect("wire tasks serialize"));
+    let res = state.upstream.send(Method::POST, "/v1/tasks", &caller, bytes, Some(UPSTREAM_SLACK)).await?;
+    if res.status() != StatusCode::CREATED {
+        return Err(relayed(res).await);
+    }
+    Ok(HttpResponse::Created().insert_header((header::LOCATION, format!("/v1/tasks/{id}"))).finish())
+}
+
+async fn list_tasks(state: State, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let caller = state.keys.authenticate(&req)?;
+    let mut q: ReadQuery = body::parse_query(&req)?;
+    if wants_events(&req) {
+        if !q.todo() {
+            return Err(ApiError::BadRequest("a task event stream needs filter=todo".into()));
+        }
+        q.last_event_id = Some(body::last_event_id(&req, &q)?);
+        q.stream = Some(1);
+        let res = state.upstream.send(Method::GET, &format!("/v1/tasks?{}", query_string(&q)), &caller, Bytes::new(), None).await?;
+        if !res.status().is_success() {
+            return Err(relayed(res).await);
+        }
+        return Ok(relay_events(res, q.wait_count, state.config.keepalive));
+    }
+    q.stream = None;
+    let timeout = long_poll_timeout(&state, &q);
+    let res = state.upstream.send(Method::GET, &format!("/v1/tasks?{}", query_string(&q)), &caller, Bytes::new(), Some(timeout)).await?;
+    if !res.status().is_success() {
+        return Err(relayed(res).await);
+    }
+    let status = status_of(&res);
+    let tasks = open_tasks(read_json(res).await?);
+    Ok(HttpResponse::build(status).json(tasks))
+}
+
+async fn get_task(state: State, req: HttpRequest, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let caller = state.keys.authenticate(&req)?;
+    let id = parse_task_id(&path)?;
+    let mut q: ReadQuery = body::parse_query(&req)?;
+    q.stream = None;
+    let timeout = long_poll_timeout(&state, &q);
+    let res = state.upstream.send(Method::GET, &format!("/v1/tasks/{id}?{}", query_string(&q)), &caller, Bytes::new(), Some(timeout)).await?;
+    if !res.status().is_success() {
+        return Err(relayed(res).await);
+    }
+    let task: WireTask = read_json(res).await?;
+    let task = seal::open_task(task).map_err(|e| {
+        tracing::warn!(task = %id, error = %e, "refused a task from the broker");
+        ApiError::BadGateway(format!("the task from the broker does not verify: {e}"))
+    })?;
+    Ok(HttpResponse::Ok().json(task))
+}
+
+async fn put_result(state: State, req: HttpRequest, path: web::Path<(String, String)>, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+    let caller = state.keys.authenticate(&req)?;
+    let body = body::read_limited(&req, payload, state.config.max_body).await?;
+    let (task_text, app_text) = path.into_inner();
+    let id = parse_task_id(&task_text)?;
+    let result: TaskResult = body::parse_json(&body)?;
+    if result.task != id || result.from.as_str() != app_text {
+        return Err(ApiError::BadRequest("the task id and app id in the path must match the result's task and from".into()));
+    }
+    if result.from != caller {
+        return Err(ApiError::Forbidden(format!("from is {}, but you are {caller}", result.from)));
+    }
+    let wire = WireResult {
+        body: result.body.as_ref().map(seal::seal).transpose()?,
+        from: result.from,
+        to: result.to,
+        task: id,
+        status: result.status,
+        metadata: result.metadata,
+    };
+    let bytes = Bytes::from(serde_json::to_vec(&wire).expect("wire results serialize"));
+    let path = format!("/v1/tasks/{id}/results/{}", wire.from);
+    let res = state.upstream.send(Method::PUT, &path, &caller, bytes, Some(UPSTREAM_SLACK)).await?;
+    match res.status() {
+        StatusCode::CREATED => Ok(HttpResponse::Created().finish()),
+        StatusCode::NO_CONTENT => Ok(HttpResponse::NoContent().finish()),
+        _ => Err(relayed(res).await),
+    }
+}
+
+async fn get_results(state: State, req: HttpRequest, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let caller = state.keys.authenticate(&req)?;
+    let id = parse_task_id(&path)?;
+    let mut q: ReadQuery = body::parse_query(&req)?;
+    if wants_events(&req) {
+        q.last_event_id = Some(body::last_event_id(&req, &q)?);
+        q.stream = Some(1);
+        let res = state.upstream.send(Method::GET, &format!("/v1/tasks/{id}/results?{}", query_string(&q)), &caller, Bytes::new(), None).await?;
+        if !res.status().is_success() {
+            return Err(relayed(res).await);
+        }
+        return Ok(relay_events(res, q.wait_count, state.config.keepalive));
+    }
+    q.stream = None;
+    let timeout = long_poll_timeout(&state, &q);
+    let res = state.upstream.send(Method::GET, &format!("/v1/tasks/{id}/results?{}", query_string(&q)), &caller, Bytes::new(), Some(timeout)).await?;
+    if !res.status().is_success() {
+        return Err(relayed(res).await);
+    }
+    let status = status_of(&res);
+    let results: Vec<WireResult> = read_json(res).await?;
+    Ok(HttpResponse::build(status).json(open_results(&results)))
+}
+
+// === event streams ===
+
+/// What one broker stream line becomes for the app, and whether the stream ends with it.
+fn to_sse(ev: StreamEvent, wait_count: Option<usize>, n_tasks: &mut usize) -> (Option<sse::Event>, bool) {
+    let reached = |n: usize| wait_count.is_some_and(|c| n >= c);
+    fn data(name: &str, json: impl serde::Serialize) -> sse::Data {
+        sse::Data::new_json(json).expect("wire values serialize").event(name.to_owned())
+    }
+    match ev {
+        StreamEvent::NewResult { seq, n_answers, result } => match seal::open_result(&result) {
+            Ok(r) => (Some(sse::Event::Data(data("new_result", &r).id(seq.to_string()))), reached(n_answers)),
+            Err(e) => {
+                tracing::warn!(task = %result.task, from = %result.from, error = %e, "refused a result from the broker");
+                (None, reached(n_answers))
+            }
+        },
+        StreamEvent::NewTask { seq, task } => match seal::open_task((*task).clone()) {
+            Ok(t) => {
+                *n_tasks += 1;
+                (Some(sse::Event::Data(data("new_task", &t).id(seq.to_string()))), reached(*n_tasks))
+            }
+            Err(e) => {
+                tracing::warn!(task = %task.id, error = %e, "refused a task from the broker");
+                (None, false)
+            }
+        },
+        StreamEvent::WaitExpired => (Some(sse::Event::Data(sse::Data::new("null").event("wait_expired"))), true),
+        StreamEvent::DeletedTask { task_id } => (Some(sse::Event::Data(data("deleted_task", &serde_json::json!({ "task_id": task_id })))), true),
+        StreamEvent::Error { message } => (Some(sse::Event::Data(data("error", &message))), true),
+    }
+}
+
+/// Relays a broker event stream to the app as Server-Sent Events, one event as soon as its line
+/// arrives. If the broker's stream breaks off before its end, the app gets `event: error` and
+/// reconnects with `Last-Event-ID`.
+fn relay_events(res: reqwest::Response, wait_count: Option<usize>, keepalive: Duration) -> HttpResponse {
+    let (tx, rx) = mpsc::channel::<sse::Event>(64);
+    actix_web::rt::spawn(async move {
+        let mut upstream = res.bytes_stream();
+        let mut buf = BytesMut::new();
+        let mut n_tasks = 0;
+        loop {
+            while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                let line = buf.split_to(pos + 1);
+                let line = &line[..pos];
+                if line.is_empty() {
+                    continue; // the broker's keep-alive
+                }
+                let (event, end) = match serde_json::from_slice::<StreamEvent>(line) {
+                    Ok(ev) => to_sse(ev, wait_count, &mut n_tasks),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "malformed stream line from the broker");
+                        continue;
+                    }
+                };
+                if let Some(event) = event {
+                    if tx.send(event).await.is_err() {
+                        return;
+                    }
+                }
+                if end {
+                    return;
+                }
+            }
+            if buf.len() > MAX_LINE {
+                break;
+            }
+            tokio::select! {
+                chunk = upstream.next() => match chunk {
+                    Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+                    Some(Err(_)) | None => break,
+                },
+                _ = tx.closed() => return,
+            }
+        }
+        let lost = sse::Data::new_json("lost the connection to the broker; reconnect with Last-Event-ID").expect("strings serialize");
+        let _ = tx.send(sse::Event::Data(lost.event("error"))).await;
+    });
+    HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header((header::CACHE_CONTROL, "no-cache"))
+        .insert_header((header::CONTENT_ENCODING, "identity"))
+        .body(sse::Sse::from_infallible_receiver(rx).with_keep_alive(keepalive))
+}
