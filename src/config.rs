@@ -127,7 +127,8 @@ pub fn broker_id_setting(broker_url: &str, broker_id: Option<&str>) -> Result<St
         Some(id) => id.to_owned(),
         None => host_of(broker_url).map_err(|e| format!("BROKER_URL: {e}"))?,
     };
-    crate::wire::ProxyId::parse(&format!("x.{id}")).map_err(|_| format!("broker id {id:?} is not a valid dot-separated name (BROKER_ID or BROKER_URL)"))?;
+    crate::wire::ProxyId::parse(&format!("x.{id}"))
+        .map_err(|_| format!("broker id {id:?} is not a valid dot-separated name (BROKER_ID or BROKER_URL)"))?;
     Ok(id)
 }
 
@@ -153,9 +154,7 @@ impl ServeArgs {
             max_wait,
             max_body: self.max_body,
             keepalive,
-            workers: self
-                .workers
-                .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+            workers: self.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
             session_lifetime: Duration::from_secs(3600),
         })
     }
@@ -168,10 +167,7 @@ mod tests {
     #[test]
     fn hosts() {
         assert_eq!(host_of("http://broker:8080").unwrap(), "broker");
-        assert_eq!(
-            host_of("https://Broker.Example.org/path").unwrap(),
-            "broker.example.org"
-        );
+        assert_eq!(host_of("https://Broker.Example.org/path").unwrap(), "broker.example.org");
         assert!(host_of("broker:8080").is_err());
         assert!(host_of("http://:80").is_err());
     }

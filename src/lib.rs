@@ -45,10 +45,7 @@ pub enum StartError {
 
 /// Loads the broker's PKI and builds the server on `listener`. Call inside an actix `System`;
 /// await the returned server (tests spawn it and stop it through its handle).
-pub fn serve(
-    config: BrokerConfig,
-    listener: TcpListener,
-) -> Result<actix_web::dev::Server, StartError> {
+pub fn serve(config: BrokerConfig, listener: TcpListener) -> Result<actix_web::dev::Server, StartError> {
     let root = RootCert::load(&config.pki_dir.join(ca::ROOT_CERT))?;
     let cert_pem = ca::read_to_string(&config.pki_dir.join(ca::BROKER_CERT))?;
     let cert = root.verify(&cert_pem, (crypto::unix_millis() / 1000) as i64)?;
@@ -61,19 +58,11 @@ pub fn serve(
     }
     let key_pem = ca::read_to_string(&config.pki_dir.join(ca::BROKER_KEY))?;
     let identity = Identity::new(&key_pem, cert_pem, &cert)?;
-    let limits = EngineLimits {
-        broker_id: config.broker_id.clone(),
-        max_ttl: config.max_ttl,
-        max_wait: config.max_wait,
-    };
+    let limits =
+        EngineLimits { broker_id: config.broker_id.clone(), max_ttl: config.max_ttl, max_wait: config.max_wait };
     let state = Arc::new(BrokerState {
         engine: Engine::start(limits, config.workers),
-        sessions: SessionStore::new(
-            identity,
-            root.clone(),
-            config.broker_id.clone(),
-            config.session_lifetime,
-        ),
+        sessions: SessionStore::new(identity, root.clone(), config.broker_id.clone(), config.session_lifetime),
         certs: CertDirectory::new(config.pki_dir.clone(), root),
         max_body: config.max_body,
         keepalive: config.keepalive,
@@ -101,10 +90,6 @@ pub fn serve(
 
 /// Sets up tracing from `RUST_LOG` (default `info`). Safe to call more than once.
 pub fn init_tracing() {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .try_init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
 }

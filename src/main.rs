@@ -44,10 +44,8 @@ fn run_ca(action: CaAction) -> Result<(), String> {
         }
         CaAction::Sign { dir, broker_url, broker_id, csr, days } => {
             let broker_id = broker_id_setting(&broker_url, broker_id.as_deref())?;
-            let csr_pem = std::fs::read_to_string(&csr)
-                .map_err(|e| format!("cannot read {}: {e}", csr.display()))?;
-            let (proxy, path) =
-                ca::sign(&dir, &broker_id, &csr_pem, days).map_err(|e| e.to_string())?;
+            let csr_pem = std::fs::read_to_string(&csr).map_err(|e| format!("cannot read {}: {e}", csr.display()))?;
+            let (proxy, path) = ca::sign(&dir, &broker_id, &csr_pem, days).map_err(|e| e.to_string())?;
             println!("issued certificate for {proxy}: {}", path.display());
         }
     }

@@ -23,10 +23,16 @@ impl AppKeys {
 
     /// The app the request authenticates as, or `401`.
     pub fn authenticate(&self, req: &HttpRequest) -> Result<AppId, ApiError> {
-        let refuse = || ApiError::Unauthorized("missing or wrong credentials: send Authorization: ApiKey <app id> <key>".into());
-        let header = req.headers().get(actix_web::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).ok_or_else(refuse)?;
+        let refuse =
+            || ApiError::Unauthorized("missing or wrong credentials: send Authorization: ApiKey <app id> <key>".into());
+        let header = req
+            .headers()
+            .get(actix_web::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(refuse)?;
         let mut parts = header.split_whitespace();
-        let (Some(scheme), Some(app), Some(key), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        let (Some(scheme), Some(app), Some(key), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
             return Err(refuse());
         };
         if !scheme.eq_ignore_ascii_case("ApiKey") {

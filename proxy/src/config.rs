@@ -10,7 +10,12 @@ use photon::{
 };
 
 #[derive(Debug, Parser)]
-#[command(name = "photon-proxy", version, about = "Photon site proxy: apps talk plain HTTP to it; it relays through the broker", args_conflicts_with_subcommands = true)]
+#[command(
+    name = "photon-proxy",
+    version,
+    about = "Photon site proxy: apps talk plain HTTP to it; it relays through the broker",
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -120,9 +125,14 @@ impl ServeArgs {
         let broker_id = broker_id_setting(&broker_url, self.broker_id.as_deref())?;
         let proxy_text = required(&self.proxy_id, "PROXY_ID (this proxy's id, e.g. proxy1.<broker id>)")?;
         let proxy_id = ProxyId::parse(&proxy_text).map_err(|e| format!("PROXY_ID: {e}"))?;
-        proxy_id.within(&broker_id).map_err(|e| format!("PROXY_ID: {e} (the broker id is {broker_id:?}, from BROKER_URL)"))?;
+        proxy_id
+            .within(&broker_id)
+            .map_err(|e| format!("PROXY_ID: {e} (the broker id is {broker_id:?}, from BROKER_URL)"))?;
         if app_keys.is_empty() {
-            return Err("no app keys: set APP_<name>_KEY=<secret> for each app that may use this proxy, e.g. APP_app1_KEY=...".into());
+            return Err(
+                "no app keys: set APP_<name>_KEY=<secret> for each app that may use this proxy, e.g. APP_app1_KEY=..."
+                    .into(),
+            );
         }
         let mut apps = HashMap::new();
         for (name, key) in app_keys {
@@ -140,7 +150,10 @@ impl ServeArgs {
             proxy_id,
             broker_url: broker_url.trim_end_matches('/').to_owned(),
             broker_id,
-            privkey_file: required(&self.privkey_file, "PRIVKEY_FILE (this site's private key, from `photon-proxy keygen`)")?,
+            privkey_file: required(
+                &self.privkey_file,
+                "PRIVKEY_FILE (this site's private key, from `photon-proxy keygen`)",
+            )?,
             rootcert_file: required(&self.rootcert_file, "ROOTCERT_FILE (the federation's root certificate)")?,
             cert_file: self.cert_file.clone(),
             apps,
@@ -160,10 +173,14 @@ mod tests {
     fn args() -> ServeArgs {
         let cli = Cli::try_parse_from([
             "photon-proxy",
-            "--broker-url", "http://broker:8080",
-            "--proxy-id", "proxy1.broker",
-            "--privkey-file", "k.pem",
-            "--rootcert-file", "root.crt",
+            "--broker-url",
+            "http://broker:8080",
+            "--proxy-id",
+            "proxy1.broker",
+            "--privkey-file",
+            "k.pem",
+            "--rootcert-file",
+            "root.crt",
         ])
         .unwrap();
         cli.serve

@@ -54,7 +54,8 @@ fn query_string(q: &ReadQuery) -> String {
 
 /// An error answer from the broker, passed on.
 async fn relayed(res: reqwest::Response) -> ApiError {
-    let status = actix_web::http::StatusCode::from_u16(res.status().as_u16()).unwrap_or(actix_web::http::StatusCode::BAD_GATEWAY);
+    let status = actix_web::http::StatusCode::from_u16(res.status().as_u16())
+        .unwrap_or(actix_web::http::StatusCode::BAD_GATEWAY);
     match res.bytes().await {
         Ok(body) => ApiError::Relayed { status, body },
         Err(e) => ApiError::BadGateway(format!("broker answer cut off: {e}")),
@@ -81,7 +82,9 @@ fn open_tasks(tasks: Vec<WireTask>) -> Vec<photon::wire::app::Task> {
         .into_iter()
         .filter_map(|t| {
             let id = t.id;
-            seal::open_task(t).map_err(|e| tracing::warn!(task = %id, error = %e, "refused a task from the broker")).ok()
+            seal::open_task(t)
+                .map_err(|e| tracing::warn!(task = %id, error = %e, "refused a task from the broker"))
+                .ok()
         })
         .collect()
 }
@@ -90,7 +93,11 @@ fn open_results(results: &[WireResult]) -> Vec<TaskResult> {
     results
         .iter()
         .filter_map(|r| {
-            seal::open_result(r).map_err(|e| tracing::warn!(task = %r.task, from = %r.from, error = %e, "refused a result from the broker")).ok()
+            seal::open_result(r)
+                .map_err(
+                    |e| tracing::warn!(task = %r.task, from = %r.from, error = %e, "refused a result from the broker"),
+                )
+                .ok()
         })
         .collect()
 }
@@ -102,7 +109,9 @@ async fn health(state: State) -> HttpResponse {
     };
     match check.await {
         Ok(()) => HttpResponse::Ok().json(serde_json::json!({"summary": "healthy"})),
-        Err(e) => HttpResponse::ServiceUnavailable().json(serde_json::json!({"summary": "unhealthy", "error": e.to_string()})),
+        Err(e) => {
+            HttpResponse::ServiceUnavailable().json(serde_json::json!({"summary": "unhealthy", "error": e.to_string()}))
+        }
     }
 }
 
@@ -113,7 +122,8 @@ async fn create_task(state: State, req: HttpRequest, payload: web::Payload) -> R
     if new.from != caller {
         return Err(ApiError::Forbidden(format!("from is {}, but you are {caller}", new.from)));
     }
-    let ttl = parse_duration(&new.ttl.0, state.config.max_ttl).map_err(|e| ApiError::BadRequest(format!("ttl: {e}")))?;
+    let ttl =
+        parse_duration(&new.ttl.0, state.config.max_ttl).map_err(|e| ApiError::BadRequest(format!("ttl: {e}")))?;
     let id = new.id.unwrap_or_else(Uuid::new_v4);
     let wire = WireTask {
         id,
@@ -141,7 +151,10 @@ async fn list_tasks(state: State, req: HttpRequest) -> Result<HttpResponse, ApiE
         }
         q.last_event_id = Some(body::last_event_id(&req, &q)?);
         q.stream = Some(1);
-        let res = state.upstream.send(Method::GET, &format!("/v1/tasks?{}", query_string(&q)), &caller, Bytes::new(), None).await?;
+        let res = state
+            .upstream
+            .send(Method::GET, &format!("/v1/tasks?{}", query_string(&q)), &caller, Bytes::new(), None)
+            .await?;
         if !res.status().is_success() {
             return Err(relayed(res).await);
         }
@@ -149,7 +162,10 @@ async fn list_tasks(state: State, req: HttpRequest) -> Result<HttpResponse, ApiE
     }
     q.stream = None;
     let timeout = long_poll_timeout(&state, &q);
-    let res = state.upstream.send(Method::GET, &format!("/v1/tasks?{}", query_string(&q)), &caller, Bytes::new(), Some(timeout)).await?;
+    let res = state
+        .upstream
+        .send(Method::GET, &format!("/v1/tasks?{}", query_string(&q)), &caller, Bytes::new(), Some(timeout))
+        .await?;
     if !res.status().is_success() {
         return Err(relayed(res).await);
     }
@@ -164,7 +180,10 @@ async fn get_task(state: State, req: HttpRequest, path: web::Path<String>) -> Re
     let mut q: ReadQuery = body::parse_query(&req)?;
     q.stream = None;
     let timeout = long_poll_timeout(&state, &q);
-    let res = state.upstream.send(Method::GET, &format!("/v1/tasks/{id}?{}", query_string(&q)), &caller, Bytes::new(), Some(timeout)).await?;
+    let res = state
+        .upstream
+        .send(Method::GET, &format!("/v1/tasks/{id}?{}", query_string(&q)), &caller, Bytes::new(), Some(timeout))
+        .await?;
     if !res.status().is_success() {
         return Err(relayed(res).await);
     }
@@ -176,14 +195,21 @@ async fn get_task(state: State, req: HttpRequest, path: web::Path<String>) -> Re
     Ok(HttpResponse::Ok().json(task))
 }
 
-async fn put_result(state: State, req: HttpRequest, path: web::Path<(String, String)>, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+async fn put_result(
+    state: State,
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
     let caller = state.keys.authenticate(&req)?;
     let body = body::read_limited(&req, payload, state.config.max_body).await?;
     let (task_text, app_text) = path.into_inner();
     let id = parse_task_id(&task_text)?;
     let result: TaskResult = body::parse_json(&body)?;
     if result.task != id || result.from.as_str() != app_text {
-        return Err(ApiError::BadRequest("the task id and app id in the path must match the result's task and from".into()));
+        return Err(ApiError::BadRequest(
+            "the task id and app id in the path must match the result's task and from".into(),
+        ));
     }
     if result.from != caller {
         return Err(ApiError::Forbidden(format!("from is {}, but you are {caller}", result.from)));
@@ -213,7 +239,10 @@ async fn get_results(state: State, req: HttpRequest, path: web::Path<String>) ->
     if wants_events(&req) {
         q.last_event_id = Some(body::last_event_id(&req, &q)?);
         q.stream = Some(1);
-        let res = state.upstream.send(Method::GET, &format!("/v1/tasks/{id}/results?{}", query_string(&q)), &caller, Bytes::new(), None).await?;
+        let res = state
+            .upstream
+            .send(Method::GET, &format!("/v1/tasks/{id}/results?{}", query_string(&q)), &caller, Bytes::new(), None)
+            .await?;
         if !res.status().is_success() {
             return Err(relayed(res).await);
         }
@@ -221,7 +250,16 @@ async fn get_results(state: State, req: HttpRequest, path: web::Path<String>) ->
     }
     q.stream = None;
     let timeout = long_poll_timeout(&state, &q);
-    let res = state.upstream.send(Method::GET, &format!("/v1/tasks/{id}/results?{}", query_string(&q)), &caller, Bytes::new(), Some(timeout)).await?;
+    let res = state
+        .upstream
+        .send(
+            Method::GET,
+            &format!("/v1/tasks/{id}/results?{}", query_string(&q)),
+            &caller,
+            Bytes::new(),
+            Some(timeout),
+        )
+        .await?;
     if !res.status().is_success() {
         return Err(relayed(res).await);
     }
@@ -257,7 +295,9 @@ fn to_sse(ev: StreamEvent, wait_count: Option<usize>, n_tasks: &mut usize) -> (O
             }
         },
         StreamEvent::WaitExpired => (Some(sse::Event::Data(sse::Data::new("null").event("wait_expired"))), true),
-        StreamEvent::DeletedTask { task_id } => (Some(sse::Event::Data(data("deleted_task", &serde_json::json!({ "task_id": task_id })))), true),
+        StreamEvent::DeletedTask { task_id } => {
+            (Some(sse::Event::Data(data("deleted_task", &serde_json::json!({ "task_id": task_id })))), true)
+        }
         StreamEvent::Error { message } => (Some(sse::Event::Data(data("error", &message))), true),
     }
 }
@@ -305,7 +345,8 @@ fn relay_events(res: reqwest::Response, wait_count: Option<usize>, keepalive: Du
                 _ = tx.closed() => return,
             }
         }
-        let lost = sse::Data::new_json("lost the connection to the broker; reconnect with Last-Event-ID").expect("strings serialize");
+        let lost = sse::Data::new_json("lost the connection to the broker; reconnect with Last-Event-ID")
+            .expect("strings serialize");
         let _ = tx.send(sse::Event::Data(lost.event("error"))).await;
     });
     HttpResponse::Ok()

@@ -40,12 +40,25 @@ pub enum StartError {
 /// Loads keys, gets this proxy's certificate (from `CERT_FILE` or the broker, retrying for up
 /// to `patience` while the broker comes up) and builds the server on `listener`. Call inside an
 /// actix `System`.
-pub async fn serve(config: ProxyConfig, listener: TcpListener, patience: Duration) -> Result<actix_web::dev::Server, StartError> {
+pub async fn serve(
+    config: ProxyConfig,
+    listener: TcpListener,
+    patience: Duration,
+) -> Result<actix_web::dev::Server, StartError> {
     let root = RootCert::load(&config.rootcert_file)?;
     let (key_pem, cert_pem) = Upstream::read_files(&config.privkey_file, config.cert_file.as_deref())?;
     let give_up = tokio::time::Instant::now() + patience;
     let upstream = loop {
-        match Upstream::connect(&config.broker_url, &config.broker_id, &config.proxy_id, &key_pem, root.clone(), cert_pem.clone()).await {
+        match Upstream::connect(
+            &config.broker_url,
+            &config.broker_id,
+            &config.proxy_id,
+            &key_pem,
+            root.clone(),
+            cert_pem.clone(),
+        )
+        .await
+        {
             Ok(u) => break u,
             Err(UpstreamError::Unreachable(e)) if tokio::time::Instant::now() < give_up => {
                 tracing::info!(error = %e, "waiting for the broker");

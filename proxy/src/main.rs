@@ -37,7 +37,8 @@ fn keygen(proxy_id: &str, out: &std::path::Path) -> Result<(), String> {
 
 fn serve(cli: &Cli) -> Result<(), String> {
     let config = cli.serve.validate(app_keys_from_env(std::env::vars()))?;
-    let listener = TcpListener::bind(cli.serve.bind_addr).map_err(|e| format!("cannot listen on {} (BIND_ADDR): {e}", cli.serve.bind_addr))?;
+    let listener = TcpListener::bind(cli.serve.bind_addr)
+        .map_err(|e| format!("cannot listen on {} (BIND_ADDR): {e}", cli.serve.bind_addr))?;
     actix_web::rt::System::new().block_on(async move {
         let server = photon_proxy::serve(config, listener, Duration::from_secs(30)).await.map_err(|e| e.to_string())?;
         server.await.map_err(|e| e.to_string())

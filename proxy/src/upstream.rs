@@ -8,7 +8,10 @@ use bytes::Bytes;
 use parking_lot::RwLock;
 use photon::{
     crypto::{
-        ca, cert::VerifiedCert, session::{self, ClientSession, Identity}, unix_millis, CryptoError, RootCert,
+        ca,
+        cert::VerifiedCert,
+        session::{self, ClientSession, Identity},
+        unix_millis, CryptoError, RootCert,
     },
     http::{error::REAUTH_HEADER, ApiError},
     wire::{
@@ -102,7 +105,9 @@ impl Upstream {
         };
         let cert: VerifiedCert = root.verify(&cert_pem, (unix_millis() / 1000) as i64)?;
         if cert.subject != proxy_id.as_str() {
-            return Err(CryptoError::Certificate(format!("the certificate names {:?}, not {proxy_id}", cert.subject)).into());
+            return Err(
+                CryptoError::Certificate(format!("the certificate names {:?}, not {proxy_id}", cert.subject)).into()
+            );
         }
         let identity = Identity::new(key_pem, cert_pem, &cert)?;
         Ok(Self {
@@ -117,7 +122,10 @@ impl Upstream {
     }
 
     /// Loads the private key file and the optional certificate file for [`connect`](Self::connect).
-    pub fn read_files(privkey: &std::path::Path, cert: Option<&std::path::Path>) -> Result<(String, Option<String>), CryptoError> {
+    pub fn read_files(
+        privkey: &std::path::Path,
+        cert: Option<&std::path::Path>,
+    ) -> Result<(String, Option<String>), CryptoError> {
         Ok((ca::read_to_string(privkey)?, cert.map(ca::read_to_string).transpose()?))
     }
 
@@ -175,7 +183,8 @@ impl Upstream {
         body: Bytes,
         timeout: Option<Duration>,
     ) -> Result<reqwest::Response, UpstreamError> {
-        let url = reqwest::Url::parse(&format!("{}{path_and_query}", self.base)).map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
+        let url = reqwest::Url::parse(&format!("{}{path_and_query}", self.base))
+            .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
         let signed_path = match url.query() {
             Some(q) => format!("{}?{q}", url.path()),
             None => url.path().to_owned(),

@@ -22,8 +22,8 @@ use super::{
     expiry::{ExpiryActor, Track},
     mailbox::{Delivered, ListFilter, ListWait, Mailboxes},
     task::{
-        self, PutOutcome, ReadOutcome, ReadResults, ResultEvent, Subscribe, TaskActor, TaskError,
-        TaskEvent, WaitOutcome,
+        self, PutOutcome, ReadOutcome, ReadResults, ResultEvent, Subscribe, TaskActor, TaskError, TaskEvent,
+        WaitOutcome,
     },
     Registry, TaskHandle, TaskRecord,
 };
@@ -148,11 +148,7 @@ impl Engine {
     }
 
     fn handle(&self, id: Uuid) -> Result<TaskHandle, EngineError> {
-        let handle = self
-            .registry
-            .get(&id)
-            .map(|h| h.clone())
-            .ok_or(EngineError::NotFound)?;
+        let handle = self.registry.get(&id).map(|h| h.clone()).ok_or(EngineError::NotFound)?;
         if handle.record.expires_at <= Instant::now() {
             return Err(EngineError::NotFound);
         }
@@ -160,23 +156,17 @@ impl Engine {
     }
 
     fn check_member(&self, app: &AppId) -> Result<(), EngineError> {
-        app.within(&self.limits.broker_id)
-            .map_err(|e| EngineError::BadRequest(e.to_string()))
+        app.within(&self.limits.broker_id).map_err(|e| EngineError::BadRequest(e.to_string()))
     }
 
     /// Stores a new task from `caller`. Checks ids, TTL and that `from` is the caller.
     pub async fn create(&self, caller: &AppId, mut task: WireTask) -> Result<Uuid, EngineError> {
         if &task.from != caller {
-            return Err(EngineError::Forbidden(format!(
-                "from is {}, but the caller is {caller}",
-                task.from
-            )));
+            return Err(EngineError::Forbidden(format!("from is {}, but the caller is {caller}", task.from)));
         }
         self.check_member(&task.from)?;
         if task.to.is_empty() {
-            return Err(EngineError::BadRequest(
-                "to must name at least one recipient".into(),
-            ));
+            return Err(EngineError::BadRequest("to must name at least one recipient".into()));
         }
         let mut seen = std::collections::HashSet::new();
         task.to.retain(|app| seen.insert(app.clone()));
@@ -191,10 +181,7 @@ impl Engine {
             )));
         }
         let id = task.id;
-        let record = Arc::new(TaskRecord {
-            task,
-            expires_at: Instant::now() + ttl,
-        });
+        let record = Arc::new(TaskRecord { task, expires_at: Instant::now() + ttl });
 
         match self.registry.entry(id) {
             dashmap::Entry::Occupied(mut e) => {
@@ -214,10 +201,7 @@ impl Engine {
         }
         self.outboxes.deliver(&record.task.from, record.clone());
         self.expiry
-            .send(Track {
-                task_id: id,
-                expires_at: record.expires_at,
-            })
+            .send(Track { task_id: id, expires_at: record.expires_at })
             .await
             .map_err(|_| EngineError::Unavailable)?;
         if let Some((_, waiters)) = self.id_waiters.remove(&id) {
@@ -231,11 +215,7 @@ impl Engine {
 
     fn spawn(&self, record: Arc<TaskRecord>) -> TaskHandle {
         let i = self.next_arbiter.fetch_add(1, Ordering::Relaxed) % self.arbiters.len();
-        let (registry, inboxes, outboxes) = (
-            self.registry.clone(),
-            self.inboxes.clone(),
-            self.outboxes.clone(),
-        );
+        let (registry, inboxes, outboxes) = (self.registry.clone(), self.inboxes.clone(), self.outboxes.clone());
         let actor_record = record.clone();
         let addr = TaskActor::start_in_arbiter(&self.arbiters[i], move |_| {
             TaskActor::new(actor_record, registry, inboxes, outboxes)
@@ -265,9 +245,7 @@ impl Engine {
         if let Ok(h) = self.handle(id) {
             return visible(h);
         }
-        let woken = timeout_at(wait.deadline(self.limits.max_wait), rx)
-            .await
-            .is_ok();
+        let woken = timeout_at(wait.deadline(self.limits.max_wait), rx).await.is_ok();
         if !woken {
             self.id_waiters.remove_if_mut(&id, |_, v| {
                 v.retain(|tx| !tx.is_closed());
@@ -278,26 +256,15 @@ impl Engine {
     }
 
     /// Stores a worker's result.
-    pub async fn put_result(
-        &self,
-        caller: &AppId,
-        result: WireResult,
-    ) -> Result<PutOutcome, EngineError> {
+    pub async fn put_result(&self, caller: &AppId, result: WireResult) -> Result<PutOutcome, EngineError> {
         if &result.from != caller {
-            return Err(EngineError::Forbidden(format!(
-                "from is {}, but the caller is {caller}",
-                result.from
-            )));
+            return Err(EngineError::Forbidden(format!("from is {}, but the caller is {caller}", result.from)));
         }
         for app in &result.to {
             self.check_member(app)?;
         }
         let handle = self.handle(result.task)?;
-        Ok(handle
-            .addr
-            .send(task::PutResult(result))
-            .await
-            .map_err(|_| EngineError::NotFound)??)
+        Ok(handle.addr.send(task::PutResult(result)).await.map_err(|_| EngineError::NotFound)??)
     }
 
     /// The results of a task for its creator, at once or after a wait.
@@ -308,35 +275,22 @@ impl Engine {
         wait: Wait,
     ) -> Result<Listing<Arc<WireResult>>, EngineError> {
         let handle = self.handle(id)?;
-        let read = |want| ReadResults {
-            caller: caller.clone(),
-            wait_count: want,
-        };
+        let read = |want| ReadResults { caller: caller.clone(), wait_count: want };
         let want = (!wait.is_none()).then(|| wait.want());
-        let results = match handle
-            .addr
-            .send(read(want))
-            .await
-            .map_err(|_| EngineError::NotFound)??
-        {
+        let results = match handle.addr.send(read(want)).await.map_err(|_| EngineError::NotFound)?? {
             ReadOutcome::Ready(results) => results,
-            ReadOutcome::Waiting(rx) => {
-                match timeout_at(wait.deadline(self.limits.max_wait), rx).await {
-                    Ok(Ok(WaitOutcome::Ready(results))) => results,
-                    Ok(Ok(WaitOutcome::Gone)) | Ok(Err(_)) => return Err(EngineError::Gone),
-                    Err(_elapsed) => match handle.addr.send(read(None)).await {
-                        Ok(Ok(ReadOutcome::Ready(results))) => results,
-                        Ok(Err(e)) => return Err(e.into()),
-                        Ok(Ok(ReadOutcome::Waiting(_))) | Err(_) => return Err(EngineError::Gone),
-                    },
-                }
-            }
+            ReadOutcome::Waiting(rx) => match timeout_at(wait.deadline(self.limits.max_wait), rx).await {
+                Ok(Ok(WaitOutcome::Ready(results))) => results,
+                Ok(Ok(WaitOutcome::Gone)) | Ok(Err(_)) => return Err(EngineError::Gone),
+                Err(_elapsed) => match handle.addr.send(read(None)).await {
+                    Ok(Ok(ReadOutcome::Ready(results))) => results,
+                    Ok(Err(e)) => return Err(e.into()),
+                    Ok(Ok(ReadOutcome::Waiting(_))) | Err(_) => return Err(EngineError::Gone),
+                },
+            },
         };
         let n_answers = results.iter().filter(|r| r.status.is_answer()).count();
-        Ok(Listing {
-            partial: wait.count.is_some_and(|c| n_answers < c),
-            items: results,
-        })
+        Ok(Listing { partial: wait.count.is_some_and(|c| n_answers < c), items: results })
     }
 
     /// Starts a result stream for the task's creator.
@@ -350,11 +304,7 @@ impl Engine {
         let (tx, rx) = mpsc::channel(task::STREAM_CAPACITY);
         let snapshot = handle
             .addr
-            .send(Subscribe {
-                caller: caller.clone(),
-                last_seq,
-                tx,
-            })
+            .send(Subscribe { caller: caller.clone(), last_seq, tx })
             .await
             .map_err(|_| EngineError::NotFound)??;
         Ok((snapshot, rx))
@@ -370,54 +320,32 @@ impl Engine {
 
     /// `GET /v1/tasks`: the caller's inbox (with `to` or `todo`) or outbox (with `from`),
     /// at once or after a wait. `from`/`to`, when given, are the caller (checked by the caller).
-    pub async fn list(
-        &self,
-        caller: &AppId,
-        filter: ListFilter,
-        wait: Wait,
-    ) -> Result<Listing<WireTask>, EngineError> {
+    pub async fn list(&self, caller: &AppId, filter: ListFilter, wait: Wait) -> Result<Listing<WireTask>, EngineError> {
         let mailbox = self.mailbox_for(&filter);
         let own = ListFilter {
             todo: filter.todo,
             // The caller's inbox holds only tasks to the caller, its outbox only tasks from it.
-            from: if filter.todo || filter.to.is_some() {
-                filter.from.clone()
-            } else {
-                None
-            },
+            from: if filter.todo || filter.to.is_some() { filter.from.clone() } else { None },
             to: None,
         };
         let want = (!wait.is_none()).then(|| wait.want());
         let records = match mailbox.list_or_wait(caller, own.clone(), want) {
             ListWait::Ready(list) => list,
-            ListWait::Waiting(rx) => {
-                match timeout_at(wait.deadline(self.limits.max_wait), rx).await {
-                    Ok(Ok(list)) => list,
-                    _ => match mailbox.list_or_wait(caller, own, None) {
-                        ListWait::Ready(list) => list,
-                        ListWait::Waiting(_) => unreachable!("no wait asked"),
-                    },
-                }
-            }
+            ListWait::Waiting(rx) => match timeout_at(wait.deadline(self.limits.max_wait), rx).await {
+                Ok(Ok(list)) => list,
+                _ => match mailbox.list_or_wait(caller, own, None) {
+                    ListWait::Ready(list) => list,
+                    ListWait::Waiting(_) => unreachable!("no wait asked"),
+                },
+            },
         };
         let now = Instant::now();
-        let items: Vec<WireTask> = records
-            .iter()
-            .filter(|r| r.expires_at > now)
-            .map(|r| r.to_wire(now))
-            .collect();
-        Ok(Listing {
-            partial: wait.count.is_some_and(|c| items.len() < c),
-            items,
-        })
+        let items: Vec<WireTask> = records.iter().filter(|r| r.expires_at > now).map(|r| r.to_wire(now)).collect();
+        Ok(Listing { partial: wait.count.is_some_and(|c| items.len() < c), items })
     }
 
     /// Starts a `new_task` stream of the caller's to-do tasks after `last_seq`.
-    pub fn subscribe_tasks(
-        &self,
-        caller: &AppId,
-        last_seq: u64,
-    ) -> (Vec<Delivered>, mpsc::Receiver<Delivered>) {
+    pub fn subscribe_tasks(&self, caller: &AppId, last_seq: u64) -> (Vec<Delivered>, mpsc::Receiver<Delivered>) {
         let (tx, rx) = mpsc::channel(task::STREAM_CAPACITY);
         let snapshot = self.inboxes.subscribe(caller, last_seq, tx);
         (snapshot, rx)

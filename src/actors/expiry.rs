@@ -27,11 +27,7 @@ pub struct ExpiryActor {
 
 impl ExpiryActor {
     pub fn new(registry: Arc<Registry>) -> Self {
-        Self {
-            registry,
-            queue: BinaryHeap::new(),
-            wakeup: None,
-        }
+        Self { registry, queue: BinaryHeap::new(), wakeup: None }
     }
 
     fn schedule(&mut self, ctx: &mut Context<Self>) {
@@ -62,10 +58,7 @@ impl ExpiryActor {
             self.queue.pop();
             // Only the record this deadline was set for: a task made later with the same id
             // has its own entry in the queue.
-            if let Some((_, handle)) = self
-                .registry
-                .remove_if(&id, |_, h| h.record.expires_at <= now)
-            {
+            if let Some((_, handle)) = self.registry.remove_if(&id, |_, h| h.record.expires_at <= now) {
                 handle.addr.do_send(Expire);
                 n_expired += 1;
             }

@@ -70,56 +70,28 @@ struct Mailbox {
 impl Mailbox {
     fn matches(entry: &Entry, f: &ListFilter) -> bool {
         (!f.todo || entry.todo)
-            && f.from
-                .as_ref()
-                .is_none_or(|from| &entry.task.task.from == from)
-            && f.to
-                .as_ref()
-                .is_none_or(|to| entry.task.task.to.contains(to))
+            && f.from.as_ref().is_none_or(|from| &entry.task.task.from == from)
+            && f.to.as_ref().is_none_or(|to| entry.task.task.to.contains(to))
     }
 
     fn count(&self, f: &ListFilter) -> usize {
         match f {
-            ListFilter {
-                todo: true,
-                from: None,
-                to: None,
-            } => self.n_todo,
-            ListFilter {
-                todo: false,
-                from: None,
-                to: None,
-            } => self.by_seq.len(),
+            ListFilter { todo: true, from: None, to: None } => self.n_todo,
+            ListFilter { todo: false, from: None, to: None } => self.by_seq.len(),
             _ => self.by_seq.values().filter(|e| Self::matches(e, f)).count(),
         }
     }
 
     fn list(&self, f: &ListFilter) -> Vec<Arc<TaskRecord>> {
-        self.by_seq
-            .values()
-            .filter(|e| Self::matches(e, f))
-            .map(|e| e.task.clone())
-            .collect()
+        self.by_seq.values().filter(|e| Self::matches(e, f)).map(|e| e.task.clone()).collect()
     }
 
     fn insert(&mut self, seq: u64, task: Arc<TaskRecord>) {
         let id = task.task.id;
-        self.by_seq.insert(
-            seq,
-            Entry {
-                task: task.clone(),
-                todo: true,
-            },
-        );
+        self.by_seq.insert(seq, Entry { task: task.clone(), todo: true });
         self.seq_of.insert(id, seq);
         self.n_todo += 1;
-        self.streams.retain(|tx| {
-            tx.try_send(Delivered {
-                seq,
-                task: task.clone(),
-            })
-            .is_ok()
-        });
+        self.streams.retain(|tx| tx.try_send(Delivered { seq, task: task.clone() }).is_ok());
         self.wake();
     }
 
@@ -141,9 +113,7 @@ impl Mailbox {
     }
 
     fn is_idle(&self) -> bool {
-        self.by_seq.is_empty()
-            && self.waiters.is_empty()
-            && self.streams.iter().all(|s| s.is_closed())
+        self.by_seq.is_empty() && self.waiters.is_empty() && self.streams.iter().all(|s| s.is_closed())
     }
 }
 
@@ -156,10 +126,7 @@ pub struct Mailboxes {
 
 impl Mailboxes {
     pub fn new(next_seq: Arc<AtomicU64>) -> Self {
-        Self {
-            boxes: DashMap::new(),
-            next_seq,
-        }
+        Self { boxes: DashMap::new(), next_seq }
     }
 
     // Lock order: a DashMap shard, then a mailbox. Both helpers hold the shard guard while the
@@ -255,21 +222,13 @@ impl Mailboxes {
 
     /// Subscribes a `new_task` stream: returns the to-do tasks after `last_seq` and registers
     /// `tx` for every later one, atomically, so nothing falls between.
-    pub fn subscribe(
-        &self,
-        app: &AppId,
-        last_seq: u64,
-        tx: mpsc::Sender<Delivered>,
-    ) -> Vec<Delivered> {
+    pub fn subscribe(&self, app: &AppId, last_seq: u64, tx: mpsc::Sender<Delivered>) -> Vec<Delivered> {
         self.with_or_make(app, |b| {
             let snapshot = b
                 .by_seq
                 .range(last_seq.saturating_add(1)..)
                 .filter(|(_, e)| e.todo)
-                .map(|(seq, e)| Delivered {
-                    seq: *seq,
-                    task: e.task.clone(),
-                })
+                .map(|(seq, e)| Delivered { seq: *seq, task: e.task.clone() })
                 .collect();
             b.streams.retain(|s| !s.is_closed());
             b.streams.push(tx);

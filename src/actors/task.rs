@@ -157,10 +157,7 @@ impl TaskActor {
     }
 
     fn snapshot(&self, caller: &AppId) -> Vec<Arc<WireResult>> {
-        self.visible(caller, 0)
-            .into_iter()
-            .map(|(_, r)| r)
-            .collect()
+        self.visible(caller, 0).into_iter().map(|(_, r)| r).collect()
     }
 
     fn notify(&mut self, event: ResultEvent) {
@@ -172,10 +169,8 @@ impl TaskActor {
             return;
         }
         let n = self.n_answers;
-        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiters)
-            .into_iter()
-            .filter(|w| !w.tx.is_closed())
-            .partition(|w| w.want <= n);
+        let (ready, waiting): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.waiters).into_iter().filter(|w| !w.tx.is_closed()).partition(|w| w.want <= n);
         self.waiters = waiting;
         if !ready.is_empty() {
             let creator = self.creator().clone();
@@ -201,8 +196,7 @@ impl Actor for TaskActor {
             self.inboxes.remove(app, id);
         }
         self.outboxes.remove(&self.record.task.from, id);
-        self.registry
-            .remove_if(&id, |_, h| Arc::ptr_eq(&h.record, &self.record));
+        self.registry.remove_if(&id, |_, h| Arc::ptr_eq(&h.record, &self.record));
         tracing::debug!(task = %id, "task actor stopped");
     }
 }
@@ -217,12 +211,7 @@ impl Handler<PutResult> for TaskActor {
         let worker = result.from.clone();
         let old = self.results.get(&worker);
         if result.status == WorkStatus::Claimed
-            && old.is_some_and(|o| {
-                matches!(
-                    o.result.status,
-                    WorkStatus::Succeeded | WorkStatus::Permfailed
-                )
-            })
+            && old.is_some_and(|o| matches!(o.result.status, WorkStatus::Succeeded | WorkStatus::Permfailed))
         {
             return Ok(PutOutcome::Ignored);
         }
@@ -240,27 +229,10 @@ impl Handler<PutResult> for TaskActor {
         self.last_seq += 1;
         let result = Arc::new(result);
         let seq = self.last_seq;
-        let replaced = self
-            .results
-            .insert(
-                worker,
-                Slot {
-                    seq,
-                    result: result.clone(),
-                },
-            )
-            .is_some();
+        let replaced = self.results.insert(worker, Slot { seq, result: result.clone() }).is_some();
         tracing::debug!(task = %self.record.task.id, seq, n_answers = self.n_answers, "result stored");
-        self.notify(ResultEvent {
-            seq,
-            n_answers: self.n_answers,
-            result,
-        });
-        Ok(if replaced {
-            PutOutcome::Replaced
-        } else {
-            PutOutcome::Created
-        })
+        self.notify(ResultEvent { seq, n_answers: self.n_answers, result });
+        Ok(if replaced { PutOutcome::Replaced } else { PutOutcome::Created })
     }
 }
 
@@ -302,11 +274,7 @@ impl Handler<Subscribe> for TaskActor {
                 n += 1;
             }
             if seq > msg.last_seq {
-                events.push(ResultEvent {
-                    seq,
-                    n_answers: n,
-                    result,
-                });
+                events.push(ResultEvent { seq, n_answers: n, result });
             }
         }
         self.streams.retain(|s| !s.is_closed());

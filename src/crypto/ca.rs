@@ -12,8 +12,8 @@ use std::{
 };
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, DnValue, IsCa, Issuer, KeyPair, KeyUsagePurpose, SerialNumber, PKCS_ECDSA_P256_SHA256,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType, DnValue, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SerialNumber, PKCS_ECDSA_P256_SHA256,
 };
 use time::{Duration as TimeDuration, OffsetDateTime};
 
@@ -27,10 +27,7 @@ pub const BROKER_CERT: &str = "broker.crt";
 pub const CERTS_DIR: &str = "certs";
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CryptoError + '_ {
-    move |source| CryptoError::Io {
-        path: path.display().to_string(),
-        source,
-    }
+    move |source| CryptoError::Io { path: path.display().to_string(), source }
 }
 
 fn rc(e: rcgen::Error) -> CryptoError {
@@ -67,10 +64,7 @@ fn leaf_params(common_name: &str, days: u32) -> CertificateParams {
     params.not_after = now + TimeDuration::days(days.into());
     params.serial_number = Some(random_serial());
     params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyAgreement,
-    ];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyAgreement];
     params
 }
 
@@ -95,9 +89,7 @@ pub fn init(dir: &Path, broker_id: &str, days: u32) -> Result<(), CryptoError> {
 
     let issuer = Issuer::new(params, root_key);
     let broker_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(rc)?;
-    let broker_cert = leaf_params(broker_id, days)
-        .signed_by(&broker_key, &issuer)
-        .map_err(rc)?;
+    let broker_cert = leaf_params(broker_id, days).signed_by(&broker_key, &issuer).map_err(rc)?;
     write_private(&dir.join(BROKER_KEY), &broker_key.serialize_pem())?;
     fs::write(dir.join(BROKER_CERT), broker_cert.pem()).map_err(io_err(dir))
 }
@@ -106,9 +98,7 @@ pub fn init(dir: &Path, broker_id: &str, days: u32) -> Result<(), CryptoError> {
 pub fn keygen(proxy_id: &ProxyId) -> Result<(String, String), CryptoError> {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(rc)?;
     let mut params = CertificateParams::default();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, proxy_id.as_str());
+    params.distinguished_name.push(DnType::CommonName, proxy_id.as_str());
     let csr = params.serialize_request(&key).map_err(rc)?;
     Ok((key.serialize_pem(), csr.pem().map_err(rc)?))
 }
@@ -116,36 +106,22 @@ pub fn keygen(proxy_id: &ProxyId) -> Result<(String, String), CryptoError> {
 /// `photon-broker ca sign`: checks the CSR's signature and that its CN is a proxy of
 /// `broker_id`, then issues a certificate with only the CA's own choice of extensions and
 /// writes it to `certs/<proxy id>.crt`. Returns the proxy id and the certificate's path.
-pub fn sign(
-    dir: &Path,
-    broker_id: &str,
-    csr_pem: &str,
-    days: u32,
-) -> Result<(ProxyId, PathBuf), CryptoError> {
-    let csr = CertificateSigningRequestParams::from_pem(csr_pem)
-        .map_err(|e| CryptoError::Csr(e.to_string()))?;
+pub fn sign(dir: &Path, broker_id: &str, csr_pem: &str, days: u32) -> Result<(ProxyId, PathBuf), CryptoError> {
+    let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| CryptoError::Csr(e.to_string()))?;
     let cn = match csr.params.distinguished_name.get(&DnType::CommonName) {
         Some(DnValue::Utf8String(s)) => s.clone(),
         Some(DnValue::PrintableString(s)) => s.as_str().to_owned(),
-        _ => {
-            return Err(CryptoError::Csr(
-                "the CSR has no common name; it must be the proxy id".into(),
-            ))
-        }
+        _ => return Err(CryptoError::Csr("the CSR has no common name; it must be the proxy id".into())),
     };
     let proxy_id = ProxyId::parse(&cn).map_err(|e| CryptoError::Csr(e.to_string()))?;
-    proxy_id
-        .within(broker_id)
-        .map_err(|e| CryptoError::Csr(e.to_string()))?;
+    proxy_id.within(broker_id).map_err(|e| CryptoError::Csr(e.to_string()))?;
 
     let root_key_pem = read_to_string(&dir.join(ROOT_KEY))?;
     let root_cert_pem = read_to_string(&dir.join(ROOT_CERT))?;
     let root_key = KeyPair::from_pem(&root_key_pem).map_err(|e| CryptoError::Key(e.to_string()))?;
     let issuer = Issuer::from_ca_cert_pem(&root_cert_pem, root_key).map_err(rc)?;
-    let request = CertificateSigningRequestParams {
-        params: leaf_params(proxy_id.as_str(), days),
-        public_key: csr.public_key,
-    };
+    let request =
+        CertificateSigningRequestParams { params: leaf_params(proxy_id.as_str(), days), public_key: csr.public_key };
     let cert = request.signed_by(&issuer).map_err(rc)?;
     let certs = dir.join(CERTS_DIR);
     fs::create_dir_all(&certs).map_err(io_err(&certs))?;

@@ -4,9 +4,7 @@
 use std::{path::Path, sync::Arc};
 
 use p256::PublicKey;
-use x509_parser::{
-    certificate::X509Certificate, pem::parse_x509_pem, prelude::FromDer, time::ASN1Time,
-};
+use x509_parser::{certificate::X509Certificate, pem::parse_x509_pem, prelude::FromDer, time::ASN1Time};
 
 use super::CryptoError;
 
@@ -46,8 +44,7 @@ impl RootCert {
     pub fn from_pem(pem: &str) -> Result<Self, CryptoError> {
         let der = pem_to_der(pem)?;
         let cert = parse(&der)?;
-        cert.verify_signature(None)
-            .map_err(|_| bad("root certificate is not validly self-signed"))?;
+        cert.verify_signature(None).map_err(|_| bad("root certificate is not validly self-signed"))?;
         Ok(Self { der: der.into() })
     }
 
@@ -63,8 +60,7 @@ impl RootCert {
         if cert.issuer().as_raw() != root.subject().as_raw() {
             return Err(bad("not issued by the pinned root"));
         }
-        cert.verify_signature(Some(root.public_key()))
-            .map_err(|_| bad("signature by the root does not verify"))?;
+        cert.verify_signature(Some(root.public_key())).map_err(|_| bad("signature by the root does not verify"))?;
         let subject = common_name(&cert)?;
         let now = ASN1Time::from_timestamp(now_unix).map_err(|_| bad("clock out of range"))?;
         if !cert.validity().is_valid_at(now) {
@@ -115,14 +111,10 @@ mod tests {
         let now = crate::crypto::unix_millis() as i64 / 1000;
         let cert = root.verify(&pem, now).unwrap();
         assert_eq!(cert.subject, "proxy1.broker");
-        let secret: p256::SecretKey =
-            p256::pkcs8::DecodePrivateKey::from_pkcs8_pem(&key_pem).unwrap();
+        let secret: p256::SecretKey = p256::pkcs8::DecodePrivateKey::from_pkcs8_pem(&key_pem).unwrap();
         assert_eq!(secret.public_key(), cert.public_key);
         // Expired: checked 31 days later.
-        assert!(matches!(
-            root.verify(&pem, now + 31 * 86_400),
-            Err(CryptoError::CertificateExpired { .. })
-        ));
+        assert!(matches!(root.verify(&pem, now + 31 * 86_400), Err(CryptoError::CertificateExpired { .. })));
         // Another CA's root does not accept it.
         let other = std::env::temp_dir().join(format!("photon-ca-{}", uuid::Uuid::new_v4()));
         ca::init(&other, "broker", 30).unwrap();
@@ -132,12 +124,7 @@ mod tests {
         let (_, csr) = ca::keygen(&ProxyId::parse("proxy1.elsewhere").unwrap()).unwrap();
         assert!(ca::sign(&dir, "broker", &csr, 30).is_err());
         // Garbage is an error, not a panic.
-        assert!(root
-            .verify(
-                "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
-                now
-            )
-            .is_err());
+        assert!(root.verify("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", now).is_err());
         let _ = std::fs::remove_dir_all(dir);
         let _ = std::fs::remove_dir_all(other);
     }

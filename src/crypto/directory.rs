@@ -17,11 +17,7 @@ pub struct CertDirectory {
 
 impl CertDirectory {
     pub fn new(pki_dir: PathBuf, root: RootCert) -> Self {
-        Self {
-            certs_dir: pki_dir.join(ca::CERTS_DIR),
-            root,
-            known: DashMap::new(),
-        }
+        Self { certs_dir: pki_dir.join(ca::CERTS_DIR), root, known: DashMap::new() }
     }
 
     fn now() -> i64 {
@@ -40,11 +36,7 @@ impl CertDirectory {
             return Some(cert.clone());
         }
         let pem = std::fs::read_to_string(self.certs_dir.join(format!("{proxy}.crt"))).ok()?;
-        let cert = self
-            .root
-            .verify(&pem, now)
-            .ok()
-            .filter(|c| c.subject == proxy.as_str())?;
+        let cert = self.root.verify(&pem, now).ok().filter(|c| c.subject == proxy.as_str())?;
         self.known.insert(proxy.clone(), cert.clone());
         Some(cert)
     }

@@ -15,10 +15,7 @@ pub use cert::{RootCert, VerifiedCert};
 #[derive(Debug, thiserror::Error)]
 pub enum CryptoError {
     #[error("cannot read {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
     #[error("bad key: {0}")]
     Key(String),
     #[error("bad certificate: {0}")]
@@ -37,9 +34,7 @@ pub enum CryptoError {
 
 /// Milliseconds since the Unix epoch, by the system clock.
 pub fn unix_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Appends `bytes` with a 4-byte length prefix, so transcripts can't be re-split.

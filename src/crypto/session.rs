@@ -65,11 +65,7 @@ impl Identity {
                 cert.subject
             )));
         }
-        Ok(Self {
-            id: cert.subject.clone(),
-            secret,
-            cert_pem,
-        })
+        Ok(Self { id: cert.subject.clone(), secret, cert_pem })
     }
 
     fn sign(&self, msg: &[u8]) -> String {
@@ -79,19 +75,13 @@ impl Identity {
 }
 
 fn verify_sig(key: &PublicKey, msg: &[u8], sig_b64: &str) -> Result<(), CryptoError> {
-    let der = b64()
-        .decode(sig_b64)
-        .map_err(|_| CryptoError::Malformed("signature encoding"))?;
+    let der = b64().decode(sig_b64).map_err(|_| CryptoError::Malformed("signature encoding"))?;
     let sig = Signature::from_der(&der).map_err(|_| CryptoError::Malformed("signature"))?;
-    VerifyingKey::from(key)
-        .verify(msg, &sig)
-        .map_err(|_| CryptoError::BadSignature)
+    VerifyingKey::from(key).verify(msg, &sig).map_err(|_| CryptoError::BadSignature)
 }
 
 fn decode_point(b64_text: &str) -> Result<PublicKey, CryptoError> {
-    let bytes = b64()
-        .decode(b64_text)
-        .map_err(|_| CryptoError::Malformed("public key encoding"))?;
+    let bytes = b64().decode(b64_text).map_err(|_| CryptoError::Malformed("public key encoding"))?;
     PublicKey::from_sec1_bytes(&bytes).map_err(|_| CryptoError::Malformed("P-256 public key"))
 }
 
@@ -118,8 +108,7 @@ fn derive_key(eph: EphemeralSecret, peer: &PublicKey, nonce: &str, accept_t: &[u
     let shared = eph.diffie_hellman(peer);
     let hk = Hkdf::<Sha256>::new(Some(nonce.as_bytes()), shared.raw_secret_bytes());
     let mut key = [0u8; 32];
-    hk.expand(&Sha256::digest(accept_t), &mut key)
-        .expect("32 bytes is a valid HKDF output length");
+    hk.expand(&Sha256::digest(accept_t), &mut key).expect("32 bytes is a valid HKDF output length");
     key
 }
 
@@ -165,11 +154,7 @@ pub fn client_hello(identity: &Identity, broker_id: &str) -> PendingHello {
     };
     let transcript = hello_transcript(broker_id, &hello, &identity.id);
     hello.sig = identity.sign(&transcript);
-    PendingHello {
-        hello,
-        eph,
-        transcript,
-    }
+    PendingHello { hello, eph, transcript }
 }
 
 /// Checks the broker's answer (its certificate names `broker_id` and signed the transcript)
@@ -220,15 +205,8 @@ impl ClientSession {
     pub fn sign(&self, method: &str, path_and_query: &str, app: &str, body: &[u8]) -> RequestAuth {
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         let ts = unix_millis();
-        let mac = request_mac(&self.key, method, path_and_query, app, seq, ts, body)
-            .finalize()
-            .into_bytes();
-        RequestAuth {
-            session: self.id.clone(),
-            seq,
-            ts,
-            mac: b64().encode(mac),
-        }
+        let mac = request_mac(&self.key, method, path_and_query, app, seq, ts, body).finalize().into_bytes();
+        RequestAuth { session: self.id.clone(), seq, ts, mac: b64().encode(mac) }
     }
 
     /// True once the session is old enough that the proxy should make a new one.
@@ -276,14 +254,7 @@ const MAX_SESSIONS_PER_PROXY: usize = 16;
 
 impl SessionStore {
     pub fn new(identity: Identity, root: RootCert, broker_id: String, lifetime: Duration) -> Self {
-        Self {
-            identity,
-            root,
-            broker_id,
-            lifetime,
-            sessions: DashMap::new(),
-            by_proxy: DashMap::new(),
-        }
+        Self { identity, root, broker_id, lifetime, sessions: DashMap::new(), by_proxy: DashMap::new() }
     }
 
     pub fn root(&self) -> &RootCert {
@@ -291,22 +262,14 @@ impl SessionStore {
     }
 
     /// Checks a proxy's hello and opens a session for it.
-    pub fn accept(
-        &self,
-        hello: &SessionHello,
-    ) -> Result<(SessionAccept, VerifiedCert), CryptoError> {
+    pub fn accept(&self, hello: &SessionHello) -> Result<(SessionAccept, VerifiedCert), CryptoError> {
         let now_ms = unix_millis();
         if now_ms.abs_diff(hello.ts) > TS_WINDOW_MS {
-            return Err(CryptoError::Session(
-                "hello timestamp outside the allowed window; check the clock".into(),
-            ));
+            return Err(CryptoError::Session("hello timestamp outside the allowed window; check the clock".into()));
         }
         let cert = self.root.verify(&hello.cert, (now_ms / 1000) as i64)?;
-        let proxy =
-            ProxyId::parse(&cert.subject).map_err(|e| CryptoError::Certificate(e.to_string()))?;
-        proxy
-            .within(&self.broker_id)
-            .map_err(|e| CryptoError::Certificate(e.to_string()))?;
+        let proxy = ProxyId::parse(&cert.subject).map_err(|e| CryptoError::Certificate(e.to_string()))?;
+        proxy.within(&self.broker_id).map_err(|e| CryptoError::Certificate(e.to_string()))?;
         let hello_t = hello_transcript(&self.broker_id, hello, proxy.as_str());
         verify_sig(&cert.public_key, &hello_t, &hello.sig)?;
         let peer = decode_point(&hello.eph_pub)?;
@@ -329,8 +292,7 @@ impl SessionStore {
             expires_at: Instant::now() + self.lifetime,
             window: Mutex::new(ReplayWindow::default()),
         };
-        self.sessions
-            .insert(accept.session.clone(), std::sync::Arc::new(session));
+        self.sessions.insert(accept.session.clone(), std::sync::Arc::new(session));
         let mut ids = self.by_proxy.entry(proxy).or_default();
         ids.push(accept.session.clone());
         if ids.len() > MAX_SESSIONS_PER_PROXY {
@@ -353,17 +315,11 @@ impl SessionStore {
         app: &str,
         body: &[u8],
     ) -> Result<ProxyId, AuthError> {
-        let session = self
-            .sessions
-            .get(session)
-            .map(|s| s.clone())
-            .ok_or(AuthError::UnknownSession)?;
+        let session = self.sessions.get(session).map(|s| s.clone()).ok_or(AuthError::UnknownSession)?;
         if Instant::now() >= session.expires_at {
             return Err(AuthError::UnknownSession);
         }
-        let tag = b64()
-            .decode(mac_b64)
-            .map_err(|_| AuthError::Header("x-photon-mac"))?;
+        let tag = b64().decode(mac_b64).map_err(|_| AuthError::Header("x-photon-mac"))?;
         request_mac(&session.key, method, path_and_query, app, seq, ts, body)
             .verify_slice(&tag)
             .map_err(|_| AuthError::BadMac)?;
@@ -396,10 +352,7 @@ struct ReplayWindow {
 
 impl Default for ReplayWindow {
     fn default() -> Self {
-        Self {
-            top: 0,
-            seen: [0; (REPLAY_WINDOW / 64) as usize],
-        }
+        Self { top: 0, seen: [0; (REPLAY_WINDOW / 64) as usize] }
     }
 }
 

@@ -15,11 +15,7 @@ use crate::{
 };
 
 /// Reads the whole body, refusing (`413`) anything over `limit` bytes before reading it all.
-pub async fn read_limited(
-    req: &HttpRequest,
-    mut payload: web::Payload,
-    limit: usize,
-) -> Result<Bytes, ApiError> {
+pub async fn read_limited(req: &HttpRequest, mut payload: web::Payload, limit: usize) -> Result<Bytes, ApiError> {
     let declared = req
         .headers()
         .get(actix_web::http::header::CONTENT_LENGTH)
@@ -30,8 +26,7 @@ pub async fn read_limited(
     }
     let mut body = BytesMut::with_capacity(declared.unwrap_or(0).min(limit as u64) as usize);
     while let Some(chunk) = payload.next().await {
-        let chunk = chunk
-            .map_err(|e| ApiError::BadRequest(format!("cannot read the request body: {e}")))?;
+        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("cannot read the request body: {e}")))?;
         if body.len() + chunk.len() > limit {
             return Err(ApiError::TooLarge { limit });
         }
@@ -42,8 +37,7 @@ pub async fn read_limited(
 
 /// Parses a JSON body; the error says where and what.
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
 }
 
 /// Parses a query string.
@@ -61,10 +55,7 @@ pub fn parse_wait(q: &ReadQuery, max_wait: Duration) -> Result<Wait, ApiError> {
         .map(|t| parse_duration(t, max_wait))
         .transpose()
         .map_err(|e| ApiError::BadRequest(format!("wait_time: {e}")))?;
-    Ok(Wait {
-        count: q.wait_count,
-        time,
-    })
+    Ok(Wait { count: q.wait_count, time })
 }
 
 /// The stream resume point: the `Last-Event-ID` header, else the `last_event_id` parameter.
@@ -74,9 +65,7 @@ pub fn last_event_id(req: &HttpRequest, q: &ReadQuery) -> Result<u64, ApiError> 
             .to_str()
             .ok()
             .and_then(|s| s.trim().parse().ok())
-            .ok_or_else(|| {
-                ApiError::BadRequest("Last-Event-ID must be a non-negative integer".into())
-            }),
+            .ok_or_else(|| ApiError::BadRequest("Last-Event-ID must be a non-negative integer".into())),
         None => Ok(q.last_event_id.unwrap_or(0)),
     }
 }

@@ -89,18 +89,11 @@ impl ResponseError for ApiError {
             // beam-lib parses the 424 body as the array of offending proxy ids.
             Self::MissingCerts(ids) => res.json(ids),
             Self::Relayed { body, .. } => res.content_type("application/json").body(body.clone()),
-            Self::SessionGone(_) => res.insert_header((REAUTH_HEADER, "1")).json(ErrorBody {
-                error: self.to_string(),
-            }),
+            Self::SessionGone(_) => res.insert_header((REAUTH_HEADER, "1")).json(ErrorBody { error: self.to_string() }),
             Self::Unauthorized(_) => {
-                res.insert_header(("www-authenticate", "ApiKey"))
-                    .json(ErrorBody {
-                        error: self.to_string(),
-                    })
+                res.insert_header(("www-authenticate", "ApiKey")).json(ErrorBody { error: self.to_string() })
             }
-            _ => res.json(ErrorBody {
-                error: self.to_string(),
-            }),
+            _ => res.json(ErrorBody { error: self.to_string() }),
         }
     }
 }

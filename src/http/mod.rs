@@ -47,9 +47,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v1/tasks/{id}", web::get().to(get_task))
         .route("/v1/tasks/{id}/results", web::get().to(get_results))
         .route("/v1/tasks/{id}/results/{app_id}", web::put().to(put_result))
-        .default_service(web::to(|| async {
-            Err::<HttpResponse, _>(ApiError::NotFound("no such endpoint".into()))
-        }));
+        .default_service(web::to(|| async { Err::<HttpResponse, _>(ApiError::NotFound("no such endpoint".into())) }));
 }
 
 /// The app a request acts for, after the proxy's session and right to act for it are checked.
@@ -61,12 +59,8 @@ fn authenticate(state: &BrokerState, req: &HttpRequest, body: &[u8]) -> Result<A
             .ok_or(ApiError::Unauthorized(format!("missing header {name}")))
     };
     let app_text = h(bw::APP_HEADER)?;
-    let seq = h(bw::SEQ_HEADER)?
-        .parse()
-        .map_err(|_| ApiError::Unauthorized("malformed x-photon-seq".into()))?;
-    let ts = h(bw::TS_HEADER)?
-        .parse()
-        .map_err(|_| ApiError::Unauthorized("malformed x-photon-ts".into()))?;
+    let seq = h(bw::SEQ_HEADER)?.parse().map_err(|_| ApiError::Unauthorized("malformed x-photon-seq".into()))?;
+    let ts = h(bw::TS_HEADER)?.parse().map_err(|_| ApiError::Unauthorized("malformed x-photon-ts".into()))?;
     let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
     let proxy = state.sessions.verify(
         h(bw::SESSION_HEADER)?,
@@ -80,24 +74,17 @@ fn authenticate(state: &BrokerState, req: &HttpRequest, body: &[u8]) -> Result<A
     )?;
     let app = AppId::parse(app_text).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     if !may_sign_for(proxy.as_str(), app.as_str()) {
-        return Err(ApiError::Forbidden(format!(
-            "proxy {proxy} may not act for {app}"
-        )));
+        return Err(ApiError::Forbidden(format!("proxy {proxy} may not act for {app}")));
     }
     Ok(app)
 }
 
 fn parse_task_id(text: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(text)
-        .map_err(|_| ApiError::BadRequest(format!("invalid task id {text:?}: expected a UUID")))
+    Uuid::parse_str(text).map_err(|_| ApiError::BadRequest(format!("invalid task id {text:?}: expected a UUID")))
 }
 
 fn json_listing<T: serde::Serialize>(listing: Listing<T>) -> HttpResponse {
-    let mut res = if listing.partial {
-        HttpResponse::PartialContent()
-    } else {
-        HttpResponse::Ok()
-    };
+    let mut res = if listing.partial { HttpResponse::PartialContent() } else { HttpResponse::Ok() };
     res.json(listing.items)
 }
 
@@ -108,17 +95,11 @@ async fn health(state: State) -> HttpResponse {
     }))
 }
 
-async fn open_session(
-    state: State,
-    req: HttpRequest,
-    payload: web::Payload,
-) -> Result<HttpResponse, ApiError> {
+async fn open_session(state: State, req: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
     let body = body::read_limited(&req, payload, 64 * 1024).await?;
     let hello: SessionHello = body::parse_json(&body)?;
-    let (accept, cert) = state
-        .sessions
-        .accept(&hello)
-        .map_err(|e| ApiError::Unauthorized(format!("handshake refused: {e}")))?;
+    let (accept, cert) =
+        state.sessions.accept(&hello).map_err(|e| ApiError::Unauthorized(format!("handshake refused: {e}")))?;
     tracing::info!(proxy = %accept.proxy_id, "proxy session opened");
     state.certs.learn(accept.proxy_id.clone(), cert);
     Ok(HttpResponse::Ok().json(accept))
@@ -126,71 +107,43 @@ async fn open_session(
 
 async fn get_cert(state: State, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let proxy = ProxyId::parse(&path).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    let cert = state
-        .certs
-        .get(&proxy)
-        .ok_or_else(|| ApiError::NotFound(format!("no valid certificate for {proxy}")))?;
-    Ok(HttpResponse::Ok()
-        .content_type("application/x-pem-file")
-        .body(cert.pem.to_string()))
+    let cert =
+        state.certs.get(&proxy).ok_or_else(|| ApiError::NotFound(format!("no valid certificate for {proxy}")))?;
+    Ok(HttpResponse::Ok().content_type("application/x-pem-file").body(cert.pem.to_string()))
 }
 
-async fn create_task(
-    state: State,
-    req: HttpRequest,
-    payload: web::Payload,
-) -> Result<HttpResponse, ApiError> {
+async fn create_task(state: State, req: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
     let body = body::read_limited(&req, payload, state.max_body).await?;
     let caller = authenticate(&state, &req, &body)?;
     let task: WireTask = body::parse_json(&body)?;
     if task.from != caller {
-        return Err(ApiError::Forbidden(format!(
-            "from is {}, but the caller is {caller}",
-            task.from
-        )));
+        return Err(ApiError::Forbidden(format!("from is {}, but the caller is {caller}", task.from)));
     }
     let broker_id = &state.engine.limits().broker_id;
-    let proxies: Vec<ProxyId> = task
-        .to
-        .iter()
-        .filter(|a| a.within(broker_id).is_ok())
-        .map(AppId::proxy_id)
-        .collect();
+    let proxies: Vec<ProxyId> = task.to.iter().filter(|a| a.within(broker_id).is_ok()).map(AppId::proxy_id).collect();
     let missing = state.certs.missing(&proxies);
     if !missing.is_empty() {
         return Err(ApiError::MissingCerts(missing));
     }
     let id = state.engine.create(&caller, task).await?;
-    Ok(HttpResponse::Created()
-        .insert_header((header::LOCATION, format!("/v1/tasks/{id}")))
-        .finish())
+    Ok(HttpResponse::Created().insert_header((header::LOCATION, format!("/v1/tasks/{id}"))).finish())
 }
 
 async fn list_tasks(state: State, req: HttpRequest) -> Result<HttpResponse, ApiError> {
     let caller = authenticate(&state, &req, b"")?;
     let q: ReadQuery = body::parse_query(&req)?;
     if q.filter.is_some() && !q.todo() {
-        return Err(ApiError::BadRequest(
-            "filter must be \"todo\" if given".into(),
-        ));
+        return Err(ApiError::BadRequest("filter must be \"todo\" if given".into()));
     }
     for (name, given) in [("from", &q.from), ("to", &q.to)] {
         if given.as_ref().is_some_and(|id| id != &caller) {
-            return Err(ApiError::Forbidden(format!(
-                "{name} must be the caller ({caller})"
-            )));
+            return Err(ApiError::Forbidden(format!("{name} must be the caller ({caller})")));
         }
     }
     if q.from.is_none() && q.to.is_none() && !q.todo() {
-        return Err(ApiError::BadRequest(
-            "give from or to (or filter=todo)".into(),
-        ));
+        return Err(ApiError::BadRequest("give from or to (or filter=todo)".into()));
     }
-    let filter = ListFilter {
-        todo: q.todo(),
-        from: q.from.clone(),
-        to: q.to.clone(),
-    };
+    let filter = ListFilter { todo: q.todo(), from: q.from.clone(), to: q.to.clone() };
     let wait = body::parse_wait(&q, state.engine.limits().max_wait)?;
     if q.stream.is_some() {
         if !q.todo() {
@@ -199,23 +152,15 @@ async fn list_tasks(state: State, req: HttpRequest) -> Result<HttpResponse, ApiE
         let last = body::last_event_id(&req, &q)?;
         return Ok(stream::tasks(&state, &caller, wait, last));
     }
-    Ok(json_listing(
-        state.engine.list(&caller, filter, wait).await?,
-    ))
+    Ok(json_listing(state.engine.list(&caller, filter, wait).await?))
 }
 
-async fn get_task(
-    state: State,
-    req: HttpRequest,
-    path: web::Path<String>,
-) -> Result<HttpResponse, ApiError> {
+async fn get_task(state: State, req: HttpRequest, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let caller = authenticate(&state, &req, b"")?;
     let id = parse_task_id(&path)?;
     let q: ReadQuery = body::parse_query(&req)?;
     if q.wait_count.is_some_and(|c| c != 1) {
-        return Err(ApiError::BadRequest(
-            "wait_count must be absent or 1 for a single task".into(),
-        ));
+        return Err(ApiError::BadRequest("wait_count must be absent or 1 for a single task".into()));
     }
     let wait = body::parse_wait(&q, state.engine.limits().max_wait)?;
     Ok(HttpResponse::Ok().json(state.engine.get(&caller, id, wait).await?))
@@ -243,11 +188,7 @@ async fn put_result(
     })
 }
 
-async fn get_results(
-    state: State,
-    req: HttpRequest,
-    path: web::Path<String>,
-) -> Result<HttpResponse, ApiError> {
+async fn get_results(state: State, req: HttpRequest, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let caller = authenticate(&state, &req, b"")?;
     let id = parse_task_id(&path)?;
     let q: ReadQuery = body::parse_query(&req)?;
@@ -256,7 +197,5 @@ async fn get_results(
         let last = body::last_event_id(&req, &q)?;
         return stream::results(&state, &caller, id, wait, last).await;
     }
-    Ok(json_listing(
-        state.engine.read_results(&caller, id, wait).await?,
-    ))
+    Ok(json_listing(state.engine.read_results(&caller, id, wait).await?))
 }

@@ -60,11 +60,7 @@ pub(super) async fn results(
         for ev in snapshot {
             let end = done(ev.n_answers);
             if out
-                .send(line(&StreamEvent::NewResult {
-                    seq: ev.seq,
-                    n_answers: ev.n_answers,
-                    result: ev.result,
-                }))
+                .send(line(&StreamEvent::NewResult { seq: ev.seq, n_answers: ev.n_answers, result: ev.result }))
                 .await
                 .is_err()
                 || end
@@ -100,12 +96,7 @@ pub(super) async fn results(
     Ok(respond(rx))
 }
 
-pub(super) fn tasks(
-    state: &BrokerState,
-    caller: &AppId,
-    wait: Wait,
-    last_seq: u64,
-) -> HttpResponse {
+pub(super) fn tasks(state: &BrokerState, caller: &AppId, wait: Wait, last_seq: u64) -> HttpResponse {
     let (snapshot, mut delivered) = state.engine.subscribe_tasks(caller, last_seq);
     let (out, rx) = mpsc::channel(BODY_BUFFER);
     let keepalive: Duration = state.keepalive;
@@ -122,12 +113,7 @@ pub(super) fn tasks(
             }
             let task = std::sync::Arc::new(d.task.to_wire(Instant::now()));
             n_sent += 1;
-            if out
-                .send(line(&StreamEvent::NewTask { seq: d.seq, task }))
-                .await
-                .is_err()
-                || full(n_sent)
-            {
+            if out.send(line(&StreamEvent::NewTask { seq: d.seq, task })).await.is_err() || full(n_sent) {
                 return;
             }
         }

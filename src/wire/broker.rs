@@ -54,11 +54,7 @@ pub struct WireResult {
 #[serde(rename_all = "snake_case")]
 pub enum StreamEvent {
     /// A stored, new or replaced result; `n_answers` counts the task's non-claimed results after it.
-    NewResult {
-        seq: u64,
-        n_answers: usize,
-        result: Arc<WireResult>,
-    },
+    NewResult { seq: u64, n_answers: usize, result: Arc<WireResult> },
     /// A task for the streaming worker.
     NewTask { seq: u64, task: Arc<WireTask> },
     /// `wait_time` passed.

@@ -17,16 +17,10 @@ pub enum DurationError {
 pub fn parse_duration(text: &str, max: Duration) -> Result<Duration, DurationError> {
     let t = text.trim();
     let syntax = || DurationError::Syntax(text.to_owned());
-    let (number, unit_ms) = [
-        ("ms", 1.0),
-        ("s", 1e3),
-        ("m", 60e3),
-        ("h", 3_600e3),
-        ("d", 86_400e3),
-    ]
-    .iter()
-    .find_map(|(suffix, ms)| t.strip_suffix(suffix).map(|n| (n, *ms)))
-    .unwrap_or((t, 1e3));
+    let (number, unit_ms) = [("ms", 1.0), ("s", 1e3), ("m", 60e3), ("h", 3_600e3), ("d", 86_400e3)]
+        .iter()
+        .find_map(|(suffix, ms)| t.strip_suffix(suffix).map(|n| (n, *ms)))
+        .unwrap_or((t, 1e3));
     // f64's parser accepts "inf" and "NaN": only plain decimal numbers are durations.
     if number.is_empty() || !number.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
         return Err(syntax());
@@ -37,10 +31,7 @@ pub fn parse_duration(text: &str, max: Duration) -> Result<Duration, DurationErr
         return Err(syntax());
     }
     if millis > max.as_millis() as f64 {
-        return Err(DurationError::TooLong {
-            given: text.to_owned(),
-            max_secs: max.as_secs(),
-        });
+        return Err(DurationError::TooLong { given: text.to_owned(), max_secs: max.as_secs() });
     }
     Ok(Duration::from_micros((millis * 1e3).round() as u64))
 }
@@ -58,9 +49,9 @@ impl<'de> Deserialize<'de> for DurationText {
             Text(String),
             Number(serde_json::Number),
         }
-        match Raw::deserialize(d).map_err(|_| {
-            de::Error::custom("a duration must be a string like \"60s\" or a number of seconds")
-        })? {
+        match Raw::deserialize(d)
+            .map_err(|_| de::Error::custom("a duration must be a string like \"60s\" or a number of seconds"))?
+        {
             Raw::Text(s) => Ok(Self(s)),
             Raw::Number(n) => Ok(Self(n.to_string())),
         }
@@ -86,18 +77,10 @@ mod tests {
 
     #[test]
     fn refuses_bad_input() {
-        for bad in [
-            "", "inf", "infs", "NaN", "-5", "-5s", "5x", "s", "1e3", "ms", "5 s s", "+inf",
-        ] {
-            assert!(
-                matches!(parse_duration(bad, MAX), Err(DurationError::Syntax(_))),
-                "{bad}"
-            );
+        for bad in ["", "inf", "infs", "NaN", "-5", "-5s", "5x", "s", "1e3", "ms", "5 s s", "+inf"] {
+            assert!(matches!(parse_duration(bad, MAX), Err(DurationError::Syntax(_))), "{bad}");
         }
-        assert!(matches!(
-            parse_duration("8d", MAX),
-            Err(DurationError::TooLong { .. })
-        ));
+        assert!(matches!(parse_duration("8d", MAX), Err(DurationError::TooLong { .. })));
         assert!(matches!(
             parse_duration("99999999999999999999999999999999999999d", MAX),
             Err(DurationError::TooLong { .. })

@@ -16,8 +16,7 @@ pub enum IdError {
 
 fn check_labels(s: &str) -> Result<(), IdError> {
     let ok = !s.is_empty()
-        && s.split('.')
-            .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+        && s.split('.').all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
     if ok {
         Ok(())
     } else {
@@ -100,10 +99,7 @@ id_type!(
 impl AppId {
     /// The proxy this app lives behind: everything after the first label.
     pub fn proxy_id(&self) -> ProxyId {
-        let (_, rest) = self
-            .0
-            .split_once('.')
-            .expect("parse guarantees three labels");
+        let (_, rest) = self.0.split_once('.').expect("parse guarantees three labels");
         ProxyId(Arc::from(rest))
     }
 
@@ -114,12 +110,10 @@ impl AppId {
 
     /// Checks that this app belongs to the federation of `broker_id` (exactly `app.proxy.broker`).
     pub fn within(&self, broker_id: &str) -> Result<(), IdError> {
-        self.proxy_id()
-            .within(broker_id)
-            .map_err(|_| IdError::WrongShape {
-                id: self.to_string(),
-                expected: "an AppId of the form <app>.<proxy>.<broker id>",
-            })
+        self.proxy_id().within(broker_id).map_err(|_| IdError::WrongShape {
+            id: self.to_string(),
+            expected: "an AppId of the form <app>.<proxy>.<broker id>",
+        })
     }
 }
 
@@ -133,10 +127,9 @@ impl ProxyId {
     pub fn within(&self, broker_id: &str) -> Result<(), IdError> {
         match self.0.split_once('.') {
             Some((_, rest)) if rest == broker_id => Ok(()),
-            _ => Err(IdError::WrongShape {
-                id: self.to_string(),
-                expected: "a ProxyId of the form <proxy>.<broker id>",
-            }),
+            _ => {
+                Err(IdError::WrongShape { id: self.to_string(), expected: "a ProxyId of the form <proxy>.<broker id>" })
+            }
         }
     }
 
@@ -170,10 +163,7 @@ mod tests {
         assert!(app.within("broker.example.org").is_ok());
         assert!(app.within("example.org").is_err());
         assert!(ProxyId::parse("p.broker").unwrap().within("broker").is_ok());
-        assert!(ProxyId::parse("p.q.broker")
-            .unwrap()
-            .within("broker")
-            .is_err());
+        assert!(ProxyId::parse("p.q.broker").unwrap().within("broker").is_err());
     }
 
     #[test]
@@ -187,9 +177,7 @@ mod tests {
 
     #[test]
     fn serde_names_the_bad_id() {
-        let err = serde_json::from_str::<AppId>("\"bad id!\"")
-            .unwrap_err()
-            .to_string();
+        let err = serde_json::from_str::<AppId>("\"bad id!\"").unwrap_err().to_string();
         assert!(err.contains("bad id!"), "{err}");
     }
 }

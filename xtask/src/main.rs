@@ -65,7 +65,10 @@ fn dev(release: bool) -> Result<()> {
 
     if !pki.join("root.key").exists() {
         println!("making the dev CA in {}", pki.display());
-        run(Command::new(bin("photon-broker")).args(["ca", "init", "--broker-url", &broker_url, "--broker-id", BROKER_ID]).arg("--dir").arg(&pki))?;
+        run(Command::new(bin("photon-broker"))
+            .args(["ca", "init", "--broker-url", &broker_url, "--broker-id", BROKER_ID])
+            .arg("--dir")
+            .arg(&pki))?;
     }
     for (name, _, _) in PROXIES {
         let proxy_id = format!("{name}.{BROKER_ID}");

@@ -1,0 +1,223 @@
+//! Every row of API.md's endpoint table, over HTTP as an app would, error statuses included.
+
+mod common;
+
+use common::*;
+use reqwest::header;
+use serde_json::json;
+
+#[tokio::test]
+async fn create_fetch_answer_read() {
+    let net = Net::start();
+    let id = net.create(APP1, &[APP2], json!("what is 6*7?"), "60s").await;
+
+    // The worker finds it with filter=todo, with the remaining ttl in whole seconds.
+    let todo = json_of(net.get(APP2, "/v1/tasks?filter=todo").send().await.unwrap()).await;
+    assert_eq!(todo.as_array().unwrap().len(), 1);
+    assert_eq!(todo[0]["id"], id.as_str());
+    assert_eq!(todo[0]["body"], "what is 6*7?");
+    assert_eq!(todo[0]["metadata"], json!({"kind": "test"}));
+    assert_eq!(todo[0]["failure_strategy"], "discard");
+    let ttl: u64 = todo[0]["ttl"].as_str().unwrap().parse().unwrap();
+    assert!((58..=60).contains(&ttl), "{ttl}");
+
+    // Get by id: creator and recipient see it; another app gets 404, like an unknown id.
+    for app in [APP1, APP2] {
+        let res = net.get(app, &format!("/v1/tasks/{id}")).send().await.unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(json_of(res).await["id"], id.as_str());
+    }
+    let res = net.get(APP3, &format!("/v1/tasks/{id}")).send().await.unwrap();
+    assert_eq!(res.status(), 404);
+    let unknown = uuid::Uuid::new_v4();
+    assert_eq!(net.get(APP1, &format!("/v1/tasks/{unknown}")).send().await.unwrap().status(), 404);
+
+    // Results: 201 new, 204 replaced; claimed never replaces succeeded.
+    assert_eq!(net.answer(APP2, &id, APP1, "claimed", json!(null)).await, 201);
+    assert_eq!(net.answer(APP2, &id, APP1, "succeeded", json!("42")).await, 204);
+    assert_eq!(net.answer(APP2, &id, APP1, "claimed", json!(null)).await, 204);
+    let results = json_of(net.get(APP1, &format!("/v1/tasks/{id}/results")).send().await.unwrap()).await;
+    assert_eq!(results.as_array().unwrap().len(), 1);
+    assert_eq!(results[0]["status"], "succeeded");
+    assert_eq!(results[0]["body"], "42");
+    assert_eq!(results[0]["from"], APP2);
+
+    // Listings by from and to.
+    let from = json_of(net.get(APP1, &format!("/v1/tasks?from={APP1}")).send().await.unwrap()).await;
+    assert_eq!(from[0]["id"], id.as_str());
+    let to = json_of(net.get(APP2, &format!("/v1/tasks?to={APP2}")).send().await.unwrap()).await;
+    assert_eq!(to[0]["id"], id.as_str());
+    // Settled: no longer to do.
+    let todo = json_of(net.get(APP2, "/v1/tasks?filter=todo").send().await.unwrap()).await;
+    assert_eq!(todo, json!([]));
+}
+
+#[tokio::test]
+async fn generated_id_location_and_any_json_body() {
+    let net = Net::start();
+    let mut t = task("x", APP1, &[APP2], json!({"nested": [1, 2, {"x": null}]}), "1m");
+    t.as_object_mut().unwrap().remove("id");
+    let res = net.post(APP1, "/v1/tasks").json(&t).send().await.unwrap();
+    assert_eq!(res.status(), 201);
+    let location = res.headers()[header::LOCATION].to_str().unwrap().to_string();
+    let id = location.strip_prefix("/v1/tasks/").unwrap();
+    assert_eq!(uuid::Uuid::parse_str(id).unwrap().get_version_num(), 4);
+    let got = json_of(net.get(APP2, &location).send().await.unwrap()).await;
+    assert_eq!(got["body"], json!({"nested": [1, 2, {"x": null}]}));
+    // The creator's own proxy reads its task back.
+    let own = json_of(net.get(APP1, &location).send().await.unwrap()).await;
+    assert_eq!(own["body"], got["body"]);
+}
+
+#[tokio::test]
+async fn authentication() {
+    let net = Net::start();
+    let url = format!("{}/v1/tasks?filter=todo", net.proxy1);
+    for auth in [
+        None,
+        Some(format!("ApiKey {APP1} wrong")),
+        Some(format!("ApiKey app9.proxy1.broker {KEY}")),
+        Some(format!("Bearer {KEY}")),
+        Some("ApiKey".to_string()),
+    ] {
+        let mut req = net.http.get(&url);
+        if let Some(a) = &auth {
+            req = req.header(header::AUTHORIZATION, a);
+        }
+        let res = req.send().await.unwrap();
+        assert_eq!(res.status(), 401, "{auth:?}");
+        assert_eq!(res.headers()[header::WWW_AUTHENTICATE], "ApiKey");
+        assert!(json_of(res).await["error"].is_string());
+    }
+    // An app of proxy2 is unknown at proxy1.
+    let res = net.http.get(&url).header(header::AUTHORIZATION, format!("ApiKey {APP2} {KEY}")).send().await.unwrap();
+    assert_eq!(res.status(), 401);
+}
+
+#[tokio::test]
+async fn create_errors() {
+    let net = Net::start();
+    let post =
+        |body: String| net.post(APP1, "/v1/tasks").header(header::CONTENT_TYPE, "application/json").body(body).send();
+    let status = |id: &str, ttl: serde_json::Value| {
+        serde_json::to_string(&json!({"id": id, "from": APP1, "to": [APP2], "body": "b", "ttl": ttl})).unwrap()
+    };
+    let id = uuid::Uuid::new_v4().to_string();
+
+    for (body, why) in [
+        ("{not json".to_string(), "malformed JSON"),
+        ("[]".to_string(), "wrong shape"),
+        (
+            serde_json::to_string(&json!({"id": "nope", "from": APP1, "to": [APP2], "ttl": "1m"})).unwrap(),
+            "bad task id",
+        ),
+        (serde_json::to_string(&json!({"from": "bad id!", "to": [APP2], "ttl": "1m"})).unwrap(), "bad from"),
+        (serde_json::to_string(&json!({"from": APP1, "to": ["app2..broker"], "ttl": "1m"})).unwrap(), "bad to"),
+        (serde_json::to_string(&json!({"from": APP1, "to": [], "ttl": "1m"})).unwrap(), "no recipients"),
+        (status(&id, json!("inf")), "ttl inf"),
+        (status(&id, json!("-5s")), "negative ttl"),
+        (status(&id, json!("99999d")), "huge ttl"),
+        (status(&id, json!(1e300)), "huge numeric ttl"),
+        (status(&id, json!("soon")), "non-numeric ttl"),
+    ] {
+        let res = post(body).await.unwrap();
+        assert_eq!(res.status(), 400, "{why}");
+        let err = json_of(res).await["error"].as_str().unwrap().to_string();
+        assert!(!err.is_empty(), "{why}");
+    }
+    let res =
+        post(serde_json::to_string(&json!({"from": "bad id!", "to": [APP2], "ttl": "1m"})).unwrap()).await.unwrap();
+    assert!(json_of(res).await["error"].as_str().unwrap().contains("bad id!"), "the message names the bad id");
+
+    // 403: from is not the caller.
+    let res = net.post(APP1, "/v1/tasks").json(&task(&id, APP3, &[APP2], json!(1), "1m")).send().await.unwrap();
+    assert_eq!(res.status(), 403);
+    // 424: a recipient without a certificate; the body is the array of proxy ids.
+    let res = net
+        .post(APP1, "/v1/tasks")
+        .json(&task(&id, APP1, &[APP2, "app1.proxy9.broker"], json!(1), "1m"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 424);
+    assert_eq!(json_of(res).await, json!(["proxy9.broker"]));
+    // 413: an 11 MiB body.
+    let big = "x".repeat(11 * 1024 * 1024);
+    let res = net.post(APP1, "/v1/tasks").json(&task(&id, APP1, &[APP2], json!(big), "1m")).send().await.unwrap();
+    assert_eq!(res.status(), 413);
+    // 409: an unexpired task with this id.
+    let res = net.post(APP1, "/v1/tasks").json(&task(&id, APP1, &[APP2], json!(1), "1m")).send().await.unwrap();
+    assert_eq!(res.status(), 201);
+    let res = net.post(APP1, "/v1/tasks").json(&task(&id, APP1, &[APP2], json!(2), "1m")).send().await.unwrap();
+    assert_eq!(res.status(), 409);
+
+    // Nothing above stopped a process or lost the stored task.
+    assert_eq!(net.broker_tasks().await, 1);
+    let got = json_of(net.get(APP2, &format!("/v1/tasks/{id}")).send().await.unwrap()).await;
+    assert_eq!(got["body"], 1);
+    assert_eq!(net.http.get(format!("{}/v1/health", net.proxy1)).send().await.unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn read_errors() {
+    let net = Net::start();
+    let id = net.create(APP1, &[APP2], json!("t"), "1m").await;
+    let code = |res: reqwest::Response| res.status().as_u16();
+    assert_eq!(code(net.get(APP1, "/v1/tasks").send().await.unwrap()), 400, "neither from nor to");
+    assert_eq!(code(net.get(APP1, &format!("/v1/tasks?from={APP2}")).send().await.unwrap()), 403);
+    assert_eq!(code(net.get(APP1, &format!("/v1/tasks?to={APP2}")).send().await.unwrap()), 403);
+    assert_eq!(code(net.get(APP1, "/v1/tasks?filter=all").send().await.unwrap()), 400);
+    assert_eq!(code(net.get(APP1, "/v1/tasks?filter=todo&wait_time=inf").send().await.unwrap()), 400);
+    assert_eq!(code(net.get(APP1, "/v1/tasks?filter=todo&wait_count=-1").send().await.unwrap()), 400);
+    assert_eq!(code(net.get(APP1, "/v1/tasks/not-a-uuid").send().await.unwrap()), 400);
+    assert_eq!(code(net.get(APP1, &format!("/v1/tasks/{id}?wait_count=2")).send().await.unwrap()), 400);
+    assert_eq!(code(net.get(APP2, &format!("/v1/tasks/{id}/results")).send().await.unwrap()), 403, "not the creator");
+    let unknown = uuid::Uuid::new_v4();
+    assert_eq!(code(net.get(APP1, &format!("/v1/tasks/{unknown}/results")).send().await.unwrap()), 404);
+    assert_eq!(code(net.get(APP1, "/v1/nothing").send().await.unwrap()), 404);
+}
+
+#[tokio::test]
+async fn result_errors() {
+    let net = Net::start();
+    let id = net.create(APP1, &[APP2], json!("t"), "1m").await;
+    let result = |from: &str, task: &str| json!({"from": from, "to": [APP1], "task": task, "status": "succeeded", "body": "x", "metadata": null});
+    let put = |app: &str, path_task: &str, path_app: &str, body: serde_json::Value| {
+        net.put(app, &format!("/v1/tasks/{path_task}/results/{path_app}")).json(&body).send()
+    };
+    // Path and body disagree.
+    assert_eq!(put(APP2, &id, APP2, result(APP2, &uuid::Uuid::new_v4().to_string())).await.unwrap().status(), 400);
+    assert_eq!(put(APP2, &id, APP1, result(APP2, &id)).await.unwrap().status(), 400);
+    // from is not the caller.
+    assert_eq!(put(APP2, &id, APP1, result(APP1, &id)).await.unwrap().status(), 403);
+    // The caller is not among the task's recipients.
+    assert_eq!(put(APP3, &id, APP3, result(APP3, &id)).await.unwrap().status(), 403);
+    // Unknown task.
+    let unknown = uuid::Uuid::new_v4().to_string();
+    assert_eq!(put(APP2, &unknown, APP2, result(APP2, &unknown)).await.unwrap().status(), 404);
+    // Malformed JSON and a bad status.
+    let res = net
+        .put(APP2, &format!("/v1/tasks/{id}/results/{APP2}"))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body("{")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400);
+    let mut bad = result(APP2, &id);
+    bad["status"] = json!("done");
+    assert_eq!(put(APP2, &id, APP2, bad).await.unwrap().status(), 400);
+    // And a good one still works.
+    assert_eq!(put(APP2, &id, APP2, result(APP2, &id)).await.unwrap().status(), 201);
+}
+
+#[tokio::test]
+async fn health_answers_get_and_head() {
+    let net = Net::start();
+    for base in [&net.proxy1, &net.proxy2, &net.broker] {
+        let res = net.http.get(format!("{base}/v1/health")).send().await.unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(json_of(res).await["summary"], "healthy");
+        assert_eq!(net.http.head(format!("{base}/v1/health")).send().await.unwrap().status(), 200);
+    }
+}

@@ -1,0 +1,261 @@
+//! Test harness: a whole Photon network (broker + two proxies, fresh CA) on free loopback ports,
+//! running in its own thread and actix System, plus a small app-side HTTP and SSE client.
+#![allow(dead_code)]
+
+use std::{collections::HashMap, net::TcpListener, path::PathBuf, sync::mpsc as std_mpsc, thread, time::Duration};
+
+use futures_util::StreamExt;
+use photon::{crypto::ca, wire::ProxyId, BrokerConfig};
+use photon_proxy::ProxyConfig;
+use reqwest::{header, Client, Response};
+use serde_json::{json, Value};
+
+pub const KEY: &str = "App1Secret";
+pub const APP1: &str = "app1.proxy1.broker";
+pub const APP2: &str = "app2.proxy2.broker";
+/// A second app behind proxy1, for visibility checks.
+pub const APP3: &str = "app3.proxy1.broker";
+
+/// Knobs a test may turn.
+#[derive(Clone)]
+pub struct Options {
+    pub keepalive: Duration,
+    pub max_body: usize,
+    pub max_wait: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self { keepalive: Duration::from_secs(15), max_body: 10 * 1024 * 1024, max_wait: Duration::from_secs(3600) }
+    }
+}
+
+pub struct Net {
+    pub broker: String,
+    pub proxy1: String,
+    pub proxy2: String,
+    pub pki: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<thread::JoinHandle<()>>,
+    pub http: Client,
+}
+
+fn listener() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0").expect("bind a free port")
+}
+
+fn url(l: &TcpListener) -> String {
+    format!("http://{}", l.local_addr().unwrap())
+}
+
+impl Net {
+    pub fn start() -> Self {
+        Self::start_with(Options::default())
+    }
+
+    pub fn start_with(opts: Options) -> Self {
+        let pki = std::env::temp_dir().join(format!("photon-test-{}", uuid::Uuid::new_v4()));
+        ca::init(&pki, "broker", 30).unwrap();
+        for proxy in ["proxy1.broker", "proxy2.broker"] {
+            let id = ProxyId::parse(proxy).unwrap();
+            let (key, csr) = ca::keygen(&id).unwrap();
+            ca::write_private(&pki.join(format!("{proxy}.priv.pem")), &key).unwrap();
+            ca::sign(&pki, "broker", &csr, 30).unwrap();
+        }
+        let (b, p1, p2) = (listener(), listener(), listener());
+        let (broker, proxy1, proxy2) = (url(&b), url(&p1), url(&p2));
+        let (ready_tx, ready_rx) = std_mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let broker_url = broker.clone();
+        let dir = pki.clone();
+        let thread = thread::spawn(move || {
+            actix_web::rt::System::new().block_on(async move {
+                let config = BrokerConfig {
+                    broker_id: "broker".into(),
+                    pki_dir: dir.clone(),
+                    max_ttl: Duration::from_secs(7 * 86_400),
+                    max_wait: opts.max_wait,
+                    max_body: opts.max_body * 2,
+                    keepalive: opts.keepalive,
+                    workers: 2,
+                    session_lifetime: Duration::from_secs(3600),
+                };
+                let broker = photon::serve(config, b).expect("broker starts");
+                let broker_handle = broker.handle();
+                actix_web::rt::spawn(broker);
+                let mut handles = vec![];
+                for (listener, name, apps) in [(p1, "proxy1", vec!["app1", "app3"]), (p2, "proxy2", vec!["app2"])] {
+                    let proxy_id = ProxyId::parse(&format!("{name}.broker")).unwrap();
+                    let config = ProxyConfig {
+                        apps: apps
+                            .iter()
+                            .map(|a| (proxy_id.app(a).unwrap(), KEY.to_string()))
+                            .collect::<HashMap<_, _>>(),
+                        proxy_id: proxy_id.clone(),
+                        broker_url: broker_url.clone(),
+                        broker_id: "broker".into(),
+                        privkey_file: dir.join(format!("{proxy_id}.priv.pem")),
+                        rootcert_file: dir.join(ca::ROOT_CERT),
+                        cert_file: None,
+                        max_body: opts.max_body,
+                        max_ttl: Duration::from_secs(7 * 86_400),
+                        max_wait: opts.max_wait,
+                        keepalive: opts.keepalive,
+                        workers: 2,
+                    };
+                    let server =
+                        photon_proxy::serve(config, listener, Duration::from_secs(10)).await.expect("proxy starts");
+                    handles.push(server.handle());
+                    actix_web::rt::spawn(server);
+                }
+                ready_tx.send(()).unwrap();
+                let _ = stop_rx.await;
+                for h in handles {
+                    h.stop(false).await;
+                }
+                broker_handle.stop(false).await;
+            });
+        });
+        ready_rx.recv_timeout(Duration::from_secs(30)).expect("network starts");
+        Net { broker, proxy1, proxy2, pki, stop: Some(stop_tx), thread: Some(thread), http: Client::new() }
+    }
+
+    /// The proxy an app lives behind.
+    pub fn proxy_of(&self, app: &str) -> &str {
+        if app.contains(".proxy2.") {
+            &self.proxy2
+        } else {
+            &self.proxy1
+        }
+    }
+
+    pub fn get(&self, app: &str, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .get(format!("{}{path}", self.proxy_of(app)))
+            .header(header::AUTHORIZATION, format!("ApiKey {app} {KEY}"))
+    }
+
+    pub fn post(&self, app: &str, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .post(format!("{}{path}", self.proxy_of(app)))
+            .header(header::AUTHORIZATION, format!("ApiKey {app} {KEY}"))
+    }
+
+    pub fn put(&self, app: &str, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .put(format!("{}{path}", self.proxy_of(app)))
+            .header(header::AUTHORIZATION, format!("ApiKey {app} {KEY}"))
+    }
+
+    /// Creates a task from `from` to `to` and returns its id.
+    pub async fn create(&self, from: &str, to: &[&str], body: Value, ttl: &str) -> String {
+        let id = uuid::Uuid::new_v4().to_string();
+        let res = self.post(from, "/v1/tasks").json(&task(&id, from, to, body, ttl)).send().await.unwrap();
+        assert_eq!(res.status(), 201, "{:?}", res.text().await);
+        id
+    }
+
+    /// Puts a result; returns the status code.
+    pub async fn answer(&self, worker: &str, task_id: &str, to: &str, status: &str, body: Value) -> u16 {
+        let r = json!({"from": worker, "to": [to], "task": task_id, "status": status, "body": body, "metadata": null});
+        let res = self.put(worker, &format!("/v1/tasks/{task_id}/results/{worker}")).json(&r).send().await.unwrap();
+        res.status().as_u16()
+    }
+
+    pub async fn broker_tasks(&self) -> u64 {
+        let health: Value =
+            self.http.get(format!("{}/v1/health", self.broker)).send().await.unwrap().json().await.unwrap();
+        health["tasks"].as_u64().unwrap()
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_dir_all(&self.pki);
+    }
+}
+
+pub fn task(id: &str, from: &str, to: &[&str], body: Value, ttl: &str) -> Value {
+    json!({"id": id, "from": from, "to": to, "body": body, "ttl": ttl, "failure_strategy": "discard", "metadata": {"kind": "test"}})
+}
+
+pub async fn json_of(res: Response) -> Value {
+    res.json().await.unwrap()
+}
+
+/// One Server-Sent Event, or a comment line (`event` = "comment").
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub event: String,
+    pub id: Option<String>,
+    pub data: String,
+}
+
+impl Event {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.data).unwrap()
+    }
+}
+
+/// Reads an SSE response event by event.
+pub struct Sse {
+    body: futures_util::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
+    buf: String,
+}
+
+impl Sse {
+    pub fn new(res: Response) -> Self {
+        assert_eq!(res.status(), 200);
+        assert!(res.headers()[header::CONTENT_TYPE].to_str().unwrap().starts_with("text/event-stream"));
+        Self { body: res.bytes_stream().boxed(), buf: String::new() }
+    }
+
+    /// The next event or comment; `None` when the stream ends. Panics after `within`.
+    pub async fn next(&mut self, within: Duration) -> Option<Event> {
+        tokio::time::timeout(within, self.next_inner()).await.expect("an SSE event in time")
+    }
+
+    async fn next_inner(&mut self) -> Option<Event> {
+        loop {
+            if let Some(end) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..end + 2).collect();
+                let mut ev = Event { event: "message".into(), id: None, data: String::new() };
+                for line in block.lines() {
+                    if let Some(c) = line.strip_prefix(':') {
+                        ev.event = "comment".into();
+                        ev.data = c.trim().to_string();
+                    } else if let Some(v) = line.strip_prefix("event:") {
+                        ev.event = v.trim().to_string();
+                    } else if let Some(v) = line.strip_prefix("id:") {
+                        ev.id = Some(v.trim().to_string());
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        ev.data.push_str(v.trim_start());
+                    }
+                }
+                return Some(ev);
+            }
+            match self.body.next().await {
+                Some(Ok(chunk)) => self.buf.push_str(std::str::from_utf8(&chunk).unwrap()),
+                _ => return None,
+            }
+        }
+    }
+
+    /// The next event that is not a comment.
+    pub async fn next_event(&mut self, within: Duration) -> Option<Event> {
+        loop {
+            match self.next(within).await {
+                Some(e) if e.event == "comment" => continue,
+                other => return other,
+            }
+        }
+    }
+}
+
+pub const SECS: fn(u64) -> Duration = Duration::from_secs;
