@@ -390,6 +390,106 @@ impl ReplayWindow {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crypto::ca;
+
+    struct Pki {
+        dir: std::path::PathBuf,
+        root: RootCert,
+    }
+
+    impl Pki {
+        fn new() -> Self {
+            let dir = std::env::temp_dir().join(format!("photon-session-{}", uuid::Uuid::new_v4()));
+            ca::init(&dir, "broker", 30).unwrap();
+            let root = RootCert::load(&dir.join(ca::ROOT_CERT)).unwrap();
+            Self { dir, root }
+        }
+
+        fn identity(&self, key_file: &str, cert_file: &std::path::Path) -> Identity {
+            let pem = std::fs::read_to_string(cert_file).unwrap();
+            let cert = self.root.verify(&pem, (unix_millis() / 1000) as i64).unwrap();
+            Identity::new(&std::fs::read_to_string(self.dir.join(key_file)).unwrap(), pem, &cert).unwrap()
+        }
+
+        fn proxy(&self, id: &str) -> Identity {
+            let (key, csr) = ca::keygen(&ProxyId::parse(id).unwrap()).unwrap();
+            let key_file = format!("{id}.key");
+            std::fs::write(self.dir.join(&key_file), key).unwrap();
+            let (_, cert) = ca::sign(&self.dir, "broker", &csr, 30).unwrap();
+            self.identity(&key_file, &cert)
+        }
+
+        fn store(&self) -> SessionStore {
+            let broker = self.identity(ca::BROKER_KEY, &self.dir.join(ca::BROKER_CERT));
+            SessionStore::new(broker, self.root.clone(), "broker".into(), Duration::from_secs(60))
+        }
+    }
+
+    impl Drop for Pki {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    #[test]
+    fn handshake_then_requests_verify_once() {
+        let pki = Pki::new();
+        let store = pki.store();
+        let proxy = pki.proxy("proxy1.broker");
+        let pending = client_hello(&proxy, "broker");
+        let (accept, _) = store.accept(&pending.hello).unwrap();
+        let session = client_finish(pending, &accept, &pki.root, "broker").unwrap();
+
+        let auth = session.sign("POST", "/v1/tasks", "app1.proxy1.broker", b"{}");
+        let verify = |a: &RequestAuth, method: &str, path: &str, app: &str, body: &[u8]| {
+            store.verify(&a.session, a.seq, a.ts, &a.mac, method, path, app, body)
+        };
+        assert_eq!(verify(&auth, "POST", "/v1/tasks", "app1.proxy1.broker", b"{}").unwrap().as_str(), "proxy1.broker");
+        // The same request again is a replay.
+        assert!(matches!(verify(&auth, "POST", "/v1/tasks", "app1.proxy1.broker", b"{}"), Err(AuthError::Replay)));
+        // Any changed field breaks the MAC.
+        let auth = session.sign("POST", "/v1/tasks", "app1.proxy1.broker", b"{}");
+        assert!(matches!(verify(&auth, "POST", "/v1/tasks", "app1.proxy1.broker", b"{ }"), Err(AuthError::BadMac)));
+        assert!(matches!(verify(&auth, "PUT", "/v1/tasks", "app1.proxy1.broker", b"{}"), Err(AuthError::BadMac)));
+        assert!(matches!(verify(&auth, "POST", "/v1/tasks?x", "app1.proxy1.broker", b"{}"), Err(AuthError::BadMac)));
+        assert!(matches!(verify(&auth, "POST", "/v1/tasks", "app2.proxy1.broker", b"{}"), Err(AuthError::BadMac)));
+        let mut forged = session.sign("GET", "/", "a.proxy1.broker", b"");
+        forged.seq += 1000;
+        assert!(matches!(verify(&forged, "GET", "/", "a.proxy1.broker", b""), Err(AuthError::BadMac)));
+        assert!(matches!(
+            store.verify("nope", 1, unix_millis(), "AAAA", "GET", "/", "a.b.c", b""),
+            Err(AuthError::UnknownSession)
+        ));
+    }
+
+    #[test]
+    fn refuses_foreign_and_tampered_hellos() {
+        let pki = Pki::new();
+        let store = pki.store();
+        // A proxy certified by another CA.
+        let other = Pki::new();
+        let stranger = other.proxy("proxy1.broker");
+        assert!(store.accept(&client_hello(&stranger, "broker").hello).is_err());
+        // A hello whose signed fields were changed.
+        let proxy = pki.proxy("proxy2.broker");
+        let mut hello = client_hello(&proxy, "broker").hello;
+        hello.ts -= 1;
+        assert!(matches!(store.accept(&hello), Err(CryptoError::BadSignature)));
+        // An old hello.
+        let mut hello = client_hello(&proxy, "broker").hello;
+        hello.ts -= TS_WINDOW_MS + 1;
+        assert!(store.accept(&hello).is_err());
+        // Garbage in every field is an error, not a panic.
+        let mut hello = client_hello(&proxy, "broker").hello;
+        hello.eph_pub = "!!".into();
+        hello.sig = "AAAA".into();
+        assert!(store.accept(&hello).is_err());
+        // A broker answer signed by someone else is refused by the proxy.
+        let pending = client_hello(&proxy, "broker");
+        let (mut accept, _) = store.accept(&pending.hello).unwrap();
+        accept.expires_in += 1;
+        assert!(client_finish(pending, &accept, &pki.root, "broker").is_err());
+    }
 
     #[test]
     fn replay_window() {
