@@ -1,0 +1,94 @@
+//! Proxy identity at the broker over real HTTP: no session, no service; a captured request
+//! can't be replayed; a proxy certified by another CA gets nowhere.
+
+mod common;
+
+use common::*;
+use photon::{
+    crypto::{ca, session, unix_millis, RootCert},
+    wire::{
+        broker::{self as bw, SessionAccept},
+        ProxyId,
+    },
+};
+use photon_proxy::upstream::Upstream;
+
+#[tokio::test]
+async fn broker_refuses_requests_without_a_session() {
+    let net = Net::start();
+    for path in ["/v1/tasks?filter=todo", &format!("/v1/tasks/{}", uuid::Uuid::new_v4())] {
+        let res = net.http.get(format!("{}{path}", net.broker)).header(bw::APP_HEADER, APP1).send().await.unwrap();
+        assert_eq!(res.status(), 401, "{path}");
+    }
+}
+
+#[tokio::test]
+async fn captured_request_replayed_is_refused() {
+    let net = Net::start();
+    let root = RootCert::load(&net.pki.join(ca::ROOT_CERT)).unwrap();
+    let cert_pem = std::fs::read_to_string(net.pki.join("certs/proxy1.broker.crt")).unwrap();
+    let cert = root.verify(&cert_pem, (unix_millis() / 1000) as i64).unwrap();
+    let key = std::fs::read_to_string(net.pki.join("proxy1.broker.priv.pem")).unwrap();
+    let identity = session::Identity::new(&key, cert_pem, &cert).unwrap();
+    let pending = session::client_hello(&identity, "broker");
+    let res = net.http.post(format!("{}/v1/session", net.broker)).json(&pending.hello).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let accept: SessionAccept = res.json().await.unwrap();
+    let s = session::client_finish(pending, &accept, &root, "broker").unwrap();
+
+    let path = "/v1/tasks?filter=todo";
+    let auth = s.sign("GET", path, APP1, b"");
+    let send = || {
+        net.http
+            .get(format!("{}{path}", net.broker))
+            .header(bw::APP_HEADER, APP1)
+            .header(bw::SESSION_HEADER, &auth.session)
+            .header(bw::SEQ_HEADER, auth.seq)
+            .header(bw::TS_HEADER, auth.ts)
+            .header(bw::MAC_HEADER, &auth.mac)
+            .send()
+    };
+    assert_eq!(send().await.unwrap().status(), 200, "the original goes through");
+    let replay = send().await.unwrap();
+    assert_eq!(replay.status(), 401, "the replay does not");
+    assert!(json_of(replay).await["error"].as_str().unwrap().contains("replay"));
+
+    // A proxy may act only for its own apps (label boundary).
+    let auth = s.sign("GET", path, APP2, b"");
+    let res = net
+        .http
+        .get(format!("{}{path}", net.broker))
+        .header(bw::APP_HEADER, APP2)
+        .header(bw::SESSION_HEADER, &auth.session)
+        .header(bw::SEQ_HEADER, auth.seq)
+        .header(bw::TS_HEADER, auth.ts)
+        .header(bw::MAC_HEADER, &auth.mac)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403);
+}
+
+#[tokio::test]
+async fn proxy_of_another_ca_gets_nowhere() {
+    let net = Net::start();
+    let other = std::env::temp_dir().join(format!("photon-other-{}", uuid::Uuid::new_v4()));
+    ca::init(&other, "broker", 30).unwrap();
+    let id = ProxyId::parse("proxy1.broker").unwrap();
+    let (key, csr) = ca::keygen(&id).unwrap();
+    let (_, cert_path) = ca::sign(&other, "broker", &csr, 30).unwrap();
+    let own_root = RootCert::load(&other.join(ca::ROOT_CERT)).unwrap();
+    let cert = std::fs::read_to_string(cert_path).unwrap();
+    // Its certificate checks out against its own root, but the broker refuses the handshake.
+    let upstream = Upstream::connect(&net.broker, "broker", &id, &key, own_root, Some(cert)).await.unwrap();
+    let err = upstream.ensure_session().await.unwrap_err().to_string();
+    assert!(err.contains("refused"), "{err}");
+    // Pinned to the real root, it can't even use the certificate it has.
+    let real_root = RootCert::load(&net.pki.join(ca::ROOT_CERT)).unwrap();
+    let (key2, _) = ca::keygen(&id).unwrap();
+    assert!(
+        Upstream::connect(&net.broker, "broker", &id, &key2, real_root, None).await.is_err(),
+        "key does not match the certificate"
+    );
+    let _ = std::fs::remove_dir_all(other);
+}
