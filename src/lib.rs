@@ -1,4 +1,5 @@
-//! Photon: a broker that stores and forwards end-to-end sealed tasks and results.
+//! Photon: a broker that stores and forwards tasks and results between site proxies, reading
+//! nothing but their routing fields (bodies are opaque envelopes).
 //!
 //! Crate map:
 //! - [`wire`]: the JSON shapes of the app API and the proxy↔broker protocol (serde only).

@@ -186,13 +186,18 @@ impl Mailboxes {
         });
     }
 
-    /// Forgets an expired task; drops the mailbox once nothing is left in it.
-    pub fn remove(&self, app: &AppId, task_id: Uuid) {
+    /// Forgets an expired task — only `record` itself, never a later task with the same id —
+    /// and drops the mailbox once nothing is left in it.
+    pub fn remove(&self, app: &AppId, record: &Arc<TaskRecord>) {
+        let task_id = record.task.id;
         let idle = self.with(app, |b| {
-            if let Some(seq) = b.seq_of.remove(&task_id) {
-                if b.by_seq.remove(&seq).is_some_and(|e| e.todo) {
-                    b.n_todo -= 1;
-                }
+            let Some(seq) = b.seq_of.get(&task_id).copied() else { return b.is_idle() };
+            if !Arc::ptr_eq(&b.by_seq[&seq].task, record) {
+                return b.is_idle();
+            }
+            b.seq_of.remove(&task_id);
+            if b.by_seq.remove(&seq).is_some_and(|e| e.todo) {
+                b.n_todo -= 1;
             }
             b.is_idle()
         });

@@ -193,9 +193,9 @@ impl Actor for TaskActor {
     fn stopped(&mut self, _ctx: &mut Context<Self>) {
         let id = self.record.task.id;
         for app in &self.record.task.to {
-            self.inboxes.remove(app, id);
+            self.inboxes.remove(app, &self.record);
         }
-        self.outboxes.remove(&self.record.task.from, id);
+        self.outboxes.remove(&self.record.task.from, &self.record);
         self.registry.remove_if(&id, |_, h| Arc::ptr_eq(&h.record, &self.record));
         tracing::debug!(task = %id, "task actor stopped");
     }
