@@ -31,6 +31,8 @@ pub struct ProxyState {
 pub enum StartError {
     #[error("{0}")]
     Crypto(#[from] photon::crypto::CryptoError),
+    #[error("{setting}: {error}")]
+    Setting { setting: &'static str, error: photon::crypto::CryptoError },
     #[error("{0}")]
     Upstream(#[from] UpstreamError),
     #[error("cannot serve: {0}")]
@@ -45,8 +47,15 @@ pub async fn serve(
     listener: TcpListener,
     patience: Duration,
 ) -> Result<actix_web::dev::Server, StartError> {
-    let root = RootCert::load(&config.rootcert_file)?;
-    let (key_pem, cert_pem) = Upstream::read_files(&config.privkey_file, config.cert_file.as_deref())?;
+    let setting = |setting| move |error| StartError::Setting { setting, error };
+    let root = RootCert::load(&config.rootcert_file).map_err(setting("ROOTCERT_FILE"))?;
+    let key_pem = photon::crypto::ca::read_to_string(&config.privkey_file).map_err(setting("PRIVKEY_FILE"))?;
+    let cert_pem = config
+        .cert_file
+        .as_deref()
+        .map(photon::crypto::ca::read_to_string)
+        .transpose()
+        .map_err(setting("CERT_FILE"))?;
     let give_up = tokio::time::Instant::now() + patience;
     let upstream = loop {
         match Upstream::connect(

@@ -8,7 +8,6 @@ use bytes::Bytes;
 use parking_lot::RwLock;
 use photon::{
     crypto::{
-        ca,
         cert::VerifiedCert,
         session::{self, ClientSession, Identity},
         unix_millis, CryptoError, RootCert,
@@ -119,14 +118,6 @@ impl Upstream {
             session: RwLock::new(None),
             handshake: tokio::sync::Mutex::new(()),
         })
-    }
-
-    /// Loads the private key file and the optional certificate file for [`connect`](Self::connect).
-    pub fn read_files(
-        privkey: &std::path::Path,
-        cert: Option<&std::path::Path>,
-    ) -> Result<(String, Option<String>), CryptoError> {
-        Ok((ca::read_to_string(privkey)?, cert.map(ca::read_to_string).transpose()?))
     }
 
     fn current(&self) -> Option<Arc<ClientSession>> {
