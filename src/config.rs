@@ -132,7 +132,8 @@ pub fn broker_id_setting(broker_url: &str, broker_id: Option<&str>) -> Result<St
     Ok(id)
 }
 
-fn duration_setting(name: &str, value: &str) -> Result<Duration, String> {
+/// A duration setting (`MAX_TTL=7d`), up to a year; the error names the setting.
+pub fn duration_setting(name: &str, value: &str) -> Result<Duration, String> {
     parse_duration(value, Duration::from_secs(365 * 86_400)).map_err(|e| format!("{name}: {e}"))
 }
 

@@ -5,8 +5,8 @@ use std::{collections::HashMap, net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use photon::{
-    config::broker_id_setting,
-    wire::{parse_duration, AppId, ProxyId},
+    config::{broker_id_setting, duration_setting},
+    wire::{AppId, ProxyId},
 };
 
 #[derive(Debug, Parser)]
@@ -102,10 +102,6 @@ impl std::fmt::Debug for ProxyConfig {
 
 fn required<T: Clone>(value: &Option<T>, what: &str) -> Result<T, String> {
     value.clone().ok_or_else(|| format!("{what} is not set"))
-}
-
-fn duration_setting(name: &str, value: &str) -> Result<Duration, String> {
-    parse_duration(value, Duration::from_secs(365 * 86_400)).map_err(|e| format!("{name}: {e}"))
 }
 
 /// App keys from variables `APP_<name>_KEY=<secret>`.

@@ -13,7 +13,7 @@ use photon::{
     wire::{
         app::{NewTask, TaskResult},
         broker::{StreamEvent, WireResult, WireTask},
-        parse_duration, ReadQuery,
+        parse_duration, AppId, ReadQuery,
     },
 };
 use reqwest::{Method, StatusCode};
@@ -102,6 +102,41 @@ fn open_results(results: &[WireResult]) -> Vec<TaskResult> {
         .collect()
 }
 
+/// A read relayed as a (possibly long) poll; an error answer from the broker is passed on.
+async fn long_poll(
+    state: &ProxyState,
+    caller: &AppId,
+    path: &str,
+    mut q: ReadQuery,
+) -> Result<reqwest::Response, ApiError> {
+    q.stream = None;
+    let timeout = long_poll_timeout(state, &q);
+    let url = format!("{path}?{}", query_string(&q));
+    let res = state.upstream.send(Method::GET, &url, caller, Bytes::new(), Some(timeout)).await?;
+    if !res.status().is_success() {
+        return Err(relayed(res).await);
+    }
+    Ok(res)
+}
+
+/// A read relayed as an event stream, resuming after `Last-Event-ID`.
+async fn open_events(
+    state: &ProxyState,
+    req: &HttpRequest,
+    caller: &AppId,
+    path: &str,
+    mut q: ReadQuery,
+) -> Result<HttpResponse, ApiError> {
+    q.last_event_id = Some(body::last_event_id(req, &q)?);
+    q.stream = Some(1);
+    let url = format!("{path}?{}", query_string(&q));
+    let res = state.upstream.send(Method::GET, &url, caller, Bytes::new(), None).await?;
+    if !res.status().is_success() {
+        return Err(relayed(res).await);
+    }
+    Ok(relay_events(res, q.wait_count, state.config.keepalive))
+}
+
 async fn health(state: State) -> HttpResponse {
     let check = async {
         state.upstream.ensure_session().await?;
@@ -144,31 +179,14 @@ async fn create_task(state: State, req: HttpRequest, payload: web::Payload) -> R
 
 async fn list_tasks(state: State, req: HttpRequest) -> Result<HttpResponse, ApiError> {
     let caller = state.keys.authenticate(&req)?;
-    let mut q: ReadQuery = body::parse_query(&req)?;
+    let q: ReadQuery = body::parse_query(&req)?;
     if wants_events(&req) {
         if !q.todo() {
             return Err(ApiError::BadRequest("a task event stream needs filter=todo".into()));
         }
-        q.last_event_id = Some(body::last_event_id(&req, &q)?);
-        q.stream = Some(1);
-        let res = state
-            .upstream
-            .send(Method::GET, &format!("/v1/tasks?{}", query_string(&q)), &caller, Bytes::new(), None)
-            .await?;
-        if !res.status().is_success() {
-            return Err(relayed(res).await);
-        }
-        return Ok(relay_events(res, q.wait_count, state.config.keepalive));
+        return open_events(&state, &req, &caller, "/v1/tasks", q).await;
     }
-    q.stream = None;
-    let timeout = long_poll_timeout(&state, &q);
-    let res = state
-        .upstream
-        .send(Method::GET, &format!("/v1/tasks?{}", query_string(&q)), &caller, Bytes::new(), Some(timeout))
-        .await?;
-    if !res.status().is_success() {
-        return Err(relayed(res).await);
-    }
+    let res = long_poll(&state, &caller, "/v1/tasks", q).await?;
     let status = status_of(&res);
     let tasks = open_tasks(read_json(res).await?);
     Ok(HttpResponse::build(status).json(tasks))
@@ -177,16 +195,8 @@ async fn list_tasks(state: State, req: HttpRequest) -> Result<HttpResponse, ApiE
 async fn get_task(state: State, req: HttpRequest, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let caller = state.keys.authenticate(&req)?;
     let id = parse_task_id(&path)?;
-    let mut q: ReadQuery = body::parse_query(&req)?;
-    q.stream = None;
-    let timeout = long_poll_timeout(&state, &q);
-    let res = state
-        .upstream
-        .send(Method::GET, &format!("/v1/tasks/{id}?{}", query_string(&q)), &caller, Bytes::new(), Some(timeout))
-        .await?;
-    if !res.status().is_success() {
-        return Err(relayed(res).await);
-    }
+    let q: ReadQuery = body::parse_query(&req)?;
+    let res = long_poll(&state, &caller, &format!("/v1/tasks/{id}"), q).await?;
     let task: WireTask = read_json(res).await?;
     let task = seal::open_task(task).map_err(|e| {
         tracing::warn!(task = %id, error = %e, "refused a task from the broker");
@@ -235,34 +245,12 @@ async fn put_result(
 async fn get_results(state: State, req: HttpRequest, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let caller = state.keys.authenticate(&req)?;
     let id = parse_task_id(&path)?;
-    let mut q: ReadQuery = body::parse_query(&req)?;
+    let q: ReadQuery = body::parse_query(&req)?;
+    let path = format!("/v1/tasks/{id}/results");
     if wants_events(&req) {
-        q.last_event_id = Some(body::last_event_id(&req, &q)?);
-        q.stream = Some(1);
-        let res = state
-            .upstream
-            .send(Method::GET, &format!("/v1/tasks/{id}/results?{}", query_string(&q)), &caller, Bytes::new(), None)
-            .await?;
-        if !res.status().is_success() {
-            return Err(relayed(res).await);
-        }
-        return Ok(relay_events(res, q.wait_count, state.config.keepalive));
+        return open_events(&state, &req, &caller, &path, q).await;
     }
-    q.stream = None;
-    let timeout = long_poll_timeout(&state, &q);
-    let res = state
-        .upstream
-        .send(
-            Method::GET,
-            &format!("/v1/tasks/{id}/results?{}", query_string(&q)),
-            &caller,
-            Bytes::new(),
-            Some(timeout),
-        )
-        .await?;
-    if !res.status().is_success() {
-        return Err(relayed(res).await);
-    }
+    let res = long_poll(&state, &caller, &path, q).await?;
     let status = status_of(&res);
     let results: Vec<WireResult> = read_json(res).await?;
     Ok(HttpResponse::build(status).json(open_results(&results)))
