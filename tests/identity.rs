@@ -37,17 +37,18 @@ async fn captured_request_replayed_is_refused() {
     let s = session::client_finish(pending, &accept, &root, "broker").unwrap();
 
     let path = "/v1/tasks?filter=todo";
-    let auth = s.sign("GET", path, APP1, b"");
-    let send = || {
+    let signed = |app: &str, auth: &session::RequestAuth| {
         net.http
             .get(format!("{}{path}", net.broker))
-            .header(bw::APP_HEADER, APP1)
+            .header(bw::APP_HEADER, app)
             .header(bw::SESSION_HEADER, &auth.session)
             .header(bw::SEQ_HEADER, auth.seq)
             .header(bw::TS_HEADER, auth.ts)
             .header(bw::MAC_HEADER, &auth.mac)
             .send()
     };
+    let auth = s.sign("GET", path, APP1, b"");
+    let send = || signed(APP1, &auth);
     assert_eq!(send().await.unwrap().status(), 200, "the original goes through");
     let replay = send().await.unwrap();
     assert_eq!(replay.status(), 401, "the replay does not");
@@ -55,17 +56,7 @@ async fn captured_request_replayed_is_refused() {
 
     // A proxy may act only for its own apps (label boundary).
     let auth = s.sign("GET", path, APP2, b"");
-    let res = net
-        .http
-        .get(format!("{}{path}", net.broker))
-        .header(bw::APP_HEADER, APP2)
-        .header(bw::SESSION_HEADER, &auth.session)
-        .header(bw::SEQ_HEADER, auth.seq)
-        .header(bw::TS_HEADER, auth.ts)
-        .header(bw::MAC_HEADER, &auth.mac)
-        .send()
-        .await
-        .unwrap();
+    let res = signed(APP2, &auth).await.unwrap();
     assert_eq!(res.status(), 403);
 }
 

@@ -9,7 +9,7 @@ use actix_web_lab::sse;
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use photon::{
-    http::{body, ApiError},
+    http::{body, parse_task_id, ApiError},
     wire::{
         app::{NewTask, TaskResult},
         broker::{StreamEvent, WireResult, WireTask},
@@ -42,10 +42,6 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 
 fn wants_events(req: &HttpRequest) -> bool {
     req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("text/event-stream"))
-}
-
-fn parse_task_id(text: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(text).map_err(|_| ApiError::BadRequest(format!("invalid task id {text:?}: expected a UUID")))
 }
 
 fn query_string(q: &ReadQuery) -> String {

@@ -69,3 +69,8 @@ pub fn last_event_id(req: &HttpRequest, q: &ReadQuery) -> Result<u64, ApiError> 
         None => Ok(q.last_event_id.unwrap_or(0)),
     }
 }
+
+/// A task id from a path segment; `400` naming it otherwise.
+pub fn parse_task_id(text: &str) -> Result<uuid::Uuid, ApiError> {
+    uuid::Uuid::parse_str(text).map_err(|_| ApiError::BadRequest(format!("invalid task id {text:?}: expected a UUID")))
+}

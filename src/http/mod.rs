@@ -11,8 +11,8 @@ mod stream;
 use std::{sync::Arc, time::Duration};
 
 use actix_web::{http::header, web, HttpRequest, HttpResponse};
-use uuid::Uuid;
 
+pub use body::parse_task_id;
 pub use error::ApiError;
 
 use crate::{
@@ -77,10 +77,6 @@ fn authenticate(state: &BrokerState, req: &HttpRequest, body: &[u8]) -> Result<A
         return Err(ApiError::Forbidden(format!("proxy {proxy} may not act for {app}")));
     }
     Ok(app)
-}
-
-fn parse_task_id(text: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(text).map_err(|_| ApiError::BadRequest(format!("invalid task id {text:?}: expected a UUID")))
 }
 
 fn json_listing<T: serde::Serialize>(listing: Listing<T>) -> HttpResponse {
