@@ -59,6 +59,15 @@ pub enum CaAction {
         #[arg(long, default_value_t = 365)]
         days: u32,
     },
+    /// Revoke a proxy's current certificate (<dir>/certs/<proxy id>.crt): adds its serial to
+    /// <dir>/crl.pem, which the running broker reloads and proxies fetch and honour.
+    Revoke {
+        #[arg(long, env = "PKI_DIR", default_value = "pki")]
+        dir: PathBuf,
+        /// The proxy whose certificate to revoke, e.g. proxy2.broker.
+        #[arg(long)]
+        proxy_id: String,
+    },
 }
 
 #[derive(Debug, Clone, Args)]

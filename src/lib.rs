@@ -70,12 +70,20 @@ pub fn serve(config: BrokerConfig, listener: TcpListener) -> Result<actix_web::d
     });
     let weak = Arc::downgrade(&state);
     actix_web::rt::spawn(async move {
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
-        loop {
+        // Every second: a changed revocation list ends the revoked proxies' sessions at once.
+        // Every minute: expired sessions are swept.
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        for n in 0u64.. {
             tick.tick().await;
-            match weak.upgrade() {
-                Some(state) => state.sessions.sweep(),
-                None => return,
+            let Some(state) = weak.upgrade() else { return };
+            if let Some(crl) = state.certs.reload_crl() {
+                let ended = state.sessions.drop_revoked(&crl);
+                if ended > 0 {
+                    tracing::info!(ended, "ended the sessions of revoked certificates");
+                }
+            }
+            if n % 60 == 59 {
+                state.sessions.sweep();
             }
         }
     });

@@ -48,6 +48,14 @@ fn run_ca(action: CaAction) -> Result<(), String> {
             let (proxy, path) = ca::sign(&dir, &broker_id, &csr_pem, days).map_err(|e| e.to_string())?;
             println!("issued certificate for {proxy}: {}", path.display());
         }
+        CaAction::Revoke { dir, proxy_id } => {
+            let proxy = photon::wire::ProxyId::parse(&proxy_id).map_err(|e| e.to_string())?;
+            let serial = ca::revoke(&dir, &proxy).map_err(|e| e.to_string())?;
+            println!(
+                "revoked the certificate of {proxy} (serial {serial}); {} updated",
+                dir.join(ca::CRL_FILE).display()
+            );
+        }
     }
     Ok(())
 }

@@ -11,7 +11,7 @@ use photon::{
         ProxyId,
     },
 };
-use photon_proxy::upstream::Upstream;
+use photon_proxy::upstream::{OwnFiles, Upstream};
 
 #[tokio::test]
 async fn broker_refuses_requests_without_a_session() {
@@ -69,16 +69,21 @@ async fn proxy_of_another_ca_gets_nowhere() {
     let (key, csr) = ca::keygen(&id).unwrap();
     let (_, cert_path) = ca::sign(&other, "broker", &csr, 30).unwrap();
     let own_root = RootCert::load(&other.join(ca::ROOT_CERT)).unwrap();
-    let cert = std::fs::read_to_string(cert_path).unwrap();
+    let key_path = other.join("proxy1.priv.pem");
+    ca::write_private(&key_path, &key).unwrap();
+    let files = OwnFiles { privkey_file: key_path, cert_file: Some(cert_path) };
     // Its certificate checks out against its own root, but the broker refuses the handshake.
-    let upstream = Upstream::connect(&net.broker, "broker", &id, &key, own_root, Some(cert)).await.unwrap();
+    let upstream = Upstream::connect(&net.broker, "broker", &id, files, own_root, SECS(60)).await.unwrap();
     let err = upstream.ensure_session().await.unwrap_err().to_string();
     assert!(err.contains("refused"), "{err}");
     // Pinned to the real root, it can't even use the certificate it has.
     let real_root = RootCert::load(&net.pki.join(ca::ROOT_CERT)).unwrap();
     let (key2, _) = ca::keygen(&id).unwrap();
+    let key2_path = other.join("proxy1.other.priv.pem");
+    ca::write_private(&key2_path, &key2).unwrap();
+    let files = OwnFiles { privkey_file: key2_path, cert_file: None };
     assert!(
-        Upstream::connect(&net.broker, "broker", &id, &key2, real_root, None).await.is_err(),
+        Upstream::connect(&net.broker, "broker", &id, files, real_root, SECS(60)).await.is_err(),
         "key does not match the certificate"
     );
     let _ = std::fs::remove_dir_all(other);

@@ -69,6 +69,10 @@ pub struct ServeArgs {
     pub keepalive: String,
     #[arg(long, env = "WORKERS")]
     pub workers: Option<usize>,
+    /// How often the proxy fetches the revocation list and its own (renewed) certificate, and
+    /// the longest it uses a peer's certificate before fetching it again.
+    #[arg(long, env = "CERT_REFRESH", default_value = "60s")]
+    pub cert_refresh: String,
 }
 
 /// The validated configuration.
@@ -87,6 +91,7 @@ pub struct ProxyConfig {
     pub max_wait: Duration,
     pub keepalive: Duration,
     pub workers: usize,
+    pub cert_refresh: Duration,
 }
 
 impl std::fmt::Debug for ProxyConfig {
@@ -142,6 +147,10 @@ impl ServeArgs {
         if keepalive.is_zero() {
             return Err("KEEPALIVE must be more than 0".into());
         }
+        let cert_refresh = duration_setting("CERT_REFRESH", &self.cert_refresh)?;
+        if cert_refresh.is_zero() {
+            return Err("CERT_REFRESH must be more than 0".into());
+        }
         Ok(ProxyConfig {
             proxy_id,
             broker_url: broker_url.trim_end_matches('/').to_owned(),
@@ -157,6 +166,7 @@ impl ServeArgs {
             max_ttl: duration_setting("MAX_TTL", &self.max_ttl)?,
             max_wait: duration_setting("MAX_WAIT", &self.max_wait)?,
             keepalive,
+            cert_refresh,
             workers: self.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
         })
     }

@@ -7,11 +7,12 @@ use std::{sync::Arc, time::Duration};
 use actix_web::{http::header, web, HttpRequest, HttpResponse};
 use actix_web_lab::sse;
 use bytes::{Bytes, BytesMut};
+use futures_util::future::join_all;
 use futures_util::StreamExt;
 use photon::{
     http::{body, parse_task_id, ApiError},
     wire::{
-        app::{NewTask, TaskResult},
+        app::{NewTask, Task, TaskResult},
         broker::{StreamEvent, WireResult, WireTask},
         parse_duration, AppId, ReadQuery,
     },
@@ -20,7 +21,9 @@ use reqwest::{Method, StatusCode};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use crate::{seal, ProxyState};
+use serde_json::Value;
+
+use crate::{seal, seal::OpenError, ProxyState};
 
 type State = web::Data<Arc<ProxyState>>;
 
@@ -72,30 +75,38 @@ fn status_of(res: &reqwest::Response) -> actix_web::http::StatusCode {
     actix_web::http::StatusCode::from_u16(res.status().as_u16()).expect("reqwest statuses are valid")
 }
 
-/// Opens each wire task; one that doesn't open is refused, logged and left out.
-fn open_tasks(tasks: Vec<WireTask>) -> Vec<photon::wire::app::Task> {
-    tasks
-        .into_iter()
-        .filter_map(|t| {
-            let id = t.id;
-            seal::open_task(t)
-                .map_err(|e| tracing::warn!(task = %id, error = %e, "refused a task from the broker"))
-                .ok()
-        })
-        .collect()
+/// Opens a task for `caller`; a refusal is logged and counted.
+async fn open_task(state: &ProxyState, caller: &AppId, task: Arc<WireTask>) -> Result<Task, OpenError> {
+    let (id, from) = (task.id, task.from.clone());
+    seal::open_task(&state.upstream, caller, task).await.inspect_err(|e| {
+        state.refusals.count(e);
+        tracing::warn!(task = %id, %from, reason = e.reason(), error = %e, "refused a task from the broker");
+    })
 }
 
-fn open_results(results: &[WireResult]) -> Vec<TaskResult> {
-    results
-        .iter()
-        .filter_map(|r| {
-            seal::open_result(r)
-                .map_err(
-                    |e| tracing::warn!(task = %r.task, from = %r.from, error = %e, "refused a result from the broker"),
-                )
-                .ok()
-        })
-        .collect()
+/// Opens a result of `task_id` for `caller`; a refusal is logged and counted.
+async fn open_result(
+    state: &ProxyState,
+    caller: &AppId,
+    task_id: Uuid,
+    result: Arc<WireResult>,
+) -> Result<TaskResult, OpenError> {
+    let from = result.from.clone();
+    seal::open_result(&state.upstream, caller, task_id, result).await.inspect_err(|e| {
+        state.refusals.count(e);
+        tracing::warn!(task = %task_id, %from, reason = e.reason(), error = %e, "refused a result from the broker");
+    })
+}
+
+/// Opens each wire task; one that doesn't open is refused and left out.
+async fn open_tasks(state: &ProxyState, caller: &AppId, tasks: Vec<WireTask>) -> Vec<Task> {
+    let opened = join_all(tasks.into_iter().map(|t| open_task(state, caller, Arc::new(t)))).await;
+    opened.into_iter().filter_map(Result::ok).collect()
+}
+
+async fn open_results(state: &ProxyState, caller: &AppId, task_id: Uuid, results: Vec<WireResult>) -> Vec<TaskResult> {
+    let opened = join_all(results.into_iter().map(|r| open_result(state, caller, task_id, Arc::new(r)))).await;
+    opened.into_iter().filter_map(Result::ok).collect()
 }
 
 /// A read relayed as a (possibly long) poll; an error answer from the broker is passed on.
@@ -115,11 +126,13 @@ async fn long_poll(
     Ok(res)
 }
 
-/// A read relayed as an event stream, resuming after `Last-Event-ID`.
+/// A read relayed as an event stream, resuming after `Last-Event-ID`. `task_id` is the task
+/// whose results are streamed (`None` for a `new_task` stream).
 async fn open_events(
-    state: &ProxyState,
+    state: &Arc<ProxyState>,
     req: &HttpRequest,
     caller: &AppId,
+    task_id: Option<Uuid>,
     path: &str,
     mut q: ReadQuery,
 ) -> Result<HttpResponse, ApiError> {
@@ -130,19 +143,24 @@ async fn open_events(
     if !res.status().is_success() {
         return Err(relayed(res).await);
     }
-    Ok(relay_events(res, q.wait_count, state.config.keepalive))
+    Ok(relay_events(state.clone(), caller.clone(), task_id, res, q.wait_count))
 }
 
+/// 200 when this proxy's certificate is valid and unrevoked and the broker answers; 503 with
+/// the reason otherwise. Both carry the count of refused messages by reason.
 async fn health(state: State) -> HttpResponse {
     let check = async {
-        state.upstream.ensure_session().await?;
-        state.upstream.broker_healthy().await
-    };
-    match check.await {
-        Ok(()) => HttpResponse::Ok().json(serde_json::json!({"summary": "healthy"})),
-        Err(e) => {
-            HttpResponse::ServiceUnavailable().json(serde_json::json!({"summary": "unhealthy", "error": e.to_string()}))
+        if let Some(problem) = state.upstream.keys.own_problem() {
+            return Err(problem.to_string());
         }
+        state.upstream.ensure_session().await.map_err(|e| e.to_string())?;
+        state.upstream.broker_healthy().await.map_err(|e| e.to_string())
+    };
+    let refused = state.refusals.snapshot();
+    match check.await {
+        Ok(()) => HttpResponse::Ok().json(serde_json::json!({"summary": "healthy", "refused": refused})),
+        Err(error) => HttpResponse::ServiceUnavailable()
+            .json(serde_json::json!({"summary": "unhealthy", "error": error, "refused": refused})),
     }
 }
 
@@ -156,15 +174,16 @@ async fn create_task(state: State, req: HttpRequest, payload: web::Payload) -> R
     let ttl =
         parse_duration(&new.ttl.0, state.config.max_ttl).map_err(|e| ApiError::BadRequest(format!("ttl: {e}")))?;
     let id = new.id.unwrap_or_else(Uuid::new_v4);
-    let wire = WireTask {
+    let mut wire = WireTask {
         id,
         from: new.from,
         to: new.to,
         ttl_ms: ttl.as_millis() as u64,
         failure_strategy: new.failure_strategy,
         metadata: new.metadata,
-        body: seal::seal(&new.body)?,
+        body: Arc::from(serde_json::value::to_raw_value(&Value::Null).expect("null serializes")),
     };
+    seal::seal_task(&state.upstream, &mut wire, &new.body).await?;
     let bytes = Bytes::from(serde_json::to_vec(&wire).expect("wire tasks serialize"));
     let res = state.upstream.send(Method::POST, "/v1/tasks", &caller, bytes, Some(UPSTREAM_SLACK)).await?;
     if res.status() != StatusCode::CREATED {
@@ -180,11 +199,11 @@ async fn list_tasks(state: State, req: HttpRequest) -> Result<HttpResponse, ApiE
         if !q.todo() {
             return Err(ApiError::BadRequest("a task event stream needs filter=todo".into()));
         }
-        return open_events(&state, &req, &caller, "/v1/tasks", q).await;
+        return open_events(&state, &req, &caller, None, "/v1/tasks", q).await;
     }
     let res = long_poll(&state, &caller, "/v1/tasks", q).await?;
     let status = status_of(&res);
-    let tasks = open_tasks(read_json(res).await?);
+    let tasks = open_tasks(&state, &caller, read_json(res).await?).await;
     Ok(HttpResponse::build(status).json(tasks))
 }
 
@@ -194,10 +213,14 @@ async fn get_task(state: State, req: HttpRequest, path: web::Path<String>) -> Re
     let q: ReadQuery = body::parse_query(&req)?;
     let res = long_poll(&state, &caller, &format!("/v1/tasks/{id}"), q).await?;
     let task: WireTask = read_json(res).await?;
-    let task = seal::open_task(task).map_err(|e| {
-        tracing::warn!(task = %id, error = %e, "refused a task from the broker");
-        ApiError::BadGateway(format!("the task from the broker does not verify: {e}"))
-    })?;
+    if task.id != id {
+        let e = OpenError::WrongTask { got: task.id, want: id };
+        state.refusals.count(&e);
+        return Err(ApiError::BadGateway(format!("the broker's answer was refused: {e}")));
+    }
+    let task = open_task(&state, &caller, Arc::new(task))
+        .await
+        .map_err(|e| ApiError::BadGateway(format!("the broker's answer was refused: {e}")))?;
     Ok(HttpResponse::Ok().json(task))
 }
 
@@ -220,14 +243,15 @@ async fn put_result(
     if result.from != caller {
         return Err(ApiError::Forbidden(format!("from is {}, but you are {caller}", result.from)));
     }
-    let wire = WireResult {
-        body: result.body.as_ref().map(seal::seal).transpose()?,
+    let mut wire = WireResult {
+        body: None,
         from: result.from,
         to: result.to,
         task: id,
         status: result.status,
         metadata: result.metadata,
     };
+    seal::seal_result(&state.upstream, &mut wire, result.body.as_ref()).await?;
     let bytes = Bytes::from(serde_json::to_vec(&wire).expect("wire results serialize"));
     let path = format!("/v1/tasks/{id}/results/{}", wire.from);
     let res = state.upstream.send(Method::PUT, &path, &caller, bytes, Some(UPSTREAM_SLACK)).await?;
@@ -244,39 +268,50 @@ async fn get_results(state: State, req: HttpRequest, path: web::Path<String>) ->
     let q: ReadQuery = body::parse_query(&req)?;
     let path = format!("/v1/tasks/{id}/results");
     if wants_events(&req) {
-        return open_events(&state, &req, &caller, &path, q).await;
+        return open_events(&state, &req, &caller, Some(id), &path, q).await;
     }
     let res = long_poll(&state, &caller, &path, q).await?;
     let status = status_of(&res);
     let results: Vec<WireResult> = read_json(res).await?;
-    Ok(HttpResponse::build(status).json(open_results(&results)))
+    Ok(HttpResponse::build(status).json(open_results(&state, &caller, id, results).await))
 }
 
 // === event streams ===
 
-/// What one broker stream line becomes for the app, and whether the stream ends with it.
-fn to_sse(ev: StreamEvent, wait_count: Option<usize>, n_tasks: &mut usize) -> (Option<sse::Event>, bool) {
+/// Where an event stream is, for deciding when it ends.
+struct StreamPos {
+    state: Arc<ProxyState>,
+    caller: AppId,
+    /// The task whose results are streamed; `None` for a `new_task` stream.
+    task_id: Option<Uuid>,
+    wait_count: Option<usize>,
+    n_tasks: usize,
+}
+
+/// What one broker stream line becomes for the app, and whether the stream ends with it. A
+/// message that is refused is left out (and counted) and the stream goes on.
+async fn to_sse(ev: StreamEvent, pos: &mut StreamPos) -> (Option<sse::Event>, bool) {
+    let wait_count = pos.wait_count;
     let reached = |n: usize| wait_count.is_some_and(|c| n >= c);
     fn data(name: &str, json: impl serde::Serialize) -> sse::Data {
         sse::Data::new_json(json).expect("wire values serialize").event(name.to_owned())
     }
     match ev {
-        StreamEvent::NewResult { seq, n_answers, result } => match seal::open_result(&result) {
-            Ok(r) => (Some(sse::Event::Data(data("new_result", &r).id(seq.to_string()))), reached(n_answers)),
-            Err(e) => {
-                tracing::warn!(task = %result.task, from = %result.from, error = %e, "refused a result from the broker");
-                (None, reached(n_answers))
+        StreamEvent::NewResult { seq, n_answers, result } => {
+            let Some(task_id) = pos.task_id else {
+                return (None, false);
+            };
+            match open_result(&pos.state, &pos.caller, task_id, result).await {
+                Ok(r) => (Some(sse::Event::Data(data("new_result", &r).id(seq.to_string()))), reached(n_answers)),
+                Err(_) => (None, reached(n_answers)),
             }
-        },
-        StreamEvent::NewTask { seq, task } => match seal::open_task((*task).clone()) {
+        }
+        StreamEvent::NewTask { seq, task } => match open_task(&pos.state, &pos.caller, task).await {
             Ok(t) => {
-                *n_tasks += 1;
-                (Some(sse::Event::Data(data("new_task", &t).id(seq.to_string()))), reached(*n_tasks))
+                pos.n_tasks += 1;
+                (Some(sse::Event::Data(data("new_task", &t).id(seq.to_string()))), reached(pos.n_tasks))
             }
-            Err(e) => {
-                tracing::warn!(task = %task.id, error = %e, "refused a task from the broker");
-                (None, false)
-            }
+            Err(_) => (None, false),
         },
         StreamEvent::WaitExpired => (Some(sse::Event::Data(sse::Data::new("null").event("wait_expired"))), true),
         StreamEvent::DeletedTask { task_id } => {
@@ -289,12 +324,19 @@ fn to_sse(ev: StreamEvent, wait_count: Option<usize>, n_tasks: &mut usize) -> (O
 /// Relays a broker event stream to the app as Server-Sent Events, one event as soon as its line
 /// arrives. If the broker's stream breaks off before its end, the app gets `event: error` and
 /// reconnects with `Last-Event-ID`.
-fn relay_events(res: reqwest::Response, wait_count: Option<usize>, keepalive: Duration) -> HttpResponse {
+fn relay_events(
+    state: Arc<ProxyState>,
+    caller: AppId,
+    task_id: Option<Uuid>,
+    res: reqwest::Response,
+    wait_count: Option<usize>,
+) -> HttpResponse {
+    let keepalive = state.config.keepalive;
     let (tx, rx) = mpsc::channel::<sse::Event>(64);
     actix_web::rt::spawn(async move {
         let mut upstream = res.bytes_stream();
         let mut buf = BytesMut::new();
-        let mut n_tasks = 0;
+        let mut stream = StreamPos { state, caller, task_id, wait_count, n_tasks: 0 };
         loop {
             while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
                 let line = buf.split_to(pos + 1);
@@ -303,7 +345,7 @@ fn relay_events(res: reqwest::Response, wait_count: Option<usize>, keepalive: Du
                     continue; // the broker's keep-alive
                 }
                 let (event, end) = match serde_json::from_slice::<StreamEvent>(line) {
-                    Ok(ev) => to_sse(ev, wait_count, &mut n_tasks),
+                    Ok(ev) => to_sse(ev, &mut stream).await,
                     Err(e) => {
                         tracing::warn!(error = %e, "malformed stream line from the broker");
                         continue;

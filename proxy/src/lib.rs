@@ -3,12 +3,15 @@
 //! comes back.
 //!
 //! Crate map: [`config`] (flags, environment, app keys), [`auth`] (API keys), [`upstream`] (the
-//! signed session to the broker), [`seal`] (bodies ↔ envelopes), [`http`] (the app API).
+//! signed session to the broker; fetches certificates and the revocation list), [`keyring`]
+//! (own and peer keys, pairwise keys, revocation), [`seal`] (bodies ↔ sealed envelopes, refusals),
+//! [`http`] (the app API).
 #![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod config;
 pub mod http;
+pub mod keyring;
 pub mod seal;
 pub mod upstream;
 
@@ -18,13 +21,14 @@ use actix_web::{web, App, HttpServer};
 use photon::crypto::RootCert;
 
 pub use config::ProxyConfig;
-use upstream::{Upstream, UpstreamError};
+use upstream::{OwnFiles, Upstream, UpstreamError};
 
 /// What every handler shares.
 pub struct ProxyState {
     pub config: ProxyConfig,
     pub keys: auth::AppKeys,
     pub upstream: Upstream,
+    pub refusals: seal::Refusals,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -40,8 +44,9 @@ pub enum StartError {
 }
 
 /// Loads keys, gets this proxy's certificate (from `CERT_FILE` or the broker, retrying for up
-/// to `patience` while the broker comes up) and builds the server on `listener`. Call inside an
-/// actix `System`.
+/// to `patience` while the broker comes up) and builds the server on `listener`. Starts the
+/// refresh of the revocation list and of its own certificate every `CERT_REFRESH`. Call inside
+/// an actix `System`.
 pub async fn serve(
     config: ProxyConfig,
     listener: TcpListener,
@@ -49,22 +54,20 @@ pub async fn serve(
 ) -> Result<actix_web::dev::Server, StartError> {
     let setting = |setting| move |error| StartError::Setting { setting, error };
     let root = RootCert::load(&config.rootcert_file).map_err(setting("ROOTCERT_FILE"))?;
-    let key_pem = photon::crypto::ca::read_to_string(&config.privkey_file).map_err(setting("PRIVKEY_FILE"))?;
-    let cert_pem = config
-        .cert_file
-        .as_deref()
-        .map(photon::crypto::ca::read_to_string)
-        .transpose()
-        .map_err(setting("CERT_FILE"))?;
+    photon::crypto::ca::read_to_string(&config.privkey_file).map_err(setting("PRIVKEY_FILE"))?;
+    if let Some(cert_file) = &config.cert_file {
+        photon::crypto::ca::read_to_string(cert_file).map_err(setting("CERT_FILE"))?;
+    }
+    let files = OwnFiles { privkey_file: config.privkey_file.clone(), cert_file: config.cert_file.clone() };
     let give_up = tokio::time::Instant::now() + patience;
     let upstream = loop {
         match Upstream::connect(
             &config.broker_url,
             &config.broker_id,
             &config.proxy_id,
-            &key_pem,
+            files.clone(),
             root.clone(),
-            cert_pem.clone(),
+            config.cert_refresh,
         )
         .await
         {
@@ -79,7 +82,24 @@ pub async fn serve(
     let addr = listener.local_addr()?;
     let workers = config.workers;
     tracing::info!(%addr, proxy = %config.proxy_id, apps = config.apps.len(), "proxy listening");
-    let state = Arc::new(ProxyState { keys: auth::AppKeys::new(&config.apps), config, upstream });
+    let refresh = config.cert_refresh;
+    let state = Arc::new(ProxyState {
+        keys: auth::AppKeys::new(&config.apps),
+        config,
+        upstream,
+        refusals: seal::Refusals::default(),
+    });
+    state.upstream.refresh().await;
+    let weak = Arc::downgrade(&state);
+    actix_web::rt::spawn(async move {
+        let mut tick = tokio::time::interval(refresh);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let Some(state) = weak.upgrade() else { return };
+            state.upstream.refresh().await;
+        }
+    });
     let data = web::Data::new(state);
     Ok(HttpServer::new(move || App::new().app_data(data.clone()).configure(http::routes))
         .workers(workers)

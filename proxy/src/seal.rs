@@ -1,54 +1,265 @@
-//! Turning app bodies into the envelopes that travel through the broker, and back.
+//! App bodies ↔ sealed envelopes, at the edge of the proxy (scheme: `photon::crypto::e2e`).
 //!
-//! Today the envelope is `plain`; the end-to-end encryption issue replaces what is inside
-//! without changing the callers or anything else on the wire.
+//! Sealing: the recipients are this proxy plus the proxy of every app in `to`; each one's
+//! certificate must be valid, or the answer is `424` with the ProxyIds that lack one.
+//! Opening: a message is handed to an app only if its envelope verifies under the key the
+//! sender's certificate gives, it is addressed to that app, and (tasks) the broker did not
+//! stretch its lifetime. Anything else is refused, logged and counted in [`Refusals`].
+//! Bodies over [`INLINE_LIMIT`] are sealed and opened on the blocking pool, off the workers.
 
-use std::sync::Arc;
+use std::{collections::BTreeMap, sync::Arc};
 
+use actix_web::web;
+use futures_util::future::join_all;
+use parking_lot::Mutex;
 use photon::{
+    crypto::{
+        e2e::{self, KeyId, Recipient, SealError, Subject},
+        unix_millis,
+    },
     http::ApiError,
     wire::{
         app::{Task, TaskResult},
         broker::{Envelope, WireResult, WireTask},
+        AppId, ProxyId,
     },
 };
 use serde_json::{value::RawValue, Value};
+use uuid::Uuid;
 
-/// Why an incoming envelope was refused (never handed to an app).
+use crate::{
+    keyring::{Peer, PeerError},
+    upstream::Upstream,
+};
+
+/// Bodies (or ciphertexts) larger than this are sealed and opened on the blocking pool.
+pub const INLINE_LIMIT: usize = 64 * 1024;
+/// How far the creator's clock may be off when checking that a task has not expired.
+const CLOCK_SKEW_MS: u64 = 300_000;
+
+/// Why an incoming message was refused (never handed to an app).
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
+    #[error("{0}")]
+    Seal(#[from] SealError),
+    #[error("{0}")]
+    Peer(#[from] PeerError),
     #[error("malformed envelope: {0}")]
     Malformed(String),
+    #[error("no envelope: unsealed messages are refused")]
+    Unsealed,
+    #[error("the broker gives a longer lifetime ({broker_ms} ms) than the creator sealed ({sealed_ms} ms)")]
+    TtlExtended { broker_ms: u64, sealed_ms: u64 },
+    #[error("expired by the lifetime its creator sealed")]
+    Expired,
+    #[error("a result for task {got} where task {want} was asked for")]
+    WrongTask { got: Uuid, want: Uuid },
+    #[error("not addressed to {0}")]
+    NotAddressed(AppId),
 }
 
-pub fn seal(body: &Value) -> Result<Arc<RawValue>, ApiError> {
-    let raw = serde_json::value::to_raw_value(&Envelope::Plain { data: body.clone() })
-        .map_err(|e| ApiError::BadRequest(format!("cannot encode the body: {e}")))?;
-    Ok(Arc::from(raw))
-}
-
-pub fn open(envelope: &RawValue) -> Result<Value, OpenError> {
-    match serde_json::from_str::<Envelope>(envelope.get()).map_err(|e| OpenError::Malformed(e.to_string()))? {
-        Envelope::Plain { data } => Ok(data),
+impl OpenError {
+    /// A short name for counters.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Seal(e) => e.reason(),
+            Self::Peer(PeerError::NoCertificate(_)) => "no_certificate",
+            Self::Peer(PeerError::Expired(_)) => "certificate_expired",
+            Self::Peer(PeerError::Revoked(_)) => "certificate_revoked",
+            Self::Peer(PeerError::Invalid(..)) => "certificate_invalid",
+            Self::Peer(PeerError::UnknownKey(_)) => "unknown_key",
+            Self::Peer(PeerError::Unreachable(..)) => "certificate_unreachable",
+            Self::Malformed(_) => "malformed",
+            Self::Unsealed => "unsealed",
+            Self::TtlExtended { .. } => "ttl_extended",
+            Self::Expired => "expired",
+            Self::WrongTask { .. } => "wrong_task",
+            Self::NotAddressed(_) => "not_addressed",
+        }
     }
 }
 
-/// The task as the app sees it: body opened, `ttl` the whole seconds left.
-pub fn open_task(task: WireTask) -> Result<Task, OpenError> {
+/// Messages refused since start, by reason (operators see them on `/v1/health`).
+#[derive(Default)]
+pub struct Refusals(Mutex<BTreeMap<&'static str, u64>>);
+
+impl Refusals {
+    pub fn count(&self, e: &OpenError) {
+        *self.0.lock().entry(e.reason()).or_default() += 1;
+    }
+
+    pub fn snapshot(&self) -> BTreeMap<&'static str, u64> {
+        self.0.lock().clone()
+    }
+}
+
+/// Runs CPU-heavy crypto on the blocking pool when `size` is large, inline otherwise.
+async fn crypto<T: Send + 'static>(size: usize, f: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
+    if size <= INLINE_LIMIT {
+        return Ok(f());
+    }
+    web::block(f).await.map_err(|e| ApiError::Unavailable(format!("crypto pool: {e}")))
+}
+
+pub fn task_subject(t: &WireTask) -> Subject<'_> {
+    Subject::Task { id: t.id, from: &t.from, to: &t.to, failure_strategy: &t.failure_strategy, metadata: &t.metadata }
+}
+
+pub fn result_subject(r: &WireResult) -> Subject<'_> {
+    Subject::Result { task: r.task, from: &r.from, to: &r.to, status: r.status, metadata: &r.metadata }
+}
+
+/// Removes repeated apps from `to`, keeping the first of each (the broker does the same, and
+/// `to` is sealed as sent).
+pub fn dedup(to: &mut Vec<AppId>) {
+    let mut seen = std::collections::HashSet::new();
+    to.retain(|app| seen.insert(app.clone()));
+}
+
+/// This proxy and the proxies of `to`, each with its pairwise keys; `424` lists those without
+/// a valid certificate.
+async fn recipients(up: &Upstream, to: &[AppId]) -> Result<Vec<Arc<Peer>>, ApiError> {
+    let mut proxies: Vec<ProxyId> = vec![up.keys.me().clone()];
+    for app in to {
+        let p = app.proxy_id();
+        if !proxies.contains(&p) {
+            proxies.push(p);
+        }
+    }
+    let found = join_all(proxies.iter().map(|p| up.peer(p, None))).await;
+    let mut peers = Vec::with_capacity(found.len());
+    let mut missing = Vec::new();
+    for r in found {
+        match r {
+            Ok(peer) => peers.push(peer),
+            Err(e) => match e.proxy_without_certificate() {
+                Some(p) => missing.push(p.clone()),
+                None => return Err(ApiError::BadGateway(e.to_string())),
+            },
+        }
+    }
+    if !missing.is_empty() {
+        return Err(ApiError::MissingCerts(missing));
+    }
+    Ok(peers)
+}
+
+fn seal_with(
+    subject: &Subject<'_>,
+    sender: KeyId,
+    ttl_ms: Option<u64>,
+    peers: &[Arc<Peer>],
+    plaintext: &[u8],
+) -> Arc<RawValue> {
+    let rs: Vec<Recipient<'_>> =
+        peers.iter().map(|p| Recipient { proxy: &p.proxy, kid: p.kid, key: &p.to_peer }).collect();
+    let env = e2e::seal(subject, sender, unix_millis(), ttl_ms, &rs, plaintext);
+    Arc::from(serde_json::value::to_raw_value(&env).expect("envelopes serialize"))
+}
+
+/// Seals `body` into `task.body` (`task` holds every other field already; `to` deduplicated).
+pub async fn seal_task(up: &Upstream, task: &mut WireTask, body: &Value) -> Result<(), ApiError> {
+    dedup(&mut task.to);
+    let peers = recipients(up, &task.to).await?;
+    let plaintext = serde_json::to_vec(body).expect("JSON values serialize");
+    let sender = up.keys.own().kid;
+    let header = task.clone();
+    task.body = crypto(plaintext.len(), move || {
+        seal_with(&task_subject(&header), sender, Some(header.ttl_ms), &peers, &plaintext)
+    })
+    .await?;
+    Ok(())
+}
+
+/// Seals `body` (an absent body is sealed too, so every field stays covered) into
+/// `result.body`.
+pub async fn seal_result(up: &Upstream, result: &mut WireResult, body: Option<&Value>) -> Result<(), ApiError> {
+    dedup(&mut result.to);
+    let peers = recipients(up, &result.to).await?;
+    // An absent body seals as empty bytes, which no JSON value serializes to.
+    let plaintext = body.map(|b| serde_json::to_vec(b).expect("JSON values serialize")).unwrap_or_default();
+    let sender = up.keys.own().kid;
+    let header = result.clone();
+    result.body = Some(
+        crypto(plaintext.len(), move || seal_with(&result_subject(&header), sender, None, &peers, &plaintext)).await?,
+    );
+    Ok(())
+}
+
+/// Checks and opens the envelope of a message from `from`: the sender's key (certificate
+/// valid, unrevoked) and this proxy's wrapped key must verify every covered field.
+async fn open_envelope<M: Send + Sync + 'static>(
+    up: &Upstream,
+    message: Arc<M>,
+    raw: Option<&RawValue>,
+    from: &AppId,
+    subject: fn(&M) -> Subject<'_>,
+) -> Result<(Envelope, Vec<u8>), OpenError> {
+    let raw = raw.ok_or(OpenError::Unsealed)?;
+    let env: Envelope = serde_json::from_str(raw.get()).map_err(|e| OpenError::Malformed(e.to_string()))?;
+    let wrap = e2e::wrap_for(&env, up.keys.me())?;
+    let my_kid = KeyId::parse(&wrap.k)?;
+    let mine = up.keys.own_by_kid(&my_kid).ok_or(SealError::NotForUs)?;
+    let sender = up.peer(&from.proxy_id(), Some(KeyId::parse(&env.sk)?)).await?;
+    let size = env.ct.len();
+    let keys = up.keys.open_key(&mine, sender);
+    crypto(size, move || {
+        let wrap = e2e::wrap_for(&env, &keys.me)?;
+        let plaintext = e2e::open(&env, &subject(&message), wrap, keys.key())?;
+        Ok((env, plaintext))
+    })
+    .await
+    .map_err(|e| OpenError::Malformed(e.to_string()))?
+}
+
+fn json_body(plaintext: &[u8]) -> Result<Value, OpenError> {
+    serde_json::from_slice(plaintext).map_err(|e| OpenError::Malformed(format!("sealed body is not JSON: {e}")))
+}
+
+/// The task as the app `caller` sees it, if it verifies and is addressed to or from `caller`.
+pub async fn open_task(up: &Upstream, caller: &AppId, task: Arc<WireTask>) -> Result<Task, OpenError> {
+    if &task.from != caller && !task.to.contains(caller) {
+        return Err(OpenError::NotAddressed(caller.clone()));
+    }
+    let (env, plaintext) = open_envelope(up, task.clone(), Some(&task.body), &task.from, task_subject).await?;
+    let sealed_ms = env.ttl_ms.ok_or(OpenError::Malformed("a task envelope without ttl_ms".into()))?;
+    if task.ttl_ms > sealed_ms {
+        return Err(OpenError::TtlExtended { broker_ms: task.ttl_ms, sealed_ms });
+    }
+    if env.ts.saturating_add(sealed_ms).saturating_add(CLOCK_SKEW_MS) < unix_millis() {
+        return Err(OpenError::Expired);
+    }
     Ok(Task {
-        body: open(&task.body)?,
+        body: json_body(&plaintext)?,
         id: task.id,
-        from: task.from,
-        to: task.to,
+        from: task.from.clone(),
+        to: task.to.clone(),
         ttl: (task.ttl_ms / 1000).to_string(),
-        failure_strategy: task.failure_strategy,
-        metadata: task.metadata,
+        failure_strategy: task.failure_strategy.clone(),
+        metadata: task.metadata.clone(),
     })
 }
 
-pub fn open_result(result: &WireResult) -> Result<TaskResult, OpenError> {
+/// A result of task `task_id` as its creator `caller` sees it, if it verifies.
+pub async fn open_result(
+    up: &Upstream,
+    caller: &AppId,
+    task_id: Uuid,
+    result: Arc<WireResult>,
+) -> Result<TaskResult, OpenError> {
+    if result.task != task_id {
+        return Err(OpenError::WrongTask { got: result.task, want: task_id });
+    }
+    if !result.to.contains(caller) {
+        return Err(OpenError::NotAddressed(caller.clone()));
+    }
+    let (env, plaintext) =
+        open_envelope(up, result.clone(), result.body.as_deref(), &result.from, result_subject).await?;
+    if env.ttl_ms.is_some() {
+        return Err(OpenError::Malformed("a result envelope with ttl_ms".into()));
+    }
     Ok(TaskResult {
-        body: result.body.as_deref().map(open).transpose()?,
+        body: if plaintext.is_empty() { None } else { Some(json_body(&plaintext)?) },
         from: result.from.clone(),
         to: result.to.clone(),
         task: result.task,

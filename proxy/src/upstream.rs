@@ -1,14 +1,22 @@
 //! The proxy's only connection: outbound HTTP to the broker (through `HTTPS_PROXY`/`HTTP_PROXY`
 //! when set — reqwest reads them). Keeps one authenticated session, opened with a signed
-//! handshake and renewed before it runs out, and signs every request with it.
+//! handshake and renewed before it runs out, and signs every request with it. Also fetches
+//! what the [`Keyring`] needs: peers' certificates, the revocation list, and this proxy's own
+//! renewed certificate.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
 use parking_lot::RwLock;
 use photon::{
     crypto::{
+        ca,
         cert::VerifiedCert,
+        e2e::KeyId,
         session::{self, ClientSession, Identity},
         unix_millis, CryptoError, RootCert,
     },
@@ -19,6 +27,12 @@ use photon::{
     },
 };
 use reqwest::{Method, StatusCode};
+
+use crate::keyring::{Keyring, Own, Peer, PeerError};
+
+/// After a fetched certificate did not carry the key a message names, that peer is not asked
+/// for again for this long (a flood of messages naming unknown keys can't flood the broker).
+const REFETCH_AFTER: Duration = Duration::from_secs(1);
 
 /// Why talking to the broker failed.
 #[derive(Debug, thiserror::Error)]
@@ -60,27 +74,39 @@ impl From<UpstreamError> for ApiError {
     }
 }
 
+/// Where this proxy's own key and certificate come from; read again on every refresh, so a
+/// renewed certificate (or a new key with its certificate) is taken up without a restart.
+#[derive(Clone, Debug)]
+pub struct OwnFiles {
+    pub privkey_file: PathBuf,
+    /// Without it, the certificate is fetched from the broker.
+    pub cert_file: Option<PathBuf>,
+}
+
 pub struct Upstream {
     http: reqwest::Client,
     base: String,
     broker_id: String,
-    root: RootCert,
-    identity: Identity,
+    files: OwnFiles,
+    pub keys: Keyring,
     session: RwLock<Option<Arc<ClientSession>>>,
     /// Serializes handshakes so a burst of requests makes one session, not many.
     handshake: tokio::sync::Mutex<()>,
+    /// When each peer's certificate was last fetched because of an unknown key id.
+    refetched: dashmap::DashMap<ProxyId, Instant>,
 }
 
 impl Upstream {
-    /// Loads the key and root; the certificate comes from `cert_file` or, without one, from
-    /// the broker (checked against the root and against the private key either way).
+    /// Loads the key and root; the certificate comes from `files.cert_file` or, without one,
+    /// from the broker (checked against the root and against the private key either way).
+    /// Peer certificates older than `max_age` are fetched again.
     pub async fn connect(
         broker_url: &str,
         broker_id: &str,
         proxy_id: &ProxyId,
-        key_pem: &str,
+        files: OwnFiles,
         root: RootCert,
-        cert_pem: Option<String>,
+        max_age: Duration,
     ) -> Result<Self, UpstreamError> {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
@@ -88,36 +114,90 @@ impl Upstream {
             .pool_idle_timeout(Duration::from_secs(60))
             .build()
             .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
-        let cert_pem = match cert_pem {
-            Some(pem) => pem,
-            None => {
-                let url = format!("{broker_url}/v1/certs/{proxy_id}");
-                let res = http.get(url).timeout(Duration::from_secs(10)).send().await?;
-                if !res.status().is_success() {
-                    return Err(UpstreamError::Refused(format!(
-                        "no certificate for {proxy_id} at the broker ({}); sign this proxy's CSR with `photon-broker ca sign`",
-                        res.status()
-                    )));
-                }
-                res.text().await?
-            }
-        };
-        let cert: VerifiedCert = root.verify(&cert_pem, (unix_millis() / 1000) as i64)?;
-        if cert.subject != proxy_id.as_str() {
-            return Err(
-                CryptoError::Certificate(format!("the certificate names {:?}, not {proxy_id}", cert.subject)).into()
-            );
-        }
-        let identity = Identity::new(key_pem, cert_pem, &cert)?;
+        let own = load_own(&http, broker_url, proxy_id, &files, &root).await?;
         Ok(Self {
             http,
             base: broker_url.to_owned(),
             broker_id: broker_id.to_owned(),
-            root,
-            identity,
+            files,
+            keys: Keyring::new(proxy_id.clone(), root, own, max_age),
             session: RwLock::new(None),
             handshake: tokio::sync::Mutex::new(()),
+            refetched: dashmap::DashMap::new(),
         })
+    }
+
+    /// GETs an unauthenticated broker resource (certificates, the revocation list).
+    async fn fetch(&self, path: &str) -> Result<Option<String>, UpstreamError> {
+        let res = self.http.get(format!("{}{path}", self.base)).timeout(Duration::from_secs(10)).send().await?;
+        match res.status() {
+            StatusCode::OK => Ok(Some(res.text().await?)),
+            StatusCode::NOT_FOUND => Ok(None),
+            other => Err(UpstreamError::Refused(format!("{path} answered {other}"))),
+        }
+    }
+
+    /// A peer's certificate and pairwise keys: from the cache while fresh, else fetched from the
+    /// broker and verified. With `want`, the certificate must carry that key (a message names
+    /// it); a peer that rotated is fetched again, at most once per [`REFETCH_AFTER`].
+    pub async fn peer(&self, proxy: &ProxyId, want: Option<KeyId>) -> Result<Arc<Peer>, PeerError> {
+        if let Some(peer) = self.keys.fresh(proxy, want) {
+            return Ok(peer);
+        }
+        if want.is_some() && self.refetched.get(proxy).is_some_and(|t| t.elapsed() < REFETCH_AFTER) {
+            return Err(PeerError::UnknownKey(proxy.clone()));
+        }
+        let fetched = match self.fetch(&format!("/v1/certs/{proxy}")).await {
+            Ok(Some(pem)) => self.keys.install(proxy, &pem),
+            Ok(None) => Err(PeerError::NoCertificate(proxy.clone())),
+            Err(e) => match self.keys.stale(proxy) {
+                Some(peer) if want.is_none() => {
+                    tracing::warn!(peer = %proxy, error = %e, "using a cached certificate; the broker did not answer");
+                    return Ok(peer);
+                }
+                _ => return Err(PeerError::Unreachable(proxy.clone(), e.to_string())),
+            },
+        };
+        let peer = fetched?;
+        match want {
+            Some(kid) if kid != peer.kid => self.keys.fresh(proxy, Some(kid)).ok_or_else(|| {
+                self.refetched.insert(proxy.clone(), Instant::now());
+                PeerError::UnknownKey(proxy.clone())
+            }),
+            _ => Ok(peer),
+        }
+    }
+
+    /// Fetches the revocation list and this proxy's own certificate and key again. Called
+    /// every `CERT_REFRESH`; a failure is logged and the old state kept.
+    pub async fn refresh(&self) {
+        match self.fetch("/v1/crl").await {
+            Ok(Some(pem)) => match self.keys.root().verify_crl(&pem) {
+                Ok(crl) => {
+                    let number = crl.number;
+                    if self.keys.set_crl(crl) {
+                        tracing::info!(number, "revocation list updated");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "the broker served a revocation list that does not verify"),
+            },
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot fetch the revocation list"),
+        }
+        let me = self.keys.me().clone();
+        match load_own(&self.http, &self.base, &me, &self.files, self.keys.root()).await {
+            Ok(own) if *own.cert.pem != *self.keys.own().cert.pem => {
+                tracing::info!(serial = %own.cert.serial, "own certificate renewed; using it from now on");
+                self.keys.rotate(own);
+                if let Some(s) = self.session.read().clone() {
+                    self.forget(&s);
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reload this proxy's key and certificate; keeping the current ones")
+            }
+        }
     }
 
     fn current(&self) -> Option<Arc<ClientSession>> {
@@ -132,7 +212,8 @@ impl Upstream {
         if let Some(s) = self.current() {
             return Ok(s);
         }
-        let pending = session::client_hello(&self.identity, &self.broker_id);
+        let identity = self.keys.own().identity.clone();
+        let pending = session::client_hello(&identity, &self.broker_id);
         let res = self
             .http
             .post(format!("{}/v1/session", self.base))
@@ -146,8 +227,8 @@ impl Upstream {
             return Err(UpstreamError::Refused(format!("handshake answered {status}: {reason}")));
         }
         let accept: SessionAccept = res.json().await?;
-        let s = Arc::new(session::client_finish(pending, &accept, &self.root, &self.broker_id)?);
-        tracing::info!(proxy = %self.identity.id, "session with the broker opened");
+        let s = Arc::new(session::client_finish(pending, &accept, self.keys.root(), &self.broker_id)?);
+        tracing::info!(proxy = %identity.id, "session with the broker opened");
         *self.session.write() = Some(s.clone());
         Ok(s)
     }
@@ -220,4 +301,38 @@ impl Upstream {
             Err(UpstreamError::Refused(format!("broker health answered {}", res.status())))
         }
     }
+}
+
+/// Reads this proxy's key and certificate (from `CERT_FILE`, or from the broker) and checks the
+/// certificate against the root, its CN against `proxy_id` and its key against the private key.
+async fn load_own(
+    http: &reqwest::Client,
+    broker_url: &str,
+    proxy_id: &ProxyId,
+    files: &OwnFiles,
+    root: &RootCert,
+) -> Result<Own, UpstreamError> {
+    let key_pem = ca::read_to_string(&files.privkey_file)?;
+    let cert_pem = match &files.cert_file {
+        Some(path) => ca::read_to_string(path)?,
+        None => {
+            let url = format!("{broker_url}/v1/certs/{proxy_id}");
+            let res = http.get(url).timeout(Duration::from_secs(10)).send().await?;
+            if !res.status().is_success() {
+                return Err(UpstreamError::Refused(format!(
+                    "no certificate for {proxy_id} at the broker ({}); sign this proxy's CSR with `photon-broker ca sign`",
+                    res.status()
+                )));
+            }
+            res.text().await?
+        }
+    };
+    let cert: VerifiedCert = root.verify(&cert_pem, (unix_millis() / 1000) as i64)?;
+    if cert.subject != proxy_id.as_str() {
+        return Err(
+            CryptoError::Certificate(format!("the certificate names {:?}, not {proxy_id}", cert.subject)).into()
+        );
+    }
+    let identity = Identity::new(&key_pem, cert_pem, &cert)?;
+    Ok(Own::new(identity, cert))
 }

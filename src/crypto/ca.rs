@@ -3,7 +3,8 @@
 //! Nothing external is needed.
 //!
 //! Layout of a CA directory: `root.key` (0600), `root.crt`, `broker.key` (0600), `broker.crt`,
-//! `certs/<proxy id>.crt` for every issued proxy certificate (the broker serves these).
+//! `certs/<proxy id>.crt` for every issued proxy certificate (the broker serves these), and
+//! `crl.pem`, the root-signed revocation list (`ca revoke` adds to it; the broker serves it).
 
 use std::{
     fs,
@@ -12,8 +13,9 @@ use std::{
 };
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType, DnValue, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SerialNumber, PKCS_ECDSA_P256_SHA256,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, CertificateSigningRequestParams,
+    DistinguishedName, DnType, DnValue, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevokedCertParams,
+    SerialNumber, PKCS_ECDSA_P256_SHA256,
 };
 use time::{Duration as TimeDuration, OffsetDateTime};
 
@@ -25,6 +27,7 @@ pub const ROOT_CERT: &str = "root.crt";
 pub const BROKER_KEY: &str = "broker.key";
 pub const BROKER_CERT: &str = "broker.crt";
 pub const CERTS_DIR: &str = "certs";
+pub const CRL_FILE: &str = "crl.pem";
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CryptoError + '_ {
     move |source| CryptoError::Io { path: path.display().to_string(), source }
@@ -54,14 +57,28 @@ fn random_serial() -> SerialNumber {
     SerialNumber::from_slice(&bytes)
 }
 
-fn leaf_params(common_name: &str, days: u32) -> CertificateParams {
+/// A certificate's validity: from `not_before` to `not_after`.
+#[derive(Debug, Clone, Copy)]
+pub struct Validity {
+    pub not_before: OffsetDateTime,
+    pub not_after: OffsetDateTime,
+}
+
+impl Validity {
+    /// From five minutes ago (clock skew) for `days` days.
+    pub fn days(days: u32) -> Self {
+        let now = OffsetDateTime::now_utc();
+        Self { not_before: now - TimeDuration::minutes(5), not_after: now + TimeDuration::days(days.into()) }
+    }
+}
+
+fn leaf_params(common_name: &str, validity: Validity) -> CertificateParams {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, common_name);
     params.distinguished_name = dn;
-    let now = OffsetDateTime::now_utc();
-    params.not_before = now - TimeDuration::minutes(5);
-    params.not_after = now + TimeDuration::days(days.into());
+    params.not_before = validity.not_before;
+    params.not_after = validity.not_after;
     params.serial_number = Some(random_serial());
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyAgreement];
@@ -80,7 +97,7 @@ pub fn init(dir: &Path, broker_id: &str, days: u32) -> Result<(), CryptoError> {
     }
     fs::create_dir_all(dir.join(CERTS_DIR)).map_err(io_err(dir))?;
     let root_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(rc)?;
-    let mut params = leaf_params(&format!("Photon root CA for {broker_id}"), days);
+    let mut params = leaf_params(&format!("Photon root CA for {broker_id}"), Validity::days(days));
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let root_cert = params.self_signed(&root_key).map_err(rc)?;
@@ -89,9 +106,17 @@ pub fn init(dir: &Path, broker_id: &str, days: u32) -> Result<(), CryptoError> {
 
     let issuer = Issuer::new(params, root_key);
     let broker_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(rc)?;
-    let broker_cert = leaf_params(broker_id, days).signed_by(&broker_key, &issuer).map_err(rc)?;
+    let broker_cert = leaf_params(broker_id, Validity::days(days)).signed_by(&broker_key, &issuer).map_err(rc)?;
     write_private(&dir.join(BROKER_KEY), &broker_key.serialize_pem())?;
-    fs::write(dir.join(BROKER_CERT), broker_cert.pem()).map_err(io_err(dir))
+    fs::write(dir.join(BROKER_CERT), broker_cert.pem()).map_err(io_err(dir))?;
+    write_crl(dir, &issuer, 1, Vec::new())
+}
+
+fn load_issuer(dir: &Path) -> Result<Issuer<'static, KeyPair>, CryptoError> {
+    let root_key_pem = read_to_string(&dir.join(ROOT_KEY))?;
+    let root_cert_pem = read_to_string(&dir.join(ROOT_CERT))?;
+    let root_key = KeyPair::from_pem(&root_key_pem).map_err(|e| CryptoError::Key(e.to_string()))?;
+    Issuer::from_ca_cert_pem(&root_cert_pem, root_key).map_err(rc)
 }
 
 /// `photon-proxy keygen`: a fresh P-256 private key (PKCS#8 PEM) and a CSR with CN = proxy id.
@@ -107,6 +132,16 @@ pub fn keygen(proxy_id: &ProxyId) -> Result<(String, String), CryptoError> {
 /// `broker_id`, then issues a certificate with only the CA's own choice of extensions and
 /// writes it to `certs/<proxy id>.crt`. Returns the proxy id and the certificate's path.
 pub fn sign(dir: &Path, broker_id: &str, csr_pem: &str, days: u32) -> Result<(ProxyId, PathBuf), CryptoError> {
+    sign_valid(dir, broker_id, csr_pem, Validity::days(days))
+}
+
+/// [`sign`] with an explicit validity (short-lived or already expired certificates in tests).
+pub fn sign_valid(
+    dir: &Path,
+    broker_id: &str,
+    csr_pem: &str,
+    validity: Validity,
+) -> Result<(ProxyId, PathBuf), CryptoError> {
     let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| CryptoError::Csr(e.to_string()))?;
     let cn = match csr.params.distinguished_name.get(&DnType::CommonName) {
         Some(DnValue::Utf8String(s)) => s.clone(),
@@ -116,16 +151,69 @@ pub fn sign(dir: &Path, broker_id: &str, csr_pem: &str, days: u32) -> Result<(Pr
     let proxy_id = ProxyId::parse(&cn).map_err(|e| CryptoError::Csr(e.to_string()))?;
     proxy_id.within(broker_id).map_err(|e| CryptoError::Csr(e.to_string()))?;
 
-    let root_key_pem = read_to_string(&dir.join(ROOT_KEY))?;
-    let root_cert_pem = read_to_string(&dir.join(ROOT_CERT))?;
-    let root_key = KeyPair::from_pem(&root_key_pem).map_err(|e| CryptoError::Key(e.to_string()))?;
-    let issuer = Issuer::from_ca_cert_pem(&root_cert_pem, root_key).map_err(rc)?;
-    let request =
-        CertificateSigningRequestParams { params: leaf_params(proxy_id.as_str(), days), public_key: csr.public_key };
+    let issuer = load_issuer(dir)?;
+    let request = CertificateSigningRequestParams {
+        params: leaf_params(proxy_id.as_str(), validity),
+        public_key: csr.public_key,
+    };
     let cert = request.signed_by(&issuer).map_err(rc)?;
     let certs = dir.join(CERTS_DIR);
     fs::create_dir_all(&certs).map_err(io_err(&certs))?;
     let path = certs.join(format!("{proxy_id}.crt"));
     fs::write(&path, cert.pem()).map_err(io_err(&path))?;
     Ok((proxy_id, path))
+}
+
+/// Writes `crl.pem`: the root-signed list of revoked serials, numbered `number`. Replaced
+/// atomically (write, then rename) so a reader never sees half a list.
+fn write_crl(dir: &Path, issuer: &Issuer<'_, KeyPair>, number: u64, serials: Vec<Vec<u8>>) -> Result<(), CryptoError> {
+    let now = OffsetDateTime::now_utc();
+    let params = CertificateRevocationListParams {
+        this_update: now,
+        // Proxies rely on the CRL number, not on dates, to refuse an older list.
+        next_update: now + TimeDuration::days(3650),
+        crl_number: SerialNumber::from_slice(&number.to_be_bytes()),
+        issuing_distribution_point: None,
+        revoked_certs: serials
+            .into_iter()
+            .map(|serial| RevokedCertParams {
+                serial_number: SerialNumber::from_slice(&serial),
+                revocation_time: now,
+                reason_code: None,
+                invalidity_date: None,
+            })
+            .collect(),
+        key_identifier_method: KeyIdMethod::Sha256,
+    };
+    let pem = params.signed_by(issuer).map_err(rc)?.pem().map_err(rc)?;
+    let tmp = dir.join(format!("{CRL_FILE}.tmp"));
+    fs::write(&tmp, pem).map_err(io_err(&tmp))?;
+    let path = dir.join(CRL_FILE);
+    fs::rename(&tmp, &path).map_err(io_err(&path))
+}
+
+/// `photon-broker ca revoke`: adds the serial of `certs/<proxy id>.crt` to the revocation list
+/// and signs a new list with the next number. Returns the revoked serial (hex).
+pub fn revoke(dir: &Path, proxy_id: &ProxyId) -> Result<String, CryptoError> {
+    let issuer = load_issuer(dir)?;
+    let root = super::RootCert::load(&dir.join(ROOT_CERT))?;
+    let cert_path = dir.join(CERTS_DIR).join(format!("{proxy_id}.crt"));
+    let serial = super::cert::serial_of(&read_to_string(&cert_path)?)?;
+    let (number, mut serials) = match read_to_string(&dir.join(CRL_FILE)) {
+        Ok(pem) => {
+            let crl = root.verify_crl(&pem)?;
+            (crl.number, crl.serials_der)
+        }
+        Err(_) => (0, Vec::new()),
+    };
+    if !serials.contains(&serial) {
+        serials.push(serial.clone());
+    }
+    write_crl(dir, &issuer, number + 1, serials)?;
+    Ok(hex_serial(&serial))
+}
+
+/// A serial as `VerifiedCert::serial` and the CRL spell it: lowercase hex pairs joined by `:`.
+pub fn hex_serial(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }

@@ -1,10 +1,13 @@
 //! Certificate checks against the pinned root: signature, validity period, subject (the proxy
-//! or broker id) and the P-256 public key inside.
+//! or broker id) and the P-256 public key inside; and the root-signed revocation list.
 
-use std::{path::Path, sync::Arc};
+use std::{collections::HashSet, path::Path, sync::Arc};
 
 use p256::PublicKey;
-use x509_parser::{certificate::X509Certificate, pem::parse_x509_pem, prelude::FromDer, time::ASN1Time};
+use x509_parser::{
+    certificate::X509Certificate, pem::parse_x509_pem, prelude::FromDer, revocation_list::CertificateRevocationList,
+    time::ASN1Time,
+};
 
 use super::CryptoError;
 
@@ -13,11 +16,27 @@ fn bad(msg: impl Into<String>) -> CryptoError {
 }
 
 fn pem_to_der(pem: &str) -> Result<Vec<u8>, CryptoError> {
-    let (_, pem) = parse_x509_pem(pem.as_bytes()).map_err(|_| bad("not a PEM certificate"))?;
-    if pem.label != "CERTIFICATE" {
-        return Err(bad(format!("expected a CERTIFICATE, found {}", pem.label)));
+    pem_of(pem, "CERTIFICATE")
+}
+
+fn pem_of(pem: &str, label: &str) -> Result<Vec<u8>, CryptoError> {
+    let (_, pem) = parse_x509_pem(pem.as_bytes()).map_err(|_| bad(format!("not a PEM {label}")))?;
+    if pem.label != label {
+        return Err(bad(format!("expected a {label}, found {}", pem.label)));
     }
     Ok(pem.contents)
+}
+
+/// A serial number without the leading zero bytes DER may add, so certificate and CRL agree.
+fn normal_serial(raw: &[u8]) -> Vec<u8> {
+    let start = raw.iter().position(|b| *b != 0).unwrap_or(raw.len().saturating_sub(1));
+    raw[start..].to_vec()
+}
+
+/// The serial number of a certificate (not verified; for the CA's own files).
+pub fn serial_of(pem: &str) -> Result<Vec<u8>, CryptoError> {
+    let der = pem_to_der(pem)?;
+    Ok(normal_serial(parse(&der)?.raw_serial()))
 }
 
 fn parse(der: &[u8]) -> Result<X509Certificate<'_>, CryptoError> {
@@ -71,10 +90,47 @@ impl RootCert {
         Ok(VerifiedCert {
             subject,
             public_key,
+            not_before_unix: cert.validity().not_before.timestamp(),
             not_after_unix: cert.validity().not_after.timestamp(),
-            serial: cert.raw_serial_as_string(),
+            serial: super::ca::hex_serial(&normal_serial(cert.raw_serial())),
             pem: Arc::from(pem),
         })
+    }
+
+    /// Checks a revocation list was signed by this root and reads it.
+    pub fn verify_crl(&self, pem: &str) -> Result<Crl, CryptoError> {
+        let root = parse(&self.der)?;
+        let der = pem_of(pem, "X509 CRL")?;
+        let (_, crl) =
+            CertificateRevocationList::from_der(&der).map_err(|e| bad(format!("unparsable revocation list: {e}")))?;
+        if crl.issuer().as_raw() != root.subject().as_raw() {
+            return Err(bad("revocation list not issued by the pinned root"));
+        }
+        crl.verify_signature(root.public_key()).map_err(|_| bad("revocation list signature does not verify"))?;
+        let number = crl
+            .crl_number()
+            .and_then(|n| u64::try_from(n).ok())
+            .ok_or_else(|| bad("revocation list without a usable CRL number"))?;
+        let serials_der: Vec<Vec<u8>> =
+            crl.iter_revoked_certificates().map(|r| normal_serial(r.raw_serial())).collect();
+        let serials = serials_der.iter().map(|s| super::ca::hex_serial(s)).collect();
+        Ok(Crl { number, serials, serials_der, pem: Arc::from(pem) })
+    }
+}
+
+/// A verified revocation list: its number (only ever grows) and the revoked serials.
+#[derive(Clone, Debug)]
+pub struct Crl {
+    pub number: u64,
+    /// Serials as [`VerifiedCert::serial`] spells them.
+    pub serials: HashSet<String>,
+    pub serials_der: Vec<Vec<u8>>,
+    pub pem: Arc<str>,
+}
+
+impl Crl {
+    pub fn revokes(&self, cert: &VerifiedCert) -> bool {
+        self.serials.contains(&cert.serial)
     }
 }
 
@@ -83,6 +139,7 @@ impl RootCert {
 pub struct VerifiedCert {
     pub subject: String,
     pub public_key: PublicKey,
+    pub not_before_unix: i64,
     pub not_after_unix: i64,
     pub serial: String,
     pub pem: Arc<str>,
@@ -90,7 +147,7 @@ pub struct VerifiedCert {
 
 impl VerifiedCert {
     pub fn is_valid_at(&self, now_unix: i64) -> bool {
-        now_unix <= self.not_after_unix
+        self.not_before_unix <= now_unix && now_unix <= self.not_after_unix
     }
 }
 
@@ -123,6 +180,13 @@ mod tests {
         // A CSR for another federation is refused.
         let (_, csr) = ca::keygen(&ProxyId::parse("proxy1.elsewhere").unwrap()).unwrap();
         assert!(ca::sign(&dir, "broker", &csr, 30).is_err());
+        // Revocation: the new list names the serial, has a higher number and verifies.
+        let before = root.verify_crl(&std::fs::read_to_string(dir.join(ca::CRL_FILE)).unwrap()).unwrap();
+        assert!(!before.revokes(&cert));
+        ca::revoke(&dir, &id).unwrap();
+        let after = root.verify_crl(&std::fs::read_to_string(dir.join(ca::CRL_FILE)).unwrap()).unwrap();
+        assert!(after.revokes(&cert) && after.number == before.number + 1);
+        assert!(other_root.verify_crl(&after.pem).is_err());
         // Garbage is an error, not a panic.
         assert!(root.verify("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", now).is_err());
         let _ = std::fs::remove_dir_all(dir);

@@ -5,6 +5,7 @@
 pub mod ca;
 pub mod cert;
 pub mod directory;
+pub mod e2e;
 pub mod session;
 
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -234,6 +234,8 @@ pub enum AuthError {
 
 struct ServerSession {
     proxy: ProxyId,
+    /// The serial of the certificate the session was opened with (for revocation).
+    serial: String,
     key: [u8; 32],
     expires_at: Instant,
     window: Mutex<ReplayWindow>,
@@ -261,19 +263,29 @@ impl SessionStore {
         &self.root
     }
 
-    /// Checks a proxy's hello and opens a session for it.
-    pub fn accept(&self, hello: &SessionHello) -> Result<(SessionAccept, VerifiedCert), CryptoError> {
+    /// Checks a proxy's hello and opens a session for it. The session ends no later than the
+    /// certificate does; `is_revoked` refuses certificates on the revocation list.
+    pub fn accept(
+        &self,
+        hello: &SessionHello,
+        is_revoked: impl Fn(&VerifiedCert) -> bool,
+    ) -> Result<(SessionAccept, VerifiedCert), CryptoError> {
         let now_ms = unix_millis();
         if now_ms.abs_diff(hello.ts) > TS_WINDOW_MS {
             return Err(CryptoError::Session("hello timestamp outside the allowed window; check the clock".into()));
         }
         let cert = self.root.verify(&hello.cert, (now_ms / 1000) as i64)?;
+        if is_revoked(&cert) {
+            return Err(CryptoError::Certificate(format!("the certificate of {} is revoked", cert.subject)));
+        }
         let proxy = ProxyId::parse(&cert.subject).map_err(|e| CryptoError::Certificate(e.to_string()))?;
         proxy.within(&self.broker_id).map_err(|e| CryptoError::Certificate(e.to_string()))?;
         let hello_t = hello_transcript(&self.broker_id, hello, proxy.as_str());
         verify_sig(&cert.public_key, &hello_t, &hello.sig)?;
         let peer = decode_point(&hello.eph_pub)?;
 
+        let cert_left = Duration::from_millis(((cert.not_after_unix.max(0) as u64) * 1000).saturating_sub(now_ms));
+        let lifetime = self.lifetime.min(cert_left).max(Duration::from_secs(1));
         let eph = EphemeralSecret::random(&mut OsRng);
         let mut accept = SessionAccept {
             session: b64().encode(rand::random::<[u8; 18]>()),
@@ -281,15 +293,16 @@ impl SessionStore {
             cert: self.identity.cert_pem.clone(),
             eph_pub: b64().encode(eph.public_key().to_sec1_bytes()),
             sig: String::new(),
-            expires_in: self.lifetime.as_secs(),
+            expires_in: lifetime.as_secs(),
         };
         let accept_t = accept_transcript(&hello_t, &accept);
         accept.sig = self.identity.sign(&accept_t);
         let key = derive_key(eph, &peer, &hello.nonce, &accept_t);
         let session = ServerSession {
             proxy: proxy.clone(),
+            serial: cert.serial.clone(),
             key,
-            expires_at: Instant::now() + self.lifetime,
+            expires_at: Instant::now() + lifetime,
             window: Mutex::new(ReplayWindow::default()),
         };
         self.sessions.insert(accept.session.clone(), std::sync::Arc::new(session));
@@ -330,6 +343,13 @@ impl SessionStore {
             return Err(AuthError::Replay);
         }
         Ok(session.proxy.clone())
+    }
+
+    /// Ends every session opened with a certificate `crl` revokes; returns how many.
+    pub fn drop_revoked(&self, crl: &super::cert::Crl) -> usize {
+        let before = self.sessions.len();
+        self.sessions.retain(|_, s| !crl.serials.contains(&s.serial));
+        before - self.sessions.len()
     }
 
     /// Drops expired sessions; called periodically.
@@ -437,7 +457,7 @@ mod tests {
         let store = pki.store();
         let proxy = pki.proxy("proxy1.broker");
         let pending = client_hello(&proxy, "broker");
-        let (accept, _) = store.accept(&pending.hello).unwrap();
+        let (accept, _) = store.accept(&pending.hello, |_| false).unwrap();
         let session = client_finish(pending, &accept, &pki.root, "broker").unwrap();
 
         let auth = session.sign("POST", "/v1/tasks", "app1.proxy1.broker", b"{}");
@@ -469,24 +489,24 @@ mod tests {
         // A proxy certified by another CA.
         let other = Pki::new();
         let stranger = other.proxy("proxy1.broker");
-        assert!(store.accept(&client_hello(&stranger, "broker").hello).is_err());
+        assert!(store.accept(&client_hello(&stranger, "broker").hello, |_| false).is_err());
         // A hello whose signed fields were changed.
         let proxy = pki.proxy("proxy2.broker");
         let mut hello = client_hello(&proxy, "broker").hello;
         hello.ts -= 1;
-        assert!(matches!(store.accept(&hello), Err(CryptoError::BadSignature)));
+        assert!(matches!(store.accept(&hello, |_| false), Err(CryptoError::BadSignature)));
         // An old hello.
         let mut hello = client_hello(&proxy, "broker").hello;
         hello.ts -= TS_WINDOW_MS + 1;
-        assert!(store.accept(&hello).is_err());
+        assert!(store.accept(&hello, |_| false).is_err());
         // Garbage in every field is an error, not a panic.
         let mut hello = client_hello(&proxy, "broker").hello;
         hello.eph_pub = "!!".into();
         hello.sig = "AAAA".into();
-        assert!(store.accept(&hello).is_err());
+        assert!(store.accept(&hello, |_| false).is_err());
         // A broker answer signed by someone else is refused by the proxy.
         let pending = client_hello(&proxy, "broker");
-        let (mut accept, _) = store.accept(&pending.hello).unwrap();
+        let (mut accept, _) = store.accept(&pending.hello, |_| false).unwrap();
         accept.expires_in += 1;
         assert!(client_finish(pending, &accept, &pki.root, "broker").is_err());
     }

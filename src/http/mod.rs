@@ -42,6 +42,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v1/health", web::head().to(health))
         .route("/v1/session", web::post().to(open_session))
         .route("/v1/certs/{proxy_id}", web::get().to(get_cert))
+        .route("/v1/crl", web::get().to(get_crl))
         .route("/v1/tasks", web::post().to(create_task))
         .route("/v1/tasks", web::get().to(list_tasks))
         .route("/v1/tasks/{id}", web::get().to(get_task))
@@ -94,8 +95,10 @@ async fn health(state: State) -> HttpResponse {
 async fn open_session(state: State, req: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
     let body = body::read_limited(&req, payload, 64 * 1024).await?;
     let hello: SessionHello = body::parse_json(&body)?;
-    let (accept, cert) =
-        state.sessions.accept(&hello).map_err(|e| ApiError::Unauthorized(format!("handshake refused: {e}")))?;
+    let (accept, cert) = state
+        .sessions
+        .accept(&hello, |cert| state.certs.is_revoked(cert))
+        .map_err(|e| ApiError::Unauthorized(format!("handshake refused: {e}")))?;
     tracing::info!(proxy = %accept.proxy_id, "proxy session opened");
     state.certs.learn(accept.proxy_id.clone(), cert);
     Ok(HttpResponse::Ok().json(accept))
@@ -108,6 +111,23 @@ async fn get_cert(state: State, path: web::Path<String>) -> Result<HttpResponse,
     Ok(HttpResponse::Ok().content_type("application/x-pem-file").body(cert.pem.to_string()))
 }
 
+/// The root-signed revocation list, relayed as the CA wrote it (proxies verify it).
+async fn get_crl(state: State) -> Result<HttpResponse, ApiError> {
+    let crl = state.certs.crl().ok_or_else(|| ApiError::NotFound("no revocation list; run `ca revoke`".into()))?;
+    Ok(HttpResponse::Ok().content_type("application/pkix-crl").body(crl.pem.to_string()))
+}
+
+/// 424 for the recipients in this federation whose proxy has no valid certificate.
+fn check_recipients(state: &BrokerState, to: &[AppId]) -> Result<(), ApiError> {
+    let broker_id = &state.engine.limits().broker_id;
+    let proxies: Vec<ProxyId> = to.iter().filter(|a| a.within(broker_id).is_ok()).map(AppId::proxy_id).collect();
+    let missing = state.certs.missing(&proxies);
+    if !missing.is_empty() {
+        return Err(ApiError::MissingCerts(missing));
+    }
+    Ok(())
+}
+
 async fn create_task(state: State, req: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
     let body = body::read_limited(&req, payload, state.max_body).await?;
     let caller = authenticate(&state, &req, &body)?;
@@ -115,12 +135,7 @@ async fn create_task(state: State, req: HttpRequest, payload: web::Payload) -> R
     if task.from != caller {
         return Err(ApiError::Forbidden(format!("from is {}, but the caller is {caller}", task.from)));
     }
-    let broker_id = &state.engine.limits().broker_id;
-    let proxies: Vec<ProxyId> = task.to.iter().filter(|a| a.within(broker_id).is_ok()).map(AppId::proxy_id).collect();
-    let missing = state.certs.missing(&proxies);
-    if !missing.is_empty() {
-        return Err(ApiError::MissingCerts(missing));
-    }
+    check_recipients(&state, &task.to)?;
     let id = state.engine.create(&caller, task).await?;
     Ok(HttpResponse::Created().insert_header((header::LOCATION, format!("/v1/tasks/{id}"))).finish())
 }
@@ -178,6 +193,7 @@ async fn put_result(
             "the task id and app id in the path must match the result's task and from".into(),
         ));
     }
+    check_recipients(&state, &result.to)?;
     Ok(match state.engine.put_result(&caller, result).await? {
         PutOutcome::Created => HttpResponse::Created().finish(),
         PutOutcome::Replaced | PutOutcome::Ignored => HttpResponse::NoContent().finish(),

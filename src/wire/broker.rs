@@ -65,14 +65,42 @@ pub enum StreamEvent {
     Error { message: String },
 }
 
-/// How a message body travels. The broker never looks inside.
-///
-/// `Plain` carries the app's JSON as is; the end-to-end encryption issue adds the sealed form
-/// here without changing anything else on the wire.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(tag = "alg", rename_all = "snake_case")]
-pub enum Envelope {
-    Plain { data: Value },
+/// How a message body travels: sealed end to end by the sender's proxy (see `crypto::e2e`).
+/// The broker never looks inside; every field is base64 or a number.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Envelope {
+    pub alg: SealAlg,
+    /// The sender's key id (its certified key).
+    pub sk: String,
+    /// When the sender sealed it, Unix ms (sender's clock).
+    pub ts: u64,
+    /// The lifetime the creator asked for (tasks only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_ms: Option<u64>,
+    /// 24-byte XChaCha20 nonce.
+    pub n: String,
+    /// The content key, wrapped once per recipient proxy (the sender's own included).
+    pub keys: Vec<WrappedKey>,
+    /// The body's ciphertext with its tag.
+    pub ct: String,
+}
+
+/// The one sealing scheme there is; any other `alg` does not parse and is refused.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum SealAlg {
+    #[serde(rename = "p256-hkdf-xchacha20poly1305")]
+    V1,
+}
+
+/// The content key for one recipient proxy, sealed under the sender→recipient pairwise key.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WrappedKey {
+    /// The recipient proxy.
+    pub p: ProxyId,
+    /// The recipient's key id.
+    pub k: String,
+    /// The wrapped content key (32 bytes + tag).
+    pub w: String,
 }
 
 /// Answer of `POST /v1/session`'s handshake, see `crypto::session`.

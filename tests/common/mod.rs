@@ -22,11 +22,18 @@ pub struct Options {
     pub keepalive: Duration,
     pub max_body: usize,
     pub max_wait: Duration,
+    /// The proxies' `CERT_REFRESH`.
+    pub cert_refresh: Duration,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { keepalive: Duration::from_secs(15), max_body: 10 * 1024 * 1024, max_wait: Duration::from_secs(3600) }
+        Self {
+            keepalive: Duration::from_secs(15),
+            max_body: 10 * 1024 * 1024,
+            max_wait: Duration::from_secs(3600),
+            cert_refresh: Duration::from_secs(60),
+        }
     }
 }
 
@@ -102,6 +109,7 @@ impl Net {
                         max_wait: opts.max_wait,
                         keepalive: opts.keepalive,
                         workers: 2,
+                        cert_refresh: opts.cert_refresh,
                     };
                     let server =
                         photon_proxy::serve(config, listener, Duration::from_secs(10)).await.expect("proxy starts");

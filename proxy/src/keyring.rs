@@ -1,0 +1,287 @@
+//! The proxy's keys: its own certified key (current and, after a rotation, the previous one),
+//! the peers' certificates with the pairwise keys derived from them, and the revocation list.
+//! No I/O here: [`crate::upstream::Upstream`] fetches certificates and lists from the broker and
+//! hands them in; everything is verified against the pinned root before it is used.
+//!
+//! Public-key work happens only when a peer's certificate is first seen or changes (one ECDH,
+//! two HKDFs); sealing and opening then look keys up in a `DashMap`.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use dashmap::DashMap;
+use parking_lot::RwLock;
+use photon::{
+    crypto::{
+        cert::Crl,
+        e2e::{pair_keys, KeyId, PairKey, Party},
+        session::Identity,
+        unix_millis, CryptoError, RootCert, VerifiedCert,
+    },
+    wire::ProxyId,
+};
+
+/// Why a peer's certificate can't be used.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum PeerError {
+    #[error("no certificate for {0}")]
+    NoCertificate(ProxyId),
+    #[error("the certificate of {0} expired")]
+    Expired(ProxyId),
+    #[error("the certificate of {0} is revoked")]
+    Revoked(ProxyId),
+    #[error("the certificate of {0} is invalid: {1}")]
+    Invalid(ProxyId, String),
+    #[error("{0} sealed with a key it has no valid certificate for")]
+    UnknownKey(ProxyId),
+    #[error("cannot fetch the certificate of {0}: {1}")]
+    Unreachable(ProxyId, String),
+}
+
+impl PeerError {
+    /// A task or result can't be sealed for this proxy (`424`), as opposed to broker trouble.
+    pub fn proxy_without_certificate(&self) -> Option<&ProxyId> {
+        match self {
+            Self::NoCertificate(p) | Self::Expired(p) | Self::Revoked(p) | Self::Invalid(p, _) => Some(p),
+            Self::UnknownKey(_) | Self::Unreachable(..) => None,
+        }
+    }
+}
+
+fn now_unix() -> i64 {
+    (unix_millis() / 1000) as i64
+}
+
+/// This proxy's certified key.
+pub struct Own {
+    pub identity: Arc<Identity>,
+    pub cert: VerifiedCert,
+    pub kid: KeyId,
+}
+
+impl Own {
+    pub fn new(identity: Identity, cert: VerifiedCert) -> Self {
+        Self { kid: KeyId::of(&cert.public_key), identity: Arc::new(identity), cert }
+    }
+}
+
+/// A peer proxy's certificate and the two directional keys with it, derived under `my_kid`.
+pub struct Peer {
+    pub proxy: ProxyId,
+    pub cert: VerifiedCert,
+    pub kid: KeyId,
+    pub my_kid: KeyId,
+    /// This proxy → the peer (sealing).
+    pub to_peer: PairKey,
+    /// The peer → this proxy (opening).
+    pub from_peer: PairKey,
+    fetched_at: Instant,
+}
+
+struct Slot {
+    current: Arc<Peer>,
+    /// The peer's certificate before its last change: messages sealed just before a rotation
+    /// still open while that certificate is valid.
+    previous: Option<Arc<Peer>>,
+}
+
+pub struct Keyring {
+    me: ProxyId,
+    root: RootCert,
+    /// Current and previous own keys.
+    own: RwLock<(Arc<Own>, Option<Arc<Own>>)>,
+    peers: DashMap<ProxyId, Slot>,
+    crl: RwLock<Option<Arc<Crl>>>,
+    /// Peer certificates older than this are fetched again (rotation and revocation pick-up).
+    max_age: Duration,
+}
+
+impl Keyring {
+    pub fn new(me: ProxyId, root: RootCert, own: Own, max_age: Duration) -> Self {
+        let keys = Self {
+            me,
+            root,
+            own: RwLock::new((Arc::new(own), None)),
+            peers: DashMap::new(),
+            crl: RwLock::new(None),
+            max_age,
+        };
+        keys.install_self();
+        keys
+    }
+
+    /// This proxy is a peer of itself (it reads its own tasks back): keys from its own cert.
+    fn install_self(&self) {
+        let own = self.own();
+        let me = Arc::new(self.derive(&own, &self.me, own.cert.clone()));
+        let mut slot =
+            self.peers.entry(self.me.clone()).or_insert_with(|| Slot { current: me.clone(), previous: None });
+        if slot.current.kid != me.kid {
+            slot.previous = Some(std::mem::replace(&mut slot.current, me));
+        } else {
+            slot.current = me;
+        }
+    }
+
+    pub fn me(&self) -> &ProxyId {
+        &self.me
+    }
+
+    pub fn root(&self) -> &RootCert {
+        &self.root
+    }
+
+    pub fn own(&self) -> Arc<Own> {
+        self.own.read().0.clone()
+    }
+
+    /// The own key named `kid`: the current one or the one before the last rotation.
+    pub fn own_by_kid(&self, kid: &KeyId) -> Option<Arc<Own>> {
+        let own = self.own.read();
+        if &own.0.kid == kid {
+            return Some(own.0.clone());
+        }
+        own.1.as_ref().filter(|o| &o.kid == kid).cloned()
+    }
+
+    /// Switches to a renewed or rotated own certificate; the old key stays for opening.
+    pub fn rotate(&self, new: Own) {
+        let mut own = self.own.write();
+        let old = std::mem::replace(&mut own.0, Arc::new(new));
+        if old.kid != own.0.kid {
+            own.1 = Some(old);
+        }
+        drop(own);
+        self.install_self();
+    }
+
+    pub fn revoked(&self, cert: &VerifiedCert) -> bool {
+        self.crl.read().as_ref().is_some_and(|crl| crl.revokes(cert))
+    }
+
+    pub fn crl_number(&self) -> Option<u64> {
+        self.crl.read().as_ref().map(|c| c.number)
+    }
+
+    /// Takes a verified revocation list unless it is older than the one held; drops revoked
+    /// peers at once. Returns whether it was taken.
+    pub fn set_crl(&self, crl: Crl) -> bool {
+        {
+            let mut held = self.crl.write();
+            if held.as_ref().is_some_and(|h| h.number >= crl.number) {
+                return false;
+            }
+            *held = Some(Arc::new(crl));
+        }
+        self.peers.retain(|_, slot| !self.revoked(&slot.current.cert));
+        true
+    }
+
+    /// Why this proxy's own certificate can't be used right now, if it can't.
+    pub fn own_problem(&self) -> Option<PeerError> {
+        let own = self.own();
+        self.check(&self.me, &own.cert).err()
+    }
+
+    fn check(&self, proxy: &ProxyId, cert: &VerifiedCert) -> Result<(), PeerError> {
+        if !cert.is_valid_at(now_unix()) {
+            return Err(PeerError::Expired(proxy.clone()));
+        }
+        if self.revoked(cert) {
+            return Err(PeerError::Revoked(proxy.clone()));
+        }
+        Ok(())
+    }
+
+    fn usable(&self, peer: &Peer) -> bool {
+        self.check(&peer.proxy, &peer.cert).is_ok()
+    }
+
+    /// A cached peer key usable now: certificate valid and unrevoked, derived under the
+    /// current own key, fetched within `max_age`, and (if `want` is given) with that key id.
+    pub fn fresh(&self, proxy: &ProxyId, want: Option<KeyId>) -> Option<Arc<Peer>> {
+        let my_kid = self.own().kid;
+        let slot = self.peers.get(proxy)?;
+        let candidates = std::iter::once(&slot.current).chain(slot.previous.as_ref());
+        for peer in candidates {
+            let young = peer.fetched_at.elapsed() < self.max_age || want.is_some() || proxy == &self.me;
+            if young && peer.my_kid == my_kid && want.is_none_or(|k| k == peer.kid) && self.usable(peer) {
+                return Some(peer.clone());
+            }
+            if want.is_none() {
+                break;
+            }
+        }
+        None
+    }
+
+    /// The cached peer even if older than `max_age` (used when the broker can't be reached),
+    /// as long as its certificate is still valid and unrevoked.
+    pub fn stale(&self, proxy: &ProxyId) -> Option<Arc<Peer>> {
+        let slot = self.peers.get(proxy)?;
+        (self.usable(&slot.current) && slot.current.my_kid == self.own().kid).then(|| slot.current.clone())
+    }
+
+    /// Checks a certificate fetched for `proxy` and installs it (derives the pairwise keys).
+    pub fn install(&self, proxy: &ProxyId, pem: &str) -> Result<Arc<Peer>, PeerError> {
+        let cert = self.root.verify(pem, now_unix()).map_err(|e| match e {
+            CryptoError::CertificateExpired { .. } => PeerError::Expired(proxy.clone()),
+            other => PeerError::Invalid(proxy.clone(), other.to_string()),
+        })?;
+        if cert.subject != proxy.as_str() {
+            return Err(PeerError::Invalid(proxy.clone(), format!("it names {:?}", cert.subject)));
+        }
+        self.check(proxy, &cert)?;
+        let own = self.own();
+        let peer = Arc::new(self.derive(&own, proxy, cert));
+        let mut slot =
+            self.peers.entry(proxy.clone()).or_insert_with(|| Slot { current: peer.clone(), previous: None });
+        if slot.current.kid != peer.kid {
+            let old = std::mem::replace(&mut slot.current, peer.clone());
+            slot.previous = Some(old);
+        } else {
+            slot.current = peer.clone();
+        }
+        Ok(peer)
+    }
+
+    fn derive(&self, own: &Own, proxy: &ProxyId, cert: VerifiedCert) -> Peer {
+        let (to_peer, from_peer) = pair_keys(
+            &own.identity.secret,
+            &Party { proxy: &self.me, key: &own.cert.public_key },
+            &Party { proxy, key: &cert.public_key },
+        );
+        Peer {
+            proxy: proxy.clone(),
+            kid: KeyId::of(&cert.public_key),
+            my_kid: own.kid,
+            cert,
+            to_peer,
+            from_peer,
+            fetched_at: Instant::now(),
+        }
+    }
+
+    /// The key that opens a message from `sender` sealed for the own key `mine`: the cached one,
+    /// or, for a message sealed just before this proxy rotated its key, one derived again under
+    /// the previous key (one ECDH; rare).
+    pub fn open_key(&self, mine: &Own, sender: Arc<Peer>) -> OpenKey {
+        let rederived = (sender.my_kid != mine.kid).then(|| self.derive(mine, &sender.proxy, sender.cert.clone()));
+        OpenKey { me: self.me.clone(), sender, rederived }
+    }
+}
+
+/// See [`Keyring::open_key`]; owned, so opening can move to the blocking pool.
+pub struct OpenKey {
+    pub me: ProxyId,
+    sender: Arc<Peer>,
+    rederived: Option<Peer>,
+}
+
+impl OpenKey {
+    pub fn key(&self) -> &PairKey {
+        self.rederived.as_ref().map_or(&self.sender.from_peer, |p| &p.from_peer)
+    }
+}
