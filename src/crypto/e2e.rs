@@ -303,6 +303,33 @@ pub fn open(env: &Envelope, subject: &Subject<'_>, wrap: &WrappedKey, key: &Pair
     plaintext
 }
 
+/// What a dishonest *recipient* can do with what it legitimately holds: unwrap the content key
+/// with its own pairwise key and seal another body under it, keeping every wrapped key as it
+/// was. The other recipients must refuse the result; tests use this to show that they do.
+#[doc(hidden)]
+pub fn reseal_as_recipient(
+    env: &Envelope,
+    subject: &Subject<'_>,
+    me: &ProxyId,
+    key: &PairKey,
+    plaintext: &[u8],
+) -> Result<Envelope, SealError> {
+    let nonce_bytes = decode_nonce(env)?;
+    let nonce = XNonce::from_slice(&nonce_bytes);
+    let header = header(subject, &env.sk, env.ts, env.ttl_ms, &env.n, &env.keys);
+    let ct = b64().decode(&env.ct).map_err(|_| SealError::Malformed("ciphertext encoding"))?;
+    let wrapped = b64().decode(&wrap_for(env, me)?.w).map_err(|_| SealError::Malformed("wrapped key encoding"))?;
+    let content_key: [u8; KEY_LEN] = XChaCha20Poly1305::new(&key.0.into())
+        .decrypt(nonce, Payload { msg: &wrapped, aad: &binding(&header, &ct) })
+        .map_err(|_| SealError::Forged)?
+        .try_into()
+        .map_err(|_| SealError::Forged)?;
+    let forged = XChaCha20Poly1305::new(&content_key.into())
+        .encrypt(nonce, Payload { msg: plaintext, aad: &header })
+        .map_err(|_| SealError::Forged)?;
+    Ok(Envelope { ct: b64().encode(forged), ..env.clone() })
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;

@@ -2,7 +2,16 @@
 //! running in its own thread and actix System, plus a small app-side HTTP and SSE client.
 #![allow(dead_code)]
 
-use std::{collections::HashMap, net::TcpListener, path::PathBuf, sync::mpsc as std_mpsc, thread, time::Duration};
+pub mod relay;
+
+use std::{
+    collections::HashMap,
+    net::TcpListener,
+    path::PathBuf,
+    sync::{mpsc as std_mpsc, Arc},
+    thread,
+    time::Duration,
+};
 
 use futures_util::StreamExt;
 use photon::{crypto::ca, wire::ProxyId, BrokerConfig};
@@ -24,6 +33,8 @@ pub struct Options {
     pub max_wait: Duration,
     /// The proxies' `CERT_REFRESH`.
     pub cert_refresh: Duration,
+    /// Put a [`relay::Relay`] between the proxies and the broker.
+    pub relay: bool,
 }
 
 impl Default for Options {
@@ -33,6 +44,7 @@ impl Default for Options {
             max_body: 10 * 1024 * 1024,
             max_wait: Duration::from_secs(3600),
             cert_refresh: Duration::from_secs(60),
+            relay: false,
         }
     }
 }
@@ -42,6 +54,8 @@ pub struct Net {
     pub proxy1: String,
     pub proxy2: String,
     pub pki: PathBuf,
+    /// The broker in the middle, when [`Options::relay`] asked for one.
+    pub relay: Option<Arc<relay::Relay>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<thread::JoinHandle<()>>,
     pub http: Client,
@@ -73,7 +87,16 @@ impl Net {
         let (broker, proxy1, proxy2) = (url(&b), url(&p1), url(&p2));
         let (ready_tx, ready_rx) = std_mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let broker_url = broker.clone();
+        let relay = opts.relay.then(|| Arc::new(relay::Relay::default()));
+        let relay_listener = opts.relay.then(listener);
+        let broker_url = match &relay_listener {
+            Some(l) => url(l),
+            None => broker.clone(),
+        };
+        if let Some(r) = &relay {
+            *r.broker.lock() = broker.clone();
+        }
+        let relay_for_thread = relay.clone();
         let dir = pki.clone();
         let thread = thread::spawn(move || {
             actix_web::rt::System::new().block_on(async move {
@@ -91,6 +114,18 @@ impl Net {
                 let broker_handle = broker.handle();
                 actix_web::rt::spawn(broker);
                 let mut handles = vec![];
+                if let (Some(relay), Some(l)) = (relay_for_thread, relay_listener) {
+                    let data = actix_web::web::Data::new(relay);
+                    let server = actix_web::HttpServer::new(move || {
+                        actix_web::App::new().app_data(data.clone()).configure(relay::routes)
+                    })
+                    .workers(1)
+                    .listen(l)
+                    .unwrap()
+                    .run();
+                    handles.push(server.handle());
+                    actix_web::rt::spawn(server);
+                }
                 for (listener, name, apps) in [(p1, "proxy1", vec!["app1", "app3"]), (p2, "proxy2", vec!["app2"])] {
                     let proxy_id = ProxyId::parse(&format!("{name}.broker")).unwrap();
                     let config = ProxyConfig {
@@ -125,7 +160,7 @@ impl Net {
             });
         });
         ready_rx.recv_timeout(Duration::from_secs(30)).expect("network starts");
-        Net { broker, proxy1, proxy2, pki, stop: Some(stop_tx), thread: Some(thread), http: Client::new() }
+        Net { broker, proxy1, proxy2, pki, relay, stop: Some(stop_tx), thread: Some(thread), http: Client::new() }
     }
 
     /// The proxy an app lives behind.
@@ -168,6 +203,12 @@ impl Net {
         let r = json!({"from": worker, "to": [to], "task": task_id, "status": status, "body": body, "metadata": null});
         let res = self.put(worker, &format!("/v1/tasks/{task_id}/results/{worker}")).json(&r).send().await.unwrap();
         res.status().as_u16()
+    }
+
+    /// The counts of refused messages a proxy reports on its health endpoint.
+    pub async fn refused(&self, proxy: &str) -> Value {
+        let health: Value = self.http.get(format!("{proxy}/v1/health")).send().await.unwrap().json().await.unwrap();
+        health["refused"].clone()
     }
 
     pub async fn broker_tasks(&self) -> u64 {

@@ -1,0 +1,325 @@
+//! "Broker in the middle": a relay between the proxies and the broker alters, swaps and replays
+//! what it forwards, one case per test. Each is refused at the receiving proxy (counted on its
+//! health endpoint) or at the broker, and the app never sees it. Each test also shows the
+//! honest path delivers, so a refusal is the tampering's doing.
+
+mod common;
+
+use common::{relay::Relay, *};
+use photon::{
+    crypto::{
+        ca,
+        e2e::{self, pair_keys, Party},
+        RootCert,
+    },
+    wire::{broker::Envelope, AppId, FailureStrategy, ProxyId},
+};
+use serde_json::{json, Value};
+
+fn mitm() -> Net {
+    Net::start_with(Options { relay: true, ..Options::default() })
+}
+
+fn relay(net: &Net) -> &Relay {
+    net.relay.as_deref().unwrap()
+}
+
+async fn todo(net: &Net, app: &str) -> Vec<Value> {
+    let res = net.get(app, "/v1/tasks?filter=todo").send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    res.json().await.unwrap()
+}
+
+async fn results(net: &Net, app: &str, task: &str) -> Vec<Value> {
+    let res = net.get(app, &format!("/v1/tasks/{task}/results")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    res.json().await.unwrap()
+}
+
+async fn refused(net: &Net, proxy: &str, reason: &str) -> u64 {
+    net.refused(proxy).await[reason].as_u64().unwrap_or(0)
+}
+
+/// Applies `f` to every task in the broker's answers to task listings.
+fn alter_listed_tasks(net: &Net, mut f: impl FnMut(&mut Value) + Send + 'static) {
+    relay(net).rewrite_answers(move |what, v| {
+        if what.starts_with("GET /v1/tasks?") {
+            v.as_array_mut().unwrap().iter_mut().for_each(&mut f);
+        }
+    });
+}
+
+/// Applies `f` to every result in the broker's answers to result reads.
+fn alter_results(net: &Net, mut f: impl FnMut(&mut Value) + Send + 'static) {
+    relay(net).rewrite_answers(move |what, v| {
+        if what.starts_with("GET /v1/tasks/") && what.contains("/results") {
+            v.as_array_mut().unwrap().iter_mut().for_each(&mut f);
+        }
+    });
+}
+
+/// A task from app1 to app2 whose listing is altered by `f`: app2 gets nothing, proxy2 counts
+/// one refusal for `reason`; once the relay is honest again, app2 gets the task.
+async fn task_refused_when(f: impl FnMut(&mut Value) + Send + 'static, reason: &str) {
+    let net = mitm();
+    let id = net.create(APP1, &[APP2], json!("payload"), "60s").await;
+    alter_listed_tasks(&net, f);
+    assert!(todo(&net, APP2).await.is_empty(), "the app must not see an altered task");
+    assert_eq!(refused(&net, &net.proxy2, reason).await, 1, "{}", net.refused(&net.proxy2).await);
+    relay(&net).honest();
+    let tasks = todo(&net, APP2).await;
+    assert_eq!(tasks.len(), 1);
+    assert_eq!(tasks[0]["id"], id.as_str());
+    assert_eq!(tasks[0]["body"], "payload");
+}
+
+#[tokio::test]
+async fn altered_body_ciphertext_is_refused() {
+    task_refused_when(
+        |t| {
+            let ct = t["body"]["ct"].as_str().unwrap().to_owned();
+            let first = if ct.starts_with('A') { "B" } else { "A" };
+            t["body"]["ct"] = Value::String(format!("{first}{}", &ct[1..]));
+        },
+        "forged",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn altered_to_is_refused() {
+    task_refused_when(|t| t["to"].as_array_mut().unwrap().push(json!(APP3)), "forged").await;
+}
+
+#[tokio::test]
+async fn altered_from_is_refused() {
+    task_refused_when(|t| t["from"] = json!("app9.proxy1.broker"), "forged").await;
+}
+
+#[tokio::test]
+async fn altered_task_id_is_refused() {
+    task_refused_when(|t| t["id"] = json!(uuid::Uuid::new_v4()), "forged").await;
+}
+
+#[tokio::test]
+async fn stretched_ttl_is_refused() {
+    task_refused_when(|t| t["ttl_ms"] = json!(t["ttl_ms"].as_u64().unwrap() * 100), "ttl_extended").await;
+}
+
+#[tokio::test]
+async fn altered_metadata_is_refused() {
+    task_refused_when(|t| t["metadata"] = json!({"kind": "altered"}), "forged").await;
+}
+
+#[tokio::test]
+async fn altered_failure_strategy_is_refused() {
+    task_refused_when(
+        |t| t["failure_strategy"] = json!({"retry": {"backoff_millisecs": 1, "max_tries": 99}}),
+        "forged",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn altered_result_status_is_refused() {
+    let net = mitm();
+    let id = net.create(APP1, &[APP2], json!("q"), "60s").await;
+    assert_eq!(net.answer(APP2, &id, APP1, "succeeded", json!("a")).await, 201);
+    alter_results(&net, |r| r["status"] = json!("permfailed"));
+    assert!(results(&net, APP1, &id).await.is_empty());
+    assert_eq!(refused(&net, &net.proxy1, "forged").await, 1);
+    relay(&net).honest();
+    let got = results(&net, APP1, &id).await;
+    assert_eq!((got[0]["status"].as_str(), got[0]["body"].as_str()), (Some("succeeded"), Some("a")));
+}
+
+#[tokio::test]
+async fn bodies_swapped_between_tasks_are_refused() {
+    let net = mitm();
+    net.create(APP1, &[APP2], json!("first"), "60s").await;
+    net.create(APP1, &[APP2], json!("second"), "60s").await;
+    relay(&net).rewrite_answers(|what, v| {
+        if what.starts_with("GET /v1/tasks?") {
+            let tasks = v.as_array_mut().unwrap();
+            let body0 = tasks[0]["body"].take();
+            tasks[0]["body"] = std::mem::replace(&mut tasks[1]["body"], body0);
+        }
+    });
+    assert!(todo(&net, APP2).await.is_empty());
+    assert_eq!(refused(&net, &net.proxy2, "forged").await, 2);
+    relay(&net).honest();
+    assert_eq!(todo(&net, APP2).await.len(), 2);
+}
+
+#[tokio::test]
+async fn old_result_replayed_into_another_task_is_refused() {
+    let net = mitm();
+    let x = net.create(APP1, &[APP2], json!("x"), "60s").await;
+    let y = net.create(APP1, &[APP2], json!("y"), "60s").await;
+    assert_eq!(net.answer(APP2, &x, APP1, "succeeded", json!("answer to x")).await, 201);
+    let captured = relay(&net).requests_to("PUT", &format!("/v1/tasks/{x}/results/"));
+    let old: Value = serde_json::from_slice(&captured[0].body).unwrap();
+    // Moved into task y, claiming to be y's.
+    let (moved, y2) = (old.clone(), y.clone());
+    relay(&net).rewrite_answers(move |what, v| {
+        if what.starts_with(&format!("GET /v1/tasks/{y2}/results")) {
+            let mut r = moved.clone();
+            r["task"] = json!(y2);
+            *v = json!([r]);
+        }
+    });
+    assert!(results(&net, APP1, &y).await.is_empty());
+    assert_eq!(refused(&net, &net.proxy1, "forged").await, 1);
+    // Handed over unchanged, as if it were y's.
+    let (unchanged, y3) = (old, y.clone());
+    relay(&net).rewrite_answers(move |what, v| {
+        if what.starts_with(&format!("GET /v1/tasks/{y3}/results")) {
+            *v = json!([unchanged.clone()]);
+        }
+    });
+    assert!(results(&net, APP1, &y).await.is_empty());
+    assert_eq!(refused(&net, &net.proxy1, "wrong_task").await, 1);
+    relay(&net).honest();
+    assert_eq!(results(&net, APP1, &x).await[0]["body"], "answer to x");
+}
+
+#[tokio::test]
+async fn captured_request_replayed_is_refused_by_the_broker() {
+    let net = mitm();
+    net.create(APP1, &[APP2], json!("once"), "60s").await;
+    let post = relay(&net).requests_to("POST", "/v1/tasks").pop().unwrap();
+    let mut replay = net.http.post(format!("{}{}", net.broker, post.path)).body(post.body.clone());
+    for (k, v) in &post.headers {
+        replay = replay.header(k, v);
+    }
+    let res = replay.send().await.unwrap();
+    assert_eq!(res.status(), 401);
+    assert!(json_of(res).await["error"].as_str().unwrap().contains("replay"));
+    assert_eq!(net.broker_tasks().await, 1);
+}
+
+#[tokio::test]
+async fn request_altered_on_the_way_is_refused_by_the_broker() {
+    let net = mitm();
+    relay(&net).rewrite_requests(|what, v| {
+        if what.starts_with("POST /v1/tasks") {
+            v["to"] = json!([APP3]);
+        }
+    });
+    let res =
+        net.post(APP1, "/v1/tasks").json(&task(&uuid::Uuid::new_v4().to_string(), APP1, &[APP2], json!(1), "60s"));
+    let res = res.send().await.unwrap();
+    assert_eq!(res.status(), 502, "the broker refuses the request; the app hears of it");
+    assert_eq!(net.broker_tasks().await, 0, "nothing stored");
+    relay(&net).honest();
+    net.create(APP1, &[APP2], json!(1), "60s").await;
+    assert_eq!(net.broker_tasks().await, 1);
+}
+
+/// proxy2 is a legitimate recipient of a task to app2 and app3 (on proxy1). With what it holds
+/// it re-encrypts the body; proxy1 refuses that for app3.
+#[tokio::test]
+async fn a_recipient_cannot_forge_for_another() {
+    let net = mitm();
+    net.create(APP1, &[APP2, APP3], json!("genuine"), "60s").await;
+    let root = RootCert::load(&net.pki.join(ca::ROOT_CERT)).unwrap();
+    let now = photon::crypto::unix_millis() as i64 / 1000;
+    let cert = |p: &str| {
+        let pem = std::fs::read_to_string(net.pki.join(format!("certs/{p}.crt"))).unwrap();
+        root.verify(&pem, now).unwrap()
+    };
+    let (p1, p2) = (ProxyId::parse("proxy1.broker").unwrap(), ProxyId::parse("proxy2.broker").unwrap());
+    let (c1, c2) = (cert("proxy1.broker"), cert("proxy2.broker"));
+    let key2_pem = std::fs::read_to_string(net.pki.join("proxy2.broker.priv.pem")).unwrap();
+    let secret2: p256::SecretKey = p256::pkcs8::DecodePrivateKey::from_pkcs8_pem(&key2_pem).unwrap();
+    // proxy2's key from proxy1 (proxy1 → proxy2).
+    let (_, from_p1) =
+        pair_keys(&secret2, &Party { proxy: &p2, key: &c2.public_key }, &Party { proxy: &p1, key: &c1.public_key });
+    relay(&net).rewrite_answers(move |what, v| {
+        if !what.starts_with("GET /v1/tasks?") {
+            return;
+        }
+        for t in v.as_array_mut().unwrap() {
+            let env: Envelope = serde_json::from_value(t["body"].clone()).unwrap();
+            let (from, to) = (
+                AppId::parse(t["from"].as_str().unwrap()).unwrap(),
+                vec![AppId::parse(APP2).unwrap(), AppId::parse(APP3).unwrap()],
+            );
+            let subject = e2e::Subject::Task {
+                id: t["id"].as_str().unwrap().parse().unwrap(),
+                from: &from,
+                to: &to,
+                failure_strategy: &FailureStrategy::Discard,
+                metadata: &t["metadata"],
+            };
+            let forged = e2e::reseal_as_recipient(&env, &subject, &p2, &from_p1, b"\"forged\"").unwrap();
+            t["body"] = serde_json::to_value(forged).unwrap();
+        }
+    });
+    // proxy1 refuses it for app3 (and proxy2's own wrapped key binds the original ciphertext too).
+    assert!(todo(&net, APP3).await.is_empty());
+    assert!(todo(&net, APP2).await.is_empty());
+    assert_eq!(refused(&net, &net.proxy1, "forged").await, 1);
+    relay(&net).honest();
+    assert_eq!(todo(&net, APP3).await[0]["body"], "genuine");
+}
+
+/// On an event stream, an altered task is left out and the stream goes on with the next one.
+#[tokio::test]
+async fn altered_task_on_a_stream_is_skipped() {
+    let net = mitm();
+    let mut n = 0;
+    relay(&net).rewrite_answers(move |what, v| {
+        if what.contains("stream=1") && v.get("new_task").is_some() {
+            n += 1;
+            if n == 1 {
+                v["new_task"]["task"]["metadata"] = json!("altered");
+            }
+        }
+    });
+    let bad = net.create(APP1, &[APP2], json!("first"), "60s").await;
+    let good = net.create(APP1, &[APP2], json!("second"), "60s").await;
+    let res = net.get(APP2, "/v1/tasks?filter=todo").header("accept", "text/event-stream").send().await.unwrap();
+    let mut sse = Sse::new(res);
+    let ev = sse.next_event(SECS(10)).await.unwrap();
+    assert_eq!(ev.event, "new_task");
+    assert_eq!(ev.json()["id"], good.as_str(), "the altered {bad} is not delivered");
+    assert_eq!(refused(&net, &net.proxy2, "forged").await, 1);
+}
+
+/// Unsealed or garbled bodies from the broker: refused, counted, the proxy keeps serving.
+#[tokio::test]
+async fn bad_crypto_input_is_refused_and_the_proxy_keeps_serving() {
+    let net = mitm();
+    net.create(APP1, &[APP2], json!("fine"), "60s").await;
+    let cases: Vec<(&str, Box<dyn Fn(&mut Value) + Send + Sync>)> = vec![
+        ("malformed", Box::new(|t: &mut Value| t["body"] = json!({"alg": "plain", "data": "hi"}))),
+        ("malformed", Box::new(|t: &mut Value| t["body"]["ct"] = json!("not base64 at all!"))),
+        ("malformed", Box::new(|t: &mut Value| t["body"]["n"] = json!("AAAA"))),
+        (
+            "forged",
+            Box::new(|t: &mut Value| {
+                let ct = t["body"]["ct"].as_str().unwrap();
+                t["body"]["ct"] = json!(ct[..ct.len() - 8].to_owned());
+            }),
+        ),
+        ("unknown_key", Box::new(|t: &mut Value| t["body"]["sk"] = json!("AAAAAAAAAAAAAAAAAAAAAA=="))),
+        ("not_for_us", Box::new(|t: &mut Value| t["body"]["keys"] = json!([]))),
+        ("malformed", Box::new(|t: &mut Value| t["body"] = json!("a string"))),
+    ];
+    let cases = std::sync::Arc::new(cases);
+    for i in 0..cases.len() {
+        let c = cases.clone();
+        alter_listed_tasks(&net, move |t| (c[i].1)(t));
+        assert!(todo(&net, APP2).await.is_empty(), "case {i}");
+    }
+    let counts = net.refused(&net.proxy2).await;
+    for (reason, _) in cases.iter() {
+        assert!(counts[reason].as_u64().is_some_and(|n| n >= 1), "{reason}: {counts}");
+    }
+    assert_eq!(counts.as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum::<u64>(), cases.len() as u64);
+    relay(&net).honest();
+    assert_eq!(todo(&net, APP2).await[0]["body"], "fine");
+    let health = net.http.get(format!("{}/v1/health", net.proxy2)).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+}
