@@ -165,18 +165,27 @@ impl Keyring {
         self.crl.read().as_ref().map(|c| c.number)
     }
 
-    /// Takes a verified revocation list unless it is older than the one held; drops revoked
-    /// peers at once. Returns whether it was taken.
+    /// Takes a verified revocation list unless it is older than the one held. Returns whether
+    /// it was taken. Revoked peers stay cached (every use checks the list) so that refusals can
+    /// say why.
     pub fn set_crl(&self, crl: Crl) -> bool {
-        {
-            let mut held = self.crl.write();
-            if held.as_ref().is_some_and(|h| h.number >= crl.number) {
-                return false;
-            }
-            *held = Some(Arc::new(crl));
+        let mut held = self.crl.write();
+        if held.as_ref().is_some_and(|h| h.number >= crl.number) {
+            return false;
         }
-        self.peers.retain(|_, slot| !self.revoked(&slot.current.cert));
+        *held = Some(Arc::new(crl));
         true
+    }
+
+    /// Why the broker has no certificate for `proxy`, as far as this proxy knows: the one it had
+    /// was revoked or expired, or it never had one.
+    pub fn why_missing(&self, proxy: &ProxyId) -> PeerError {
+        match self.peers.get(proxy) {
+            Some(slot) => {
+                self.check(proxy, &slot.current.cert).err().unwrap_or(PeerError::NoCertificate(proxy.clone()))
+            }
+            None => PeerError::NoCertificate(proxy.clone()),
+        }
     }
 
     /// Why this proxy's own certificate can't be used right now, if it can't.

@@ -149,7 +149,7 @@ impl Upstream {
         }
         let fetched = match self.fetch(&format!("/v1/certs/{proxy}")).await {
             Ok(Some(pem)) => self.keys.install(proxy, &pem),
-            Ok(None) => Err(PeerError::NoCertificate(proxy.clone())),
+            Ok(None) => Err(self.keys.why_missing(proxy)),
             Err(e) => match self.keys.stale(proxy) {
                 Some(peer) if want.is_none() => {
                     tracing::warn!(peer = %proxy, error = %e, "using a cached certificate; the broker did not answer");
