@@ -35,6 +35,9 @@ pub struct Options {
     pub cert_refresh: Duration,
     /// Put a [`relay::Relay`] between the proxies and the broker.
     pub relay: bool,
+    /// Run the broker as a child process (`photon-broker`, `RUST_LOG=trace`, its log in
+    /// [`Net::broker_log`]) instead of in this process.
+    pub broker_process: bool,
 }
 
 impl Default for Options {
@@ -45,6 +48,7 @@ impl Default for Options {
             max_wait: Duration::from_secs(3600),
             cert_refresh: Duration::from_secs(60),
             relay: false,
+            broker_process: false,
         }
     }
 }
@@ -56,9 +60,16 @@ pub struct Net {
     pub pki: PathBuf,
     /// The broker in the middle, when [`Options::relay`] asked for one.
     pub relay: Option<Arc<relay::Relay>>,
+    /// The broker child process, when [`Options::broker_process`] asked for one.
+    pub broker_child: Option<std::process::Child>,
+    pub broker_log: PathBuf,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<thread::JoinHandle<()>>,
     pub http: Client,
+}
+
+fn append(path: &std::path::Path) -> std::fs::File {
+    std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap()
 }
 
 fn listener() -> TcpListener {
@@ -85,6 +96,25 @@ impl Net {
         }
         let (b, p1, p2) = (listener(), listener(), listener());
         let (broker, proxy1, proxy2) = (url(&b), url(&p1), url(&p2));
+        let broker_log = pki.join("broker.log");
+        let (b, broker_child) = if opts.broker_process {
+            let addr = b.local_addr().unwrap();
+            drop(b); // the child binds the port
+            let child = std::process::Command::new(env!("CARGO_BIN_EXE_photon-broker"))
+                .env("BIND_ADDR", addr.to_string())
+                .env("BROKER_URL", &broker)
+                .env("BROKER_ID", "broker")
+                .env("PKI_DIR", &pki)
+                .env("RUST_LOG", "trace")
+                .env("WORKERS", "2")
+                .stdout(append(&broker_log))
+                .stderr(append(&broker_log))
+                .spawn()
+                .expect("photon-broker starts");
+            (None, Some(child))
+        } else {
+            (Some(b), None)
+        };
         let (ready_tx, ready_rx) = std_mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let relay = opts.relay.then(|| Arc::new(relay::Relay::default()));
@@ -110,9 +140,12 @@ impl Net {
                     workers: 2,
                     session_lifetime: Duration::from_secs(3600),
                 };
-                let broker = photon::serve(config, b).expect("broker starts");
-                let broker_handle = broker.handle();
-                actix_web::rt::spawn(broker);
+                let mut broker_handle = None;
+                if let Some(b) = b {
+                    let broker = photon::serve(config, b).expect("broker starts");
+                    broker_handle = Some(broker.handle());
+                    actix_web::rt::spawn(broker);
+                }
                 let mut handles = vec![];
                 if let (Some(relay), Some(l)) = (relay_for_thread, relay_listener) {
                     let data = actix_web::web::Data::new(relay);
@@ -156,11 +189,24 @@ impl Net {
                 for h in handles {
                     h.stop(false).await;
                 }
-                broker_handle.stop(false).await;
+                if let Some(h) = broker_handle {
+                    h.stop(false).await;
+                }
             });
         });
         ready_rx.recv_timeout(Duration::from_secs(30)).expect("network starts");
-        Net { broker, proxy1, proxy2, pki, relay, stop: Some(stop_tx), thread: Some(thread), http: Client::new() }
+        Net {
+            broker,
+            proxy1,
+            proxy2,
+            pki,
+            relay,
+            broker_child,
+            broker_log,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+            http: Client::new(),
+        }
     }
 
     /// The proxy an app lives behind.
@@ -225,6 +271,10 @@ impl Drop for Net {
         }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+        if let Some(mut child) = self.broker_child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
         let _ = std::fs::remove_dir_all(&self.pki);
     }

@@ -138,5 +138,5 @@ async fn forward(relay: web::Data<Arc<Relay>>, req: HttpRequest, body: web::Byte
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.default_service(web::to(forward));
+    cfg.app_data(web::PayloadConfig::new(64 * 1024 * 1024)).default_service(web::to(forward));
 }
