@@ -323,3 +323,18 @@ async fn bad_crypto_input_is_refused_and_the_proxy_keeps_serving() {
     let health = net.http.get(format!("{}/v1/health", net.proxy2)).send().await.unwrap();
     assert_eq!(health.status(), 200);
 }
+
+/// Metadata is bound into the seal and re-serialized by the broker: numbers that are hard to
+/// round-trip must still come out identical, or honest messages would be refused.
+#[tokio::test]
+async fn honest_metadata_with_awkward_numbers_opens() {
+    let net = mitm();
+    let mut t = task(&uuid::Uuid::new_v4().to_string(), APP1, &[APP2], json!("b"), "60s");
+    let metadata = json!({"f": [130.65331632653061, 0.1, 1e-300, 2.2250738585072014e-308, 9007199254740993u64, -0.0],
+        "unicode": "é\u{1F600}\\\"", "nested": {"z": 1, "a": [null, true]}});
+    t["metadata"] = metadata.clone();
+    assert_eq!(net.post(APP1, "/v1/tasks").json(&t).send().await.unwrap().status(), 201);
+    let tasks = todo(&net, APP2).await;
+    assert_eq!(tasks.len(), 1, "{}", net.refused(&net.proxy2).await);
+    assert_eq!(tasks[0]["metadata"], metadata);
+}

@@ -77,7 +77,8 @@ pub struct Peer {
     pub to_peer: PairKey,
     /// The peer → this proxy (opening).
     pub from_peer: PairKey,
-    fetched_at: Instant,
+    /// When the broker last served this certificate (refreshed without re-deriving if unchanged).
+    fetched_at: parking_lot::Mutex<Instant>,
 }
 
 struct Slot {
@@ -215,7 +216,7 @@ impl Keyring {
         let slot = self.peers.get(proxy)?;
         let candidates = std::iter::once(&slot.current).chain(slot.previous.as_ref());
         for peer in candidates {
-            let young = peer.fetched_at.elapsed() < self.max_age || want.is_some() || proxy == &self.me;
+            let young = peer.fetched_at.lock().elapsed() < self.max_age || want.is_some() || proxy == &self.me;
             if young && peer.my_kid == my_kid && want.is_none_or(|k| k == peer.kid) && self.usable(peer) {
                 return Some(peer.clone());
             }
@@ -233,8 +234,18 @@ impl Keyring {
         (self.usable(&slot.current) && slot.current.my_kid == self.own().kid).then(|| slot.current.clone())
     }
 
-    /// Checks a certificate fetched for `proxy` and installs it (derives the pairwise keys).
+    /// Checks a certificate fetched for `proxy` and installs it (derives the pairwise keys). The
+    /// certificate already held, served again, costs no public-key operation: only its validity
+    /// and revocation are checked again.
     pub fn install(&self, proxy: &ProxyId, pem: &str) -> Result<Arc<Peer>, PeerError> {
+        if let Some(slot) = self.peers.get(proxy) {
+            let held = &slot.current;
+            if *held.cert.pem == *pem && held.my_kid == self.own().kid {
+                self.check(proxy, &held.cert)?;
+                *held.fetched_at.lock() = Instant::now();
+                return Ok(held.clone());
+            }
+        }
         let cert = self.root.verify(pem, now_unix()).map_err(|e| match e {
             CryptoError::CertificateExpired { .. } => PeerError::Expired(proxy.clone()),
             other => PeerError::Invalid(proxy.clone(), other.to_string()),
@@ -269,7 +280,7 @@ impl Keyring {
             cert,
             to_peer,
             from_peer,
-            fetched_at: Instant::now(),
+            fetched_at: parking_lot::Mutex::new(Instant::now()),
         }
     }
 
