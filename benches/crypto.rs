@@ -43,7 +43,7 @@ fn bench(c: &mut Criterion) {
     for size in [100usize, 1 << 20] {
         let body = vec![b'x'; size];
         for n in [1usize, 100] {
-            let to: Vec<AppId> = sites[..n].iter().map(|s| s.proxy.app("app").unwrap()).collect();
+            let to = apps(&sites[..n]);
             let subject = Subject::Task {
                 id,
                 from: &from,
@@ -51,11 +51,7 @@ fn bench(c: &mut Criterion) {
                 failure_strategy: &FailureStrategy::Discard,
                 metadata: &metadata,
             };
-            let rs: Vec<Recipient<'_>> = sites[..n]
-                .iter()
-                .zip(&to_keys)
-                .map(|(s, k)| Recipient { proxy: &s.proxy, kid: KeyId::of(&s.public), key: k })
-                .collect();
+            let rs = recipients(&sites[..n], &to_keys[..n]);
             seal_group.throughput(Throughput::Bytes(size as u64));
             seal_group.bench_with_input(
                 BenchmarkId::new(format!("{size} B"), format!("{n} recipients")),
@@ -73,8 +69,8 @@ fn bench(c: &mut Criterion) {
         let body = vec![b'x'; size];
         for n in [1usize, 100] {
             // The receiver is the last of the n recipients (worst case for finding its key).
-            let chosen: Vec<&Site> = sites[sites.len() - n..].iter().collect();
-            let to: Vec<AppId> = chosen.iter().map(|s| s.proxy.app("app").unwrap()).collect();
+            let last_n = sites.len() - n..;
+            let to = apps(&sites[last_n.clone()]);
             let subject = Subject::Task {
                 id,
                 from: &from,
@@ -82,12 +78,7 @@ fn bench(c: &mut Criterion) {
                 failure_strategy: &FailureStrategy::Discard,
                 metadata: &metadata,
             };
-            let chosen_keys: Vec<PairKey> = chosen.iter().map(|s| keys(&sender, s).0).collect();
-            let rs: Vec<Recipient<'_>> = chosen
-                .iter()
-                .zip(&chosen_keys)
-                .map(|(s, k)| Recipient { proxy: &s.proxy, kid: KeyId::of(&s.public), key: k })
-                .collect();
+            let rs = recipients(&sites[last_n.clone()], &to_keys[last_n]);
             let env = seal(&subject, KeyId::of(&sender.public), 1, Some(60_000), &rs, &body);
             open_group.throughput(Throughput::Bytes(size as u64));
             open_group.bench_with_input(
@@ -103,6 +94,14 @@ fn bench(c: &mut Criterion) {
         }
     }
     open_group.finish();
+}
+
+fn apps(sites: &[Site]) -> Vec<AppId> {
+    sites.iter().map(|s| s.proxy.app("app").unwrap()).collect()
+}
+
+fn recipients<'a>(sites: &'a [Site], keys: &'a [PairKey]) -> Vec<Recipient<'a>> {
+    sites.iter().zip(keys).map(|(s, k)| Recipient { proxy: &s.proxy, kid: KeyId::of(&s.public), key: k }).collect()
 }
 
 fn n_last(sites: &[Site]) -> usize {

@@ -292,7 +292,8 @@ async fn altered_task_on_a_stream_is_skipped() {
 async fn bad_crypto_input_is_refused_and_the_proxy_keeps_serving() {
     let net = mitm();
     net.create(APP1, &[APP2], json!("fine"), "60s").await;
-    let cases: Vec<(&str, Box<dyn Fn(&mut Value) + Send + Sync>)> = vec![
+    type Garble = Box<dyn Fn(&mut Value) + Send + Sync>;
+    let cases: Vec<(&str, Garble)> = vec![
         ("malformed", Box::new(|t: &mut Value| t["body"] = json!({"alg": "plain", "data": "hi"}))),
         ("malformed", Box::new(|t: &mut Value| t["body"]["ct"] = json!("not base64 at all!"))),
         ("malformed", Box::new(|t: &mut Value| t["body"]["n"] = json!("AAAA"))),

@@ -315,7 +315,7 @@ async fn to_sse(ev: StreamEvent, pos: &mut StreamPos) -> (Option<sse::Event>, bo
         },
         StreamEvent::WaitExpired => (Some(sse::Event::Data(sse::Data::new("null").event("wait_expired"))), true),
         StreamEvent::DeletedTask { task_id } => {
-            (Some(sse::Event::Data(data("deleted_task", &serde_json::json!({ "task_id": task_id })))), true)
+            (Some(sse::Event::Data(data("deleted_task", serde_json::json!({ "task_id": task_id })))), true)
         }
         StreamEvent::Error { message } => (Some(sse::Event::Data(data("error", &message))), true),
     }
