@@ -44,13 +44,7 @@ fn bench(c: &mut Criterion) {
         let body = vec![b'x'; size];
         for n in [1usize, 100] {
             let to = apps(&sites[..n]);
-            let subject = Subject::Task {
-                id,
-                from: &from,
-                to: &to,
-                failure_strategy: &FailureStrategy::Discard,
-                metadata: &metadata,
-            };
+            let subject = task(id, &from, &to, &metadata);
             let rs = recipients(&sites[..n], &to_keys[..n]);
             seal_group.throughput(Throughput::Bytes(size as u64));
             seal_group.bench_with_input(
@@ -71,13 +65,7 @@ fn bench(c: &mut Criterion) {
             // The receiver is the last of the n recipients (worst case for finding its key).
             let last_n = sites.len() - n..;
             let to = apps(&sites[last_n.clone()]);
-            let subject = Subject::Task {
-                id,
-                from: &from,
-                to: &to,
-                failure_strategy: &FailureStrategy::Discard,
-                metadata: &metadata,
-            };
+            let subject = task(id, &from, &to, &metadata);
             let rs = recipients(&sites[last_n.clone()], &to_keys[last_n]);
             let env = seal(&subject, KeyId::of(&sender.public), 1, Some(60_000), &rs, &body);
             open_group.throughput(Throughput::Bytes(size as u64));
@@ -94,6 +82,10 @@ fn bench(c: &mut Criterion) {
         }
     }
     open_group.finish();
+}
+
+fn task<'a>(id: uuid::Uuid, from: &'a AppId, to: &'a [AppId], metadata: &'a serde_json::Value) -> Subject<'a> {
+    Subject::Task { id, from, to, failure_strategy: &FailureStrategy::Discard, metadata }
 }
 
 fn apps(sites: &[Site]) -> Vec<AppId> {

@@ -162,10 +162,6 @@ impl Keyring {
         self.crl.read().as_ref().is_some_and(|crl| crl.revokes(cert))
     }
 
-    pub fn crl_number(&self) -> Option<u64> {
-        self.crl.read().as_ref().map(|c| c.number)
-    }
-
     /// Takes a verified revocation list unless it is older than the one held. Returns whether
     /// it was taken. Revoked peers stay cached (every use checks the list) so that refusals can
     /// say why.
@@ -214,17 +210,18 @@ impl Keyring {
     pub fn fresh(&self, proxy: &ProxyId, want: Option<KeyId>) -> Option<Arc<Peer>> {
         let my_kid = self.own().kid;
         let slot = self.peers.get(proxy)?;
-        let candidates = std::iter::once(&slot.current).chain(slot.previous.as_ref());
-        for peer in candidates {
-            let young = peer.fetched_at.lock().elapsed() < self.max_age || want.is_some() || proxy == &self.me;
-            if young && peer.my_kid == my_kid && want.is_none_or(|k| k == peer.kid) && self.usable(peer) {
-                return Some(peer.clone());
-            }
-            if want.is_none() {
-                break;
+        let ok = |peer: &&Arc<Peer>| peer.my_kid == my_kid && self.usable(peer);
+        match want {
+            // Sealing: the current certificate, fetched recently (this proxy's own never ages).
+            None => Some(&slot.current)
+                .filter(|p| proxy == &self.me || p.fetched_at.lock().elapsed() < self.max_age)
+                .filter(ok)
+                .cloned(),
+            // Opening: whichever known certificate carries the named key, at any age.
+            Some(kid) => {
+                std::iter::once(&slot.current).chain(&slot.previous).filter(|p| p.kid == kid).find(ok).cloned()
             }
         }
-        None
     }
 
     /// The cached peer even if older than `max_age` (used when the broker can't be reached),

@@ -32,7 +32,7 @@ use crate::{
     upstream::Upstream,
 };
 
-/// Bodies (or ciphertexts) larger than this are sealed and opened on the blocking pool.
+/// Bodies (or base64 ciphertexts) larger than this are sealed and opened on the blocking pool.
 pub const INLINE_LIMIT: usize = 64 * 1024;
 /// How far the creator's clock may be off when checking that a task has not expired.
 const CLOCK_SKEW_MS: u64 = 300_000;
@@ -93,11 +93,9 @@ impl Refusals {
     }
 }
 
-/// Runs CPU-heavy crypto on the blocking pool when `size` is large, inline otherwise.
-async fn crypto<T: Send + 'static>(size: usize, f: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
-    if size <= INLINE_LIMIT {
-        return Ok(f());
-    }
+/// Runs CPU-heavy crypto on the blocking pool (for large bodies; small ones run inline, without
+/// the copies a `'static` closure needs).
+async fn on_pool<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
     web::block(f).await.map_err(|e| ApiError::Unavailable(format!("crypto pool: {e}")))
 }
 
@@ -163,11 +161,12 @@ pub async fn seal_task(up: &Upstream, task: &mut WireTask, body: &Value) -> Resu
     let peers = recipients(up, &task.to).await?;
     let plaintext = serde_json::to_vec(body).expect("JSON values serialize");
     let sender = up.keys.own().kid;
-    let header = task.clone();
-    task.body = crypto(plaintext.len(), move || {
-        seal_with(&task_subject(&header), sender, Some(header.ttl_ms), &peers, &plaintext)
-    })
-    .await?;
+    task.body = if plaintext.len() <= INLINE_LIMIT {
+        seal_with(&task_subject(task), sender, Some(task.ttl_ms), &peers, &plaintext)
+    } else {
+        let header = task.clone();
+        on_pool(move || seal_with(&task_subject(&header), sender, Some(header.ttl_ms), &peers, &plaintext)).await?
+    };
     Ok(())
 }
 
@@ -179,10 +178,12 @@ pub async fn seal_result(up: &Upstream, result: &mut WireResult, body: Option<&V
     // An absent body seals as empty bytes, which no JSON value serializes to.
     let plaintext = body.map(|b| serde_json::to_vec(b).expect("JSON values serialize")).unwrap_or_default();
     let sender = up.keys.own().kid;
-    let header = result.clone();
-    result.body = Some(
-        crypto(plaintext.len(), move || seal_with(&result_subject(&header), sender, None, &peers, &plaintext)).await?,
-    );
+    result.body = Some(if plaintext.len() <= INLINE_LIMIT {
+        seal_with(&result_subject(result), sender, None, &peers, &plaintext)
+    } else {
+        let header = result.clone();
+        on_pool(move || seal_with(&result_subject(&header), sender, None, &peers, &plaintext)).await?
+    });
     Ok(())
 }
 
@@ -201,11 +202,14 @@ async fn open_envelope<M: Send + Sync + 'static>(
     let my_kid = KeyId::parse(&wrap.k)?;
     let mine = up.keys.own_by_kid(&my_kid).ok_or(SealError::NotForUs)?;
     let sender = up.peer(&from.proxy_id(), Some(KeyId::parse(&env.sk)?)).await?;
-    let size = env.ct.len();
     let keys = up.keys.open_key(&mine, sender);
-    crypto(size, move || {
-        let wrap = e2e::wrap_for(&env, &keys.me)?;
+    if env.ct.len() <= INLINE_LIMIT {
         let plaintext = e2e::open(&env, &subject(&message), wrap, keys.key())?;
+        return Ok((env, plaintext));
+    }
+    let wrap = wrap.clone();
+    on_pool(move || {
+        let plaintext = e2e::open(&env, &subject(&message), &wrap, keys.key())?;
         Ok((env, plaintext))
     })
     .await

@@ -482,6 +482,20 @@ mod tests {
         ));
     }
 
+    /// Ephemeral keys that are not P-256 points are a clear error, never a panic.
+    #[test]
+    fn refuses_points_off_the_curve() {
+        let on_curve = SecretKey::random(&mut OsRng).public_key().to_sec1_bytes().to_vec();
+        assert!(decode_point(&b64().encode(&on_curve)).is_ok());
+        let mut off = on_curve.clone();
+        off[64] ^= 1; // y no longer matches x
+        let compressed_bad_x = [&[0x02u8][..], &[0xff; 32]].concat(); // x ≥ p
+        let too_short = vec![0x04u8; 49]; // a P-192-sized point
+        for bad in [off, compressed_bad_x, too_short, vec![], vec![0x00]] {
+            assert!(matches!(decode_point(&b64().encode(&bad)), Err(CryptoError::Malformed(_))), "{bad:?}");
+        }
+    }
+
     #[test]
     fn refuses_foreign_and_tampered_hellos() {
         let pki = Pki::new();
