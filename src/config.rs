@@ -5,7 +5,10 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::wire::parse_duration;
+use crate::{
+    ops::{LogFormat, StatsdConfig},
+    wire::parse_duration,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -100,6 +103,58 @@ pub struct ServeArgs {
     /// HTTP worker threads (default: one per core).
     #[arg(long, env = "WORKERS")]
     pub workers: Option<usize>,
+    /// The password of the monitoring endpoints (`/v1/health/proxies`, Basic auth with an empty
+    /// user); they answer 501 without one.
+    #[arg(long, env = "MONITORING_API_KEY", hide_env_values = true)]
+    pub monitoring_api_key: Option<String>,
+    #[command(flatten)]
+    pub ops: OpsArgs,
+}
+
+/// What every Photon server takes besides its own settings: metrics, logs, shutdown.
+#[derive(Debug, Clone, Args)]
+pub struct OpsArgs {
+    /// StatsD host to send metrics to; metrics are off when it is not set.
+    #[arg(long, env = "STATSD_HOST")]
+    pub statsd_host: Option<String>,
+    #[arg(long, env = "STATSD_PORT", default_value_t = 8125)]
+    pub statsd_port: u16,
+    /// Prefix of every metric name.
+    #[arg(long, env = "STATSD_PREFIX", default_value = "photon")]
+    pub statsd_prefix: String,
+    /// How long in-flight requests may take to finish after SIGTERM or Ctrl-C.
+    #[arg(long, env = "SHUTDOWN_GRACE", default_value = "10s")]
+    pub shutdown_grace: String,
+    /// Log lines as text, or as one JSON object per line (for log shippers). The level comes
+    /// from RUST_LOG (default info; debug adds one line per request).
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// The validated [`OpsArgs`].
+#[derive(Debug, Clone, Default)]
+pub struct OpsConfig {
+    pub statsd: Option<StatsdConfig>,
+    pub shutdown_grace: Duration,
+}
+
+impl OpsArgs {
+    pub fn validate(&self) -> Result<OpsConfig, String> {
+        Ok(OpsConfig {
+            statsd: StatsdConfig::from_settings(self.statsd_host.as_deref(), self.statsd_port, &self.statsd_prefix)?,
+            shutdown_grace: duration_setting("SHUTDOWN_GRACE", &self.shutdown_grace)?,
+        })
+    }
+}
+
+/// A secret setting: compared, never printed.
+#[derive(Clone)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
 }
 
 /// The validated configuration `serve` runs with.
@@ -113,6 +168,9 @@ pub struct BrokerConfig {
     pub keepalive: Duration,
     pub workers: usize,
     pub session_lifetime: Duration,
+    /// Password of the monitoring endpoints; they answer 501 without one.
+    pub monitoring_api_key: Option<Secret>,
+    pub ops: OpsConfig,
 }
 
 /// The host name of a URL (`http://broker:8080/` → `broker`).
@@ -166,6 +224,11 @@ impl ServeArgs {
             keepalive,
             workers: self.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
             session_lifetime: Duration::from_secs(3600),
+            monitoring_api_key: match self.monitoring_api_key.as_deref() {
+                Some("") => return Err("MONITORING_API_KEY is empty: unset it or give it a value".into()),
+                key => key.map(|k| Secret(k.to_owned())),
+            },
+            ops: self.ops.validate()?,
         })
     }
 }

@@ -6,6 +6,8 @@
 //! - [`crypto`]: the built-in CA, certificate checks, the authenticated proxy session.
 //! - [`actors`]: the engine — one actor per task, the expiry actor, per-app mailboxes.
 //! - [`http`]: the broker's routes; thin handlers over [`actors::Engine`].
+//! - [`presence`]: which proxies hold a control connection now (monitoring, one instance per id).
+//! - [`ops`]: StatsD metrics, request logs, graceful shutdown (shared with the proxy).
 //! - [`config`]: the broker's configuration and its command line.
 //!
 //! The proxy (`photon-proxy`) uses `wire` and `crypto` from here; it talks to the broker only
@@ -16,11 +18,13 @@ pub mod actors;
 pub mod config;
 pub mod crypto;
 pub mod http;
+pub mod ops;
+pub mod presence;
 pub mod wire;
 
-use std::{net::TcpListener, sync::Arc};
+use std::{net::TcpListener, sync::Arc, time::Duration};
 
-use actix_web::{web, App, HttpServer};
+use actix_web::{middleware::from_fn, web, App, HttpServer};
 
 use crate::{
     actors::{Engine, EngineLimits},
@@ -31,6 +35,12 @@ use crate::{
         RootCert,
     },
     http::BrokerState,
+    ops::{
+        metrics::spawn_reporter,
+        requests::{observe, Observer},
+        shutdown::{grace_secs, Running},
+        Metrics, Shutdown, Stopper,
+    },
 };
 
 pub use config::BrokerConfig;
@@ -42,11 +52,14 @@ pub enum StartError {
     Pki(#[from] crypto::CryptoError),
     #[error("cannot serve: {0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Metrics(String),
 }
 
 /// Loads the broker's PKI and builds the server on `listener`. Call inside an actix `System`;
-/// await the returned server (tests spawn it and stop it through its handle).
-pub fn serve(config: BrokerConfig, listener: TcpListener) -> Result<actix_web::dev::Server, StartError> {
+/// await the returned server, and stop it through its [`Stopper`] (binaries: on SIGTERM, with
+/// [`ops::shutdown::run_until_signalled`]).
+pub fn serve(config: BrokerConfig, listener: TcpListener) -> Result<Running, StartError> {
     let root = RootCert::load(&config.pki_dir.join(ca::ROOT_CERT))?;
     let cert_pem = ca::read_to_string(&config.pki_dir.join(ca::BROKER_CERT))?;
     let cert = root.verify(&cert_pem, (crypto::unix_millis() / 1000) as i64)?;
@@ -61,25 +74,74 @@ pub fn serve(config: BrokerConfig, listener: TcpListener) -> Result<actix_web::d
     let identity = Identity::new(&key_pem, cert_pem, &cert)?;
     let limits =
         EngineLimits { broker_id: config.broker_id.clone(), max_ttl: config.max_ttl, max_wait: config.max_wait };
+    let (raise, shutdown) = Shutdown::new();
+    let metrics = Metrics::start(
+        config.ops.statsd.as_ref(),
+        &[("component", "broker"), ("broker_id", config.broker_id.as_str())],
+    )
+    .map_err(StartError::Metrics)?;
     let state = Arc::new(BrokerState {
-        engine: Engine::start(limits, config.workers),
+        engine: Engine::start(limits, config.workers, shutdown.clone()),
         sessions: SessionStore::new(identity, root.clone(), config.broker_id.clone(), config.session_lifetime),
         certs: CertDirectory::new(config.pki_dir.clone(), root),
         max_body: config.max_body,
         keepalive: config.keepalive,
+        presence: Default::default(),
+        observer: Observer::new(metrics.clone()),
+        waiters: Default::default(),
+        streams: Default::default(),
+        shutdown: shutdown.clone(),
+        monitoring_key: config.monitoring_api_key.clone(),
+        cert_not_after: cert.not_after_unix,
+        started: std::time::Instant::now(),
     });
+    spawn_housekeeping(&state);
     let weak = Arc::downgrade(&state);
+    spawn_reporter(metrics, Duration::from_secs(1), shutdown, move |m| {
+        let Some(state) = weak.upgrade() else { return false };
+        m.gauge("tasks.live", state.engine.n_tasks() as u64, &[]);
+        m.gauge("waiters", state.waiters.get(), &[]);
+        m.gauge("streams.open", state.streams.get(), &[]);
+        m.gauge("proxies.online", state.presence.n_online() as u64, &[]);
+        state.engine.n_expired.report(m, "tasks.expired");
+        state.observer.report();
+        true
+    });
+    let addr = listener.local_addr()?;
+    let data = web::Data::new(state.clone());
+    let server = HttpServer::new(move || {
+        let observer = data.observer.clone();
+        App::new()
+            .app_data(data.clone())
+            .wrap(from_fn(move |req, next| observe(observer.clone(), req, next)))
+            .configure(http::routes)
+    })
+    .workers(config.workers)
+    .disable_signals()
+    .shutdown_timeout(grace_secs(config.ops.shutdown_grace))
+    .listen(listener)?
+    .run();
+    tracing::info!(%addr, broker_id = %config.broker_id, "broker listening");
+    let stopper = Stopper::new(raise, server.handle(), config.ops.shutdown_grace);
+    Ok(Running { server, stopper })
+}
+
+/// Every second: a changed revocation list ends the revoked proxies' sessions and control
+/// connections at once. Every minute: expired sessions are swept.
+fn spawn_housekeeping(state: &Arc<BrokerState>) {
+    let weak = Arc::downgrade(state);
     actix_web::rt::spawn(async move {
-        // Every second: a changed revocation list ends the revoked proxies' sessions at once.
-        // Every minute: expired sessions are swept.
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
         for n in 0u64.. {
             tick.tick().await;
             let Some(state) = weak.upgrade() else { return };
             if let Some(crl) = state.certs.reload_crl() {
                 let ended = state.sessions.drop_revoked(&crl);
-                if ended > 0 {
-                    tracing::info!(ended, "ended the sessions of revoked certificates");
+                for proxy in &ended {
+                    state.presence.kick(proxy, "the proxy's certificate is revoked");
+                }
+                if !ended.is_empty() {
+                    tracing::info!(proxies = ?ended, "ended the sessions of revoked certificates");
                 }
             }
             if n % 60 == 59 {
@@ -87,18 +149,4 @@ pub fn serve(config: BrokerConfig, listener: TcpListener) -> Result<actix_web::d
             }
         }
     });
-    let addr = listener.local_addr()?;
-    let data = web::Data::new(state);
-    let server = HttpServer::new(move || App::new().app_data(data.clone()).configure(http::routes))
-        .workers(config.workers)
-        .listen(listener)?
-        .run();
-    tracing::info!(%addr, broker_id = %config.broker_id, "broker listening");
-    Ok(server)
-}
-
-/// Sets up tracing from `RUST_LOG` (default `info`). Safe to call more than once.
-pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
 }

@@ -11,7 +11,7 @@ use photon::{
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    photon::init_tracing();
+    photon::ops::init_tracing(cli.serve.ops.log_format);
     let outcome = match cli.command {
         Some(Command::Ca { action }) => run_ca(action),
         None => serve(&cli),
@@ -30,8 +30,8 @@ fn serve(cli: &Cli) -> Result<(), String> {
     let listener = TcpListener::bind(cli.serve.bind_addr)
         .map_err(|e| format!("cannot listen on {} (BIND_ADDR): {e}", cli.serve.bind_addr))?;
     actix_web::rt::System::new().block_on(async move {
-        let server = photon::serve(config, listener).map_err(|e| e.to_string())?;
-        server.await.map_err(|e| e.to_string())
+        let running = photon::serve(config, listener).map_err(|e| e.to_string())?;
+        photon::ops::shutdown::run_until_signalled(running).await.map_err(|e| e.to_string())
     })
 }
 

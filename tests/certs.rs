@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use photon::{
@@ -27,14 +27,6 @@ async fn post_task(net: &Net, to: &[&str]) -> reqwest::Response {
 }
 
 /// Polls `check` every 100 ms for up to 10 s.
-async fn eventually<F: std::future::Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
-    let until = Instant::now() + Duration::from_secs(10);
-    while !check().await {
-        assert!(Instant::now() < until, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test]
 async fn unknown_recipient_proxy_is_424_with_its_id() {
     let net = Net::start();

@@ -25,6 +25,10 @@ async fn broker_refuses_requests_without_a_session() {
 #[tokio::test]
 async fn captured_request_replayed_is_refused() {
     let net = Net::start();
+    // This test signs as proxy1 by hand; while the real proxy1 is online the broker would refuse
+    // a second instance of it (409), so it stops first.
+    net.proxy_stops[0].stop_now().await;
+    eventually("proxy1 offline", || async { net.broker_health().await["proxies_online"] == 1 }).await;
     let root = RootCert::load(&net.pki.join(ca::ROOT_CERT)).unwrap();
     let cert_pem = std::fs::read_to_string(net.pki.join("certs/proxy1.broker.crt")).unwrap();
     let cert = root.verify(&cert_pem, (unix_millis() / 1000) as i64).unwrap();

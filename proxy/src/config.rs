@@ -5,7 +5,7 @@ use std::{collections::HashMap, net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use photon::{
-    config::{broker_id_setting, duration_setting},
+    config::{broker_id_setting, duration_setting, OpsArgs, OpsConfig},
     wire::{AppId, ProxyId},
 };
 
@@ -73,6 +73,8 @@ pub struct ServeArgs {
     /// the longest it uses a peer's certificate before fetching it again.
     #[arg(long, env = "CERT_REFRESH", default_value = "60s")]
     pub cert_refresh: String,
+    #[command(flatten)]
+    pub ops: OpsArgs,
 }
 
 /// The validated configuration.
@@ -92,6 +94,7 @@ pub struct ProxyConfig {
     pub keepalive: Duration,
     pub workers: usize,
     pub cert_refresh: Duration,
+    pub ops: OpsConfig,
 }
 
 impl std::fmt::Debug for ProxyConfig {
@@ -167,6 +170,7 @@ impl ServeArgs {
             max_wait: duration_setting("MAX_WAIT", &self.max_wait)?,
             keepalive,
             cert_refresh,
+            ops: self.ops.validate()?,
             workers: self.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
         })
     }

@@ -31,6 +31,10 @@ type State = web::Data<Arc<ProxyState>>;
 const UPSTREAM_SLACK: Duration = Duration::from_secs(30);
 /// A broker stream line longer than this ends the stream (a sealed 10 MiB body fits).
 const MAX_LINE: usize = 64 * 1024 * 1024;
+/// The last line of an event stream the broker ends because it is shutting down.
+const BROKER_STOPPING: &str = "the broker is shutting down; reconnect with Last-Event-ID";
+/// The last line of an event stream this proxy ends because it is shutting down.
+const PROXY_STOPPING: &str = "the proxy is shutting down; reconnect with Last-Event-ID";
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/health", web::get().to(health))
@@ -119,7 +123,18 @@ async fn long_poll(
     q.stream = None;
     let timeout = long_poll_timeout(state, &q);
     let url = format!("{path}?{}", query_string(&q));
-    let res = state.upstream.send(Method::GET, &url, caller, Bytes::new(), Some(timeout)).await?;
+    let waits = q.wait_count.is_some() || q.wait_time.is_some();
+    let _waiting = waits.then(|| state.waiters.hold());
+    let res = tokio::select! {
+        biased;
+        // Shutting down: answer now with what the broker has, as if the wait had passed.
+        _ = state.shutdown.started(), if waits => {
+            q.wait_time = Some("0s".into());
+            let url = format!("{path}?{}", query_string(&q));
+            state.upstream.send(Method::GET, &url, caller, Bytes::new(), Some(UPSTREAM_SLACK)).await?
+        }
+        res = state.upstream.send(Method::GET, &url, caller, Bytes::new(), Some(timeout)) => res?,
+    };
     if !res.status().is_success() {
         return Err(relayed(res).await);
     }
@@ -146,20 +161,25 @@ async fn open_events(
     Ok(relay_events(state.clone(), caller.clone(), task_id, res, q.wait_count))
 }
 
-/// 200 when this proxy's certificate is valid and unrevoked and the broker answers; 503 with
-/// the reason otherwise. Both carry the count of refused messages by reason.
+/// 200 when this proxy's certificate is valid and unrevoked and its control connection to the
+/// broker is up; 503 with the reason otherwise (also while shutting down). Both carry the
+/// count of refused messages by reason.
 async fn health(state: State) -> HttpResponse {
-    let check = async {
-        if let Some(problem) = state.upstream.keys.own_problem() {
-            return Err(problem.to_string());
-        }
-        state.upstream.ensure_session().await.map_err(|e| e.to_string())?;
-        state.upstream.broker_healthy().await.map_err(|e| e.to_string())
+    let problem = if state.shutdown.is_started() {
+        Some("shutting down".to_owned())
+    } else if let Some(problem) = state.upstream.keys.own_problem() {
+        Some(problem.to_string())
+    } else {
+        state.link.problem()
     };
     let refused = state.refusals.snapshot();
-    match check.await {
-        Ok(()) => HttpResponse::Ok().json(serde_json::json!({"summary": "healthy", "refused": refused})),
-        Err(error) => HttpResponse::ServiceUnavailable()
+    match problem {
+        None => HttpResponse::Ok().json(serde_json::json!({
+            "summary": "healthy",
+            "refused": refused,
+            "broker_online_s": state.link.online_for().map(|d| d.as_secs()),
+        })),
+        Some(error) => HttpResponse::ServiceUnavailable()
             .json(serde_json::json!({"summary": "unhealthy", "error": error, "refused": refused})),
     }
 }
@@ -189,6 +209,7 @@ async fn create_task(state: State, req: HttpRequest, payload: web::Payload) -> R
     if res.status() != StatusCode::CREATED {
         return Err(relayed(res).await);
     }
+    state.observer.metrics.count("tasks.created", 1, &[]);
     Ok(HttpResponse::Created().insert_header((header::LOCATION, format!("/v1/tasks/{id}"))).finish())
 }
 
@@ -255,11 +276,13 @@ async fn put_result(
     let bytes = Bytes::from(serde_json::to_vec(&wire).expect("wire results serialize"));
     let path = format!("/v1/tasks/{id}/results/{}", wire.from);
     let res = state.upstream.send(Method::PUT, &path, &caller, bytes, Some(UPSTREAM_SLACK)).await?;
-    match res.status() {
-        StatusCode::CREATED => Ok(HttpResponse::Created().finish()),
-        StatusCode::NO_CONTENT => Ok(HttpResponse::NoContent().finish()),
-        _ => Err(relayed(res).await),
-    }
+    let answer = match res.status() {
+        StatusCode::CREATED => HttpResponse::Created().finish(),
+        StatusCode::NO_CONTENT => HttpResponse::NoContent().finish(),
+        _ => return Err(relayed(res).await),
+    };
+    state.observer.metrics.count("results.stored", 1, &[]);
+    Ok(answer)
 }
 
 async fn get_results(state: State, req: HttpRequest, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
@@ -318,6 +341,7 @@ async fn to_sse(ev: StreamEvent, pos: &mut StreamPos) -> (Option<sse::Event>, bo
             (Some(sse::Event::Data(data("deleted_task", serde_json::json!({ "task_id": task_id })))), true)
         }
         StreamEvent::Error { message } => (Some(sse::Event::Data(data("error", &message))), true),
+        StreamEvent::ShuttingDown => (Some(sse::Event::Comment(BROKER_STOPPING.into())), true),
     }
 }
 
@@ -333,7 +357,9 @@ fn relay_events(
 ) -> HttpResponse {
     let keepalive = state.config.keepalive;
     let (tx, rx) = mpsc::channel::<sse::Event>(64);
+    let (open, shutdown) = (state.streams.hold(), state.shutdown.clone());
     actix_web::rt::spawn(async move {
+        let _open = open;
         let mut upstream = res.bytes_stream();
         let mut buf = BytesMut::new();
         let mut stream = StreamPos { state, caller, task_id, wait_count, n_tasks: 0 };
@@ -368,6 +394,10 @@ fn relay_events(
                     Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
                     Some(Err(_)) | None => break,
                 },
+                _ = shutdown.started() => {
+                    let _ = tx.send(sse::Event::Comment(PROXY_STOPPING.into())).await;
+                    return;
+                }
                 _ = tx.closed() => return,
             }
         }

@@ -3,13 +3,15 @@
 //! comes back.
 //!
 //! Crate map: [`config`] (flags, environment, app keys), [`auth`] (API keys), [`upstream`] (the
-//! signed session to the broker; fetches certificates and the revocation list), [`keyring`]
-//! (own and peer keys, pairwise keys, revocation), [`seal`] (bodies ↔ sealed envelopes, refusals),
-//! [`http`] (the app API).
+//! signed session to the broker; fetches certificates and the revocation list), [`control`]
+//! (the long-lived connection that shows this proxy online), [`keyring`] (own and peer keys,
+//! pairwise keys, revocation), [`seal`] (bodies ↔ sealed envelopes, refusals), [`http`] (the
+//! app API). Metrics, request logs and graceful shutdown come from `photon::ops`.
 #![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod config;
+pub mod control;
 pub mod http;
 pub mod keyring;
 pub mod seal;
@@ -17,8 +19,16 @@ pub mod upstream;
 
 use std::{net::TcpListener, sync::Arc, time::Duration};
 
-use actix_web::{web, App, HttpServer};
-use photon::crypto::RootCert;
+use actix_web::{middleware::from_fn, web, App, HttpServer};
+use photon::{
+    crypto::RootCert,
+    ops::{
+        metrics::spawn_reporter,
+        requests::{observe, Observer},
+        shutdown::{grace_secs, Running},
+        Level, Metrics, Shutdown, Stopper,
+    },
+};
 
 pub use config::ProxyConfig;
 use upstream::{OwnFiles, Upstream, UpstreamError};
@@ -29,6 +39,14 @@ pub struct ProxyState {
     pub keys: auth::AppKeys,
     pub upstream: Upstream,
     pub refusals: seal::Refusals,
+    /// The control connection to the broker.
+    pub link: control::Link,
+    pub observer: Arc<Observer>,
+    /// App long-polls waiting now.
+    pub waiters: Arc<Level>,
+    /// App event streams open now.
+    pub streams: Arc<Level>,
+    pub shutdown: Shutdown,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -41,17 +59,16 @@ pub enum StartError {
     Upstream(#[from] UpstreamError),
     #[error("cannot serve: {0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Metrics(String),
 }
 
 /// Loads keys, gets this proxy's certificate (from `CERT_FILE` or the broker, retrying for up
-/// to `patience` while the broker comes up) and builds the server on `listener`. Starts the
-/// refresh of the revocation list and of its own certificate every `CERT_REFRESH`. Call inside
-/// an actix `System`.
-pub async fn serve(
-    config: ProxyConfig,
-    listener: TcpListener,
-    patience: Duration,
-) -> Result<actix_web::dev::Server, StartError> {
+/// to `patience` while the broker comes up), opens the control connection and builds the
+/// server on `listener`. Starts the refresh of the revocation list and of its own certificate
+/// every `CERT_REFRESH`. Call inside an actix `System`; await the server and stop it through
+/// its [`Stopper`].
+pub async fn serve(config: ProxyConfig, listener: TcpListener, patience: Duration) -> Result<Running, StartError> {
     let setting = |setting| move |error| StartError::Setting { setting, error };
     let root = RootCert::load(&config.rootcert_file).map_err(setting("ROOTCERT_FILE"))?;
     photon::crypto::ca::read_to_string(&config.privkey_file).map_err(setting("PRIVKEY_FILE"))?;
@@ -60,7 +77,7 @@ pub async fn serve(
     }
     let files = OwnFiles { privkey_file: config.privkey_file.clone(), cert_file: config.cert_file.clone() };
     let give_up = tokio::time::Instant::now() + patience;
-    let upstream = loop {
+    let mut upstream = loop {
         match Upstream::connect(
             &config.broker_url,
             &config.broker_id,
@@ -79,17 +96,38 @@ pub async fn serve(
             Err(e) => return Err(e.into()),
         }
     };
+    let metrics =
+        Metrics::start(config.ops.statsd.as_ref(), &[("component", "proxy"), ("proxy_id", config.proxy_id.as_str())])
+            .map_err(StartError::Metrics)?;
+    upstream.metrics = metrics.clone();
     let addr = listener.local_addr()?;
     let workers = config.workers;
+    let grace = config.ops.shutdown_grace;
     tracing::info!(%addr, proxy = %config.proxy_id, apps = config.apps.len(), "proxy listening");
     let refresh = config.cert_refresh;
+    let (raise, shutdown) = Shutdown::new();
     let state = Arc::new(ProxyState {
         keys: auth::AppKeys::new(&config.apps),
         config,
         upstream,
-        refusals: seal::Refusals::default(),
+        refusals: seal::Refusals::new(metrics.clone()),
+        link: control::Link::default(),
+        observer: Observer::new(metrics.clone()),
+        waiters: Default::default(),
+        streams: Default::default(),
+        shutdown: shutdown.clone(),
     });
     state.upstream.refresh().await;
+    // Online before serving when the broker lets us; otherwise the loop keeps trying, and
+    // health says why meanwhile.
+    let first = match control::open(&state.upstream).await {
+        Ok(open) => Some(open),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot open the control connection yet; retrying in the background");
+            None
+        }
+    };
+    actix_web::rt::spawn(control::run(state.clone(), first));
     let weak = Arc::downgrade(&state);
     actix_web::rt::spawn(async move {
         let mut tick = tokio::time::interval(refresh);
@@ -100,9 +138,28 @@ pub async fn serve(
             state.upstream.refresh().await;
         }
     });
+    let weak = Arc::downgrade(&state);
+    spawn_reporter(metrics, Duration::from_secs(1), shutdown, move |m| {
+        let Some(state) = weak.upgrade() else { return false };
+        m.gauge("waiters", state.waiters.get(), &[]);
+        m.gauge("streams.open", state.streams.get(), &[]);
+        m.gauge("broker.connected", u64::from(state.link.online_for().is_some()), &[]);
+        state.observer.report();
+        true
+    });
     let data = web::Data::new(state);
-    Ok(HttpServer::new(move || App::new().app_data(data.clone()).configure(http::routes))
-        .workers(workers)
-        .listen(listener)?
-        .run())
+    let server = HttpServer::new(move || {
+        let observer = data.observer.clone();
+        App::new()
+            .app_data(data.clone())
+            .wrap(from_fn(move |req, next| observe(observer.clone(), req, next)))
+            .configure(http::routes)
+    })
+    .workers(workers)
+    .disable_signals()
+    .shutdown_timeout(grace_secs(grace))
+    .listen(listener)?
+    .run();
+    let stopper = Stopper::new(raise, server.handle(), grace);
+    Ok(Running { server, stopper })
 }

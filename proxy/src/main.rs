@@ -9,7 +9,7 @@ use photon_proxy::config::{app_keys_from_env, Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    photon::init_tracing();
+    photon::ops::init_tracing(cli.serve.ops.log_format);
     let outcome = match &cli.command {
         Some(Command::Keygen { proxy_id, out }) => keygen(proxy_id, out),
         None => serve(&cli),
@@ -40,7 +40,8 @@ fn serve(cli: &Cli) -> Result<(), String> {
     let listener = TcpListener::bind(cli.serve.bind_addr)
         .map_err(|e| format!("cannot listen on {} (BIND_ADDR): {e}", cli.serve.bind_addr))?;
     actix_web::rt::System::new().block_on(async move {
-        let server = photon_proxy::serve(config, listener, Duration::from_secs(30)).await.map_err(|e| e.to_string())?;
-        server.await.map_err(|e| e.to_string())
+        let running =
+            photon_proxy::serve(config, listener, Duration::from_secs(30)).await.map_err(|e| e.to_string())?;
+        photon::ops::shutdown::run_until_signalled(running).await.map_err(|e| e.to_string())
     })
 }

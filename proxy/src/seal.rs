@@ -81,15 +81,24 @@ impl OpenError {
 
 /// Messages refused since start, by reason (operators see them on `/v1/health`).
 #[derive(Default)]
-pub struct Refusals(Mutex<BTreeMap<&'static str, u64>>);
+pub struct Refusals {
+    by_reason: Mutex<BTreeMap<&'static str, u64>>,
+    metrics: photon::ops::Metrics,
+}
 
 impl Refusals {
+    /// Counts on the health endpoint and as the metric `messages.refused` by reason.
+    pub fn new(metrics: photon::ops::Metrics) -> Self {
+        Self { by_reason: Mutex::default(), metrics }
+    }
+
     pub fn count(&self, e: &OpenError) {
-        *self.0.lock().entry(e.reason()).or_default() += 1;
+        *self.by_reason.lock().entry(e.reason()).or_default() += 1;
+        self.metrics.count("messages.refused", 1, &[("reason", e.reason())]);
     }
 
     pub fn snapshot(&self) -> BTreeMap<&'static str, u64> {
-        self.0.lock().clone()
+        self.by_reason.lock().clone()
     }
 }
 

@@ -43,8 +43,24 @@ pub enum UpstreamError {
     Timeout,
     #[error("the broker refused this proxy: {0}")]
     Refused(String),
+    /// Another process with this proxy id is online at the broker.
+    #[error("{0}")]
+    Duplicate(String),
     #[error("{0}")]
     Crypto(#[from] CryptoError),
+}
+
+impl UpstreamError {
+    /// A short name for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Unreachable(_) => "unreachable",
+            Self::Timeout => "timeout",
+            Self::Refused(_) => "refused",
+            Self::Duplicate(_) => "duplicate",
+            Self::Crypto(_) => "crypto",
+        }
+    }
 }
 
 impl From<reqwest::Error> for UpstreamError {
@@ -69,6 +85,7 @@ impl From<UpstreamError> for ApiError {
     fn from(e: UpstreamError) -> Self {
         match e {
             UpstreamError::Timeout => ApiError::GatewayTimeout(e.to_string()),
+            UpstreamError::Duplicate(_) => ApiError::Unavailable(format!("this proxy is refused by the broker: {e}")),
             _ => ApiError::BadGateway(e.to_string()),
         }
     }
@@ -94,6 +111,10 @@ pub struct Upstream {
     handshake: tokio::sync::Mutex<()>,
     /// When each peer's certificate was last fetched because of an unknown key id.
     refetched: dashmap::DashMap<ProxyId, Instant>,
+    /// This process, as the broker tells instances of one proxy apart (random per start).
+    instance: String,
+    /// Where `upstream.duration_ms` and `upstream.errors` go (off until set).
+    pub metrics: photon::ops::Metrics,
 }
 
 impl Upstream {
@@ -124,6 +145,8 @@ impl Upstream {
             session: RwLock::new(None),
             handshake: tokio::sync::Mutex::new(()),
             refetched: dashmap::DashMap::new(),
+            instance: uuid::Uuid::new_v4().to_string(),
+            metrics: photon::ops::Metrics::off(),
         })
     }
 
@@ -189,7 +212,9 @@ impl Upstream {
             Ok(own) if *own.cert.pem != *self.keys.own().cert.pem => {
                 tracing::info!(serial = %own.cert.serial, "own certificate renewed; using it from now on");
                 self.keys.rotate(own);
-                if let Some(s) = self.session.read().clone() {
+                // Bound first: the read guard must be gone before `forget` takes the write lock.
+                let current = self.session.read().clone();
+                if let Some(s) = current {
                     self.forget(&s);
                 }
             }
@@ -255,6 +280,40 @@ impl Upstream {
         body: Bytes,
         timeout: Option<Duration>,
     ) -> Result<reqwest::Response, UpstreamError> {
+        self.send_as(method, path_and_query, app.as_str(), body, timeout).await
+    }
+
+    /// [`Upstream::send`] acting as `actor`: an app of this proxy, or the proxy itself (its
+    /// control connection). Times the exchange up to the answer's head (`upstream.duration_ms`)
+    /// and counts failures (`upstream.errors`).
+    pub async fn send_as(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        actor: &str,
+        body: Bytes,
+        timeout: Option<Duration>,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let started = Instant::now();
+        let sent = self.signed(method.clone(), path_and_query, actor, body, timeout).await;
+        if self.metrics.is_on() {
+            let method = method.as_str();
+            match &sent {
+                Ok(_) => self.metrics.time("upstream.duration_ms", started.elapsed(), &[("method", method)]),
+                Err(e) => self.metrics.count("upstream.errors", 1, &[("kind", e.kind())]),
+            }
+        }
+        sent
+    }
+
+    async fn signed(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        app: &str,
+        body: Bytes,
+        timeout: Option<Duration>,
+    ) -> Result<reqwest::Response, UpstreamError> {
         let url = reqwest::Url::parse(&format!("{}{path_and_query}", self.base))
             .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
         let signed_path = match url.query() {
@@ -263,11 +322,12 @@ impl Upstream {
         };
         for attempt in 0..2 {
             let session = self.session().await?;
-            let auth = session.sign(method.as_str(), &signed_path, app.as_str(), &body);
+            let auth = session.sign(method.as_str(), &signed_path, app, &body);
             let mut req = self
                 .http
                 .request(method.clone(), url.clone())
-                .header(bw::APP_HEADER, app.as_str())
+                .header(bw::APP_HEADER, app)
+                .header(bw::INSTANCE_HEADER, &self.instance)
                 .header(bw::SESSION_HEADER, &auth.session)
                 .header(bw::SEQ_HEADER, auth.seq)
                 .header(bw::TS_HEADER, auth.ts)
@@ -287,19 +347,13 @@ impl Upstream {
                 let reason = res.json::<ErrorBody>().await.map(|e| e.error).unwrap_or_default();
                 return Err(UpstreamError::Refused(reason));
             }
+            if res.status() == StatusCode::CONFLICT && res.headers().contains_key(bw::DUPLICATE_HEADER) {
+                let reason = res.json::<ErrorBody>().await.map(|e| e.error).unwrap_or_default();
+                return Err(UpstreamError::Duplicate(reason));
+            }
             return Ok(res);
         }
         Err(UpstreamError::Refused("session renewal failed".into()))
-    }
-
-    /// The broker's health endpoint answers.
-    pub async fn broker_healthy(&self) -> Result<(), UpstreamError> {
-        let res = self.http.get(format!("{}/v1/health", self.base)).timeout(Duration::from_secs(3)).send().await?;
-        if res.status().is_success() {
-            Ok(())
-        } else {
-            Err(UpstreamError::Refused(format!("broker health answered {}", res.status())))
-        }
     }
 }
 

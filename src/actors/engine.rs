@@ -27,9 +27,12 @@ use super::{
     },
     Registry, TaskHandle, TaskRecord,
 };
-use crate::wire::{
-    broker::{WireResult, WireTask},
-    AppId,
+use crate::{
+    ops::{metrics::Total, Shutdown},
+    wire::{
+        broker::{WireResult, WireTask},
+        AppId,
+    },
 };
 
 /// Configured bounds the engine enforces.
@@ -103,15 +106,33 @@ pub struct Engine {
     expiry: Addr<ExpiryActor>,
     arbiters: Vec<ArbiterHandle>,
     next_arbiter: AtomicUsize,
+    /// Raised on shutdown: every wait ends at once, answering with what it has.
+    shutdown: Shutdown,
+    /// Tasks that reached their TTL (for metrics).
+    pub n_expired: Arc<Total>,
+}
+
+/// Waits for `rx` until `deadline` or until shutdown begins, whichever is first; `None` when it
+/// did not come in time (the caller then answers with what there is).
+async fn wait_for<T>(
+    shutdown: &Shutdown,
+    deadline: Instant,
+    rx: oneshot::Receiver<T>,
+) -> Option<Result<T, oneshot::error::RecvError>> {
+    tokio::select! {
+        got = timeout_at(deadline, rx) => got.ok(),
+        _ = shutdown.started() => None,
+    }
 }
 
 impl Engine {
     /// Starts the expiry actor and `n_arbiters` arbiter threads for task actors. Must run
     /// inside an actix `System`.
-    pub fn start(limits: EngineLimits, n_arbiters: usize) -> Self {
+    pub fn start(limits: EngineLimits, n_arbiters: usize, shutdown: Shutdown) -> Self {
         let registry = Arc::new(Registry::new());
         let seq = Arc::new(AtomicU64::new(0));
-        let expiry = ExpiryActor::new(registry.clone()).start();
+        let n_expired = Arc::new(Total::default());
+        let expiry = ExpiryActor::new(registry.clone(), n_expired.clone()).start();
         let arbiters = (0..n_arbiters.max(1))
             .map(|_| {
                 let arbiter = Arbiter::new();
@@ -130,6 +151,8 @@ impl Engine {
             expiry,
             arbiters,
             next_arbiter: AtomicUsize::new(0),
+            shutdown,
+            n_expired,
         }
     }
 
@@ -245,7 +268,7 @@ impl Engine {
         if let Ok(h) = self.handle(id) {
             return visible(h);
         }
-        let woken = timeout_at(wait.deadline(self.limits.max_wait), rx).await.is_ok();
+        let woken = wait_for(&self.shutdown, wait.deadline(self.limits.max_wait), rx).await.is_some();
         if !woken {
             self.id_waiters.remove_if_mut(&id, |_, v| {
                 v.retain(|tx| !tx.is_closed());
@@ -279,10 +302,10 @@ impl Engine {
         let want = (!wait.is_none()).then(|| wait.want());
         let results = match handle.addr.send(read(want)).await.map_err(|_| EngineError::NotFound)?? {
             ReadOutcome::Ready(results) => results,
-            ReadOutcome::Waiting(rx) => match timeout_at(wait.deadline(self.limits.max_wait), rx).await {
-                Ok(Ok(WaitOutcome::Ready(results))) => results,
-                Ok(Ok(WaitOutcome::Gone)) | Ok(Err(_)) => return Err(EngineError::Gone),
-                Err(_elapsed) => match handle.addr.send(read(None)).await {
+            ReadOutcome::Waiting(rx) => match wait_for(&self.shutdown, wait.deadline(self.limits.max_wait), rx).await {
+                Some(Ok(WaitOutcome::Ready(results))) => results,
+                Some(Ok(WaitOutcome::Gone)) | Some(Err(_)) => return Err(EngineError::Gone),
+                None => match handle.addr.send(read(None)).await {
                     Ok(Ok(ReadOutcome::Ready(results))) => results,
                     Ok(Err(e)) => return Err(e.into()),
                     Ok(Ok(ReadOutcome::Waiting(_))) | Err(_) => return Err(EngineError::Gone),
@@ -331,8 +354,8 @@ impl Engine {
         let want = (!wait.is_none()).then(|| wait.want());
         let records = match mailbox.list_or_wait(caller, own.clone(), want) {
             ListWait::Ready(list) => list,
-            ListWait::Waiting(rx) => match timeout_at(wait.deadline(self.limits.max_wait), rx).await {
-                Ok(Ok(list)) => list,
+            ListWait::Waiting(rx) => match wait_for(&self.shutdown, wait.deadline(self.limits.max_wait), rx).await {
+                Some(Ok(list)) => list,
                 _ => match mailbox.list_or_wait(caller, own, None) {
                     ListWait::Ready(list) => list,
                     ListWait::Waiting(_) => unreachable!("no wait asked"),

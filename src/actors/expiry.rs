@@ -9,6 +9,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::{task::Expire, Registry};
+use crate::ops::metrics::Total;
 
 /// Track a task until `expires_at`.
 #[derive(Message)]
@@ -23,11 +24,13 @@ pub struct ExpiryActor {
     queue: BinaryHeap<Reverse<(Instant, Uuid)>>,
     /// When the pending wake-up fires, and its handle.
     wakeup: Option<(Instant, SpawnHandle)>,
+    /// Counts the tasks expired, for metrics.
+    n_expired: Arc<Total>,
 }
 
 impl ExpiryActor {
-    pub fn new(registry: Arc<Registry>) -> Self {
-        Self { registry, queue: BinaryHeap::new(), wakeup: None }
+    pub fn new(registry: Arc<Registry>, n_expired: Arc<Total>) -> Self {
+        Self { registry, queue: BinaryHeap::new(), wakeup: None, n_expired }
     }
 
     fn schedule(&mut self, ctx: &mut Context<Self>) {
@@ -64,6 +67,7 @@ impl ExpiryActor {
             }
         }
         if n_expired > 0 {
+            self.n_expired.add(n_expired as u64);
             tracing::debug!(n_expired, queued = self.queue.len(), "tasks expired");
         }
         self.schedule(ctx);

@@ -232,6 +232,19 @@ pub enum AuthError {
     Replay,
 }
 
+impl AuthError {
+    /// A short name for logs and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Header(_) => "malformed",
+            Self::UnknownSession => "unknown_session",
+            Self::Clock => "clock",
+            Self::BadMac => "bad_mac",
+            Self::Replay => "replay",
+        }
+    }
+}
+
 struct ServerSession {
     proxy: ProxyId,
     /// The serial of the certificate the session was opened with (for revocation).
@@ -345,11 +358,17 @@ impl SessionStore {
         Ok(session.proxy.clone())
     }
 
-    /// Ends every session opened with a certificate `crl` revokes; returns how many.
-    pub fn drop_revoked(&self, crl: &super::cert::Crl) -> usize {
-        let before = self.sessions.len();
-        self.sessions.retain(|_, s| !crl.serials.contains(&s.serial));
-        before - self.sessions.len()
+    /// Ends every session opened with a certificate `crl` revokes; returns their proxies.
+    pub fn drop_revoked(&self, crl: &super::cert::Crl) -> Vec<ProxyId> {
+        let mut ended = Vec::new();
+        self.sessions.retain(|_, s| {
+            let revoked = crl.serials.contains(&s.serial);
+            if revoked && !ended.contains(&s.proxy) {
+                ended.push(s.proxy.clone());
+            }
+            !revoked
+        });
+        ended
     }
 
     /// Drops expired sessions; called periodically.

@@ -34,6 +34,13 @@ pub enum ApiError {
     #[error("{0}")]
     Unavailable(String),
     #[error("{0}")]
+    NotImplemented(String),
+    #[error("the monitoring endpoints need Basic auth with an empty user and MONITORING_API_KEY as password")]
+    MonitoringAuth,
+    /// A second instance of a proxy that is online (`409`, marked for the proxy).
+    #[error("{0}")]
+    Duplicate(String),
+    #[error("{0}")]
     BadGateway(String),
     #[error("{0}")]
     GatewayTimeout(String),
@@ -77,6 +84,9 @@ impl ResponseError for ApiError {
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::MissingCerts(_) => StatusCode::FAILED_DEPENDENCY,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
+            Self::MonitoringAuth => StatusCode::UNAUTHORIZED,
+            Self::Duplicate(_) => StatusCode::CONFLICT,
             Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
             Self::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::Relayed { status, .. } => *status,
@@ -90,6 +100,12 @@ impl ResponseError for ApiError {
             Self::MissingCerts(ids) => res.json(ids),
             Self::Relayed { body, .. } => res.content_type("application/json").body(body.clone()),
             Self::SessionGone(_) => res.insert_header((REAUTH_HEADER, "1")).json(ErrorBody { error: self.to_string() }),
+            Self::MonitoringAuth => res
+                .insert_header(("www-authenticate", "Basic realm=\"photon monitoring\""))
+                .json(ErrorBody { error: self.to_string() }),
+            Self::Duplicate(_) => res
+                .insert_header((crate::wire::broker::DUPLICATE_HEADER, "1"))
+                .json(ErrorBody { error: self.to_string() }),
             Self::Unauthorized(_) => {
                 res.insert_header(("www-authenticate", "ApiKey")).json(ErrorBody { error: self.to_string() })
             }

@@ -6,9 +6,13 @@
 
 pub mod body;
 pub mod error;
+mod ops;
 mod stream;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use actix_web::{http::header, web, HttpRequest, HttpResponse};
 
@@ -16,8 +20,16 @@ pub use body::parse_task_id;
 pub use error::ApiError;
 
 use crate::{
-    actors::{engine::Listing, mailbox::ListFilter, task::PutOutcome, Engine},
+    actors::{
+        engine::{Listing, Wait},
+        mailbox::ListFilter,
+        task::PutOutcome,
+        Engine,
+    },
+    config::Secret,
     crypto::{directory::CertDirectory, session::SessionStore},
+    ops::{metrics::LevelGuard, requests::Observer, Level, Shutdown},
+    presence::Presence,
     wire::{
         broker::{self as bw, SessionHello, WireResult, WireTask},
         may_sign_for, AppId, ProxyId, ReadQuery,
@@ -31,15 +43,40 @@ pub struct BrokerState {
     pub certs: CertDirectory,
     /// Largest request body accepted (sealed bodies are larger than the apps' plaintext).
     pub max_body: usize,
-    /// Interval of keep-alive lines on idle streams.
+    /// Interval of keep-alive lines on idle streams and of control-connection heartbeats.
     pub keepalive: Duration,
+    /// Which proxies hold a control connection now.
+    pub presence: Arc<Presence>,
+    /// Metrics and traffic totals (also used by the request middleware).
+    pub observer: Arc<Observer>,
+    /// Long-polls waiting now.
+    pub waiters: Arc<Level>,
+    /// Event streams open now (control connections not included).
+    pub streams: Arc<Level>,
+    pub shutdown: Shutdown,
+    /// Password of the monitoring endpoints.
+    pub monitoring_key: Option<Secret>,
+    /// When the broker's own certificate ends (Unix seconds).
+    pub cert_not_after: i64,
+    pub started: Instant,
+}
+
+impl BrokerState {
+    /// Counts one waiting long-poll while the guard lives (nothing for answers given at once).
+    fn waiting(&self, wait: &Wait) -> Option<LevelGuard> {
+        (!wait.is_none()).then(|| self.waiters.hold())
+    }
 }
 
 type State = web::Data<Arc<BrokerState>>;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/v1/health", web::get().to(health))
-        .route("/v1/health", web::head().to(health))
+    cfg.route("/v1/health", web::get().to(ops::health))
+        .route("/v1/health", web::head().to(ops::health))
+        .route("/v1/health/proxies", web::get().to(ops::proxies))
+        .route("/v1/health/proxies/{proxy_id}", web::get().to(ops::proxy))
+        .route("/v1/control", web::get().to(ops::control))
+        .route("/v1/control", web::delete().to(ops::leave))
         .route("/v1/session", web::post().to(open_session))
         .route("/v1/certs/{proxy_id}", web::get().to(get_cert))
         .route("/v1/crl", web::get().to(get_crl))
@@ -51,45 +88,66 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .default_service(web::to(|| async { Err::<HttpResponse, _>(ApiError::NotFound("no such endpoint".into())) }));
 }
 
-/// The app a request acts for, after the proxy's session and right to act for it are checked.
-fn authenticate(state: &BrokerState, req: &HttpRequest, body: &[u8]) -> Result<AppId, ApiError> {
+/// Checks a request's session MAC (`app_text` as signed) and that the sending instance is the
+/// one online for its proxy; returns the proxy. Refusals are counted by reason.
+fn verify_request(state: &BrokerState, req: &HttpRequest, app_text: &str, body: &[u8]) -> Result<ProxyId, ApiError> {
     let h = |name: &'static str| {
         req.headers()
             .get(name)
             .and_then(|v| v.to_str().ok())
             .ok_or(ApiError::Unauthorized(format!("missing header {name}")))
     };
-    let app_text = h(bw::APP_HEADER)?;
-    let seq = h(bw::SEQ_HEADER)?.parse().map_err(|_| ApiError::Unauthorized("malformed x-photon-seq".into()))?;
-    let ts = h(bw::TS_HEADER)?.parse().map_err(|_| ApiError::Unauthorized("malformed x-photon-ts".into()))?;
-    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    let proxy = state.sessions.verify(
-        h(bw::SESSION_HEADER)?,
-        seq,
-        ts,
-        h(bw::MAC_HEADER)?,
-        req.method().as_str(),
-        path,
-        app_text,
-        body,
-    )?;
+    let verified = (|| {
+        let seq = h(bw::SEQ_HEADER)?.parse().map_err(|_| ApiError::Unauthorized("malformed x-photon-seq".into()))?;
+        let ts = h(bw::TS_HEADER)?.parse().map_err(|_| ApiError::Unauthorized("malformed x-photon-ts".into()))?;
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let (session, mac) = (h(bw::SESSION_HEADER)?, h(bw::MAC_HEADER)?);
+        state.sessions.verify(session, seq, ts, mac, req.method().as_str(), path, app_text, body).map_err(|e| {
+            state.observer.metrics.count("requests.refused", 1, &[("reason", e.reason())]);
+            tracing::debug!(reason = e.reason(), "refused a request's authentication");
+            ApiError::from(e)
+        })
+    })()?;
+    state.presence.check(&verified, ops::instance_of(req)).map_err(|e| {
+        state.observer.metrics.count("proxies.duplicate", 1, &[]);
+        ApiError::Duplicate(e.to_string())
+    })?;
+    Ok(verified)
+}
+
+/// The app a request acts for, after the proxy's session and right to act for it are checked.
+fn authenticate(state: &BrokerState, req: &HttpRequest, body: &[u8]) -> Result<AppId, ApiError> {
+    let app_text = req
+        .headers()
+        .get(bw::APP_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .ok_or(ApiError::Unauthorized(format!("missing header {}", bw::APP_HEADER)))?;
+    let proxy = verify_request(state, req, app_text, body)?;
     let app = AppId::parse(app_text).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     if !may_sign_for(proxy.as_str(), app.as_str()) {
+        state.observer.metrics.count("requests.refused", 1, &[("reason", "not_signer")]);
         return Err(ApiError::Forbidden(format!("proxy {proxy} may not act for {app}")));
     }
     Ok(app)
 }
 
+/// A request a proxy makes as itself (its control connection): `x-photon-app` is its own id.
+fn authenticate_proxy(state: &BrokerState, req: &HttpRequest) -> Result<ProxyId, ApiError> {
+    let claimed = req
+        .headers()
+        .get(bw::APP_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .ok_or(ApiError::Unauthorized(format!("missing header {}", bw::APP_HEADER)))?;
+    let proxy = verify_request(state, req, claimed, b"")?;
+    if proxy.as_str() != claimed {
+        return Err(ApiError::Forbidden(format!("proxy {proxy} may not act as {claimed}")));
+    }
+    Ok(proxy)
+}
+
 fn json_listing<T: serde::Serialize>(listing: Listing<T>) -> HttpResponse {
     let mut res = if listing.partial { HttpResponse::PartialContent() } else { HttpResponse::Ok() };
     res.json(listing.items)
-}
-
-async fn health(state: State) -> HttpResponse {
-    HttpResponse::Ok().json(serde_json::json!({
-        "summary": "healthy",
-        "tasks": state.engine.n_tasks(),
-    }))
 }
 
 async fn open_session(state: State, req: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
@@ -137,6 +195,7 @@ async fn create_task(state: State, req: HttpRequest, payload: web::Payload) -> R
     }
     check_recipients(&state, &task.to)?;
     let id = state.engine.create(&caller, task).await?;
+    state.observer.metrics.count("tasks.created", 1, &[]);
     Ok(HttpResponse::Created().insert_header((header::LOCATION, format!("/v1/tasks/{id}"))).finish())
 }
 
@@ -163,6 +222,7 @@ async fn list_tasks(state: State, req: HttpRequest) -> Result<HttpResponse, ApiE
         let last = body::last_event_id(&req, &q)?;
         return Ok(stream::tasks(&state, &caller, wait, last));
     }
+    let _waiting = state.waiting(&wait);
     Ok(json_listing(state.engine.list(&caller, filter, wait).await?))
 }
 
@@ -174,6 +234,7 @@ async fn get_task(state: State, req: HttpRequest, path: web::Path<String>) -> Re
         return Err(ApiError::BadRequest("wait_count must be absent or 1 for a single task".into()));
     }
     let wait = body::parse_wait(&q, state.engine.limits().max_wait)?;
+    let _waiting = state.waiting(&wait);
     Ok(HttpResponse::Ok().json(state.engine.get(&caller, id, wait).await?))
 }
 
@@ -194,7 +255,14 @@ async fn put_result(
         ));
     }
     check_recipients(&state, &result.to)?;
-    Ok(match state.engine.put_result(&caller, result).await? {
+    let outcome = state.engine.put_result(&caller, result).await?;
+    let tag = match outcome {
+        PutOutcome::Created => "created",
+        PutOutcome::Replaced => "replaced",
+        PutOutcome::Ignored => "ignored",
+    };
+    state.observer.metrics.count("results.stored", 1, &[("outcome", tag)]);
+    Ok(match outcome {
         PutOutcome::Created => HttpResponse::Created().finish(),
         PutOutcome::Replaced | PutOutcome::Ignored => HttpResponse::NoContent().finish(),
     })
@@ -209,5 +277,6 @@ async fn get_results(state: State, req: HttpRequest, path: web::Path<String>) ->
         let last = body::last_event_id(&req, &q)?;
         return stream::results(&state, &caller, id, wait, last).await;
     }
+    let _waiting = state.waiting(&wait);
     Ok(json_listing(state.engine.read_results(&caller, id, wait).await?))
 }

@@ -1,6 +1,7 @@
 //! Broker→proxy event streams: newline-delimited [`StreamEvent`] JSON, an empty line as
 //! keep-alive. Each stream is a task pumping the engine's subscription into the response body;
-//! it ends on its own end condition or when the proxy goes away.
+//! it ends on its own end condition, when the proxy goes away, or on shutdown (after a
+//! `shutting_down` line, so the proxy ends its apps' streams cleanly).
 
 use std::{convert::Infallible, time::Duration};
 
@@ -23,13 +24,18 @@ use crate::{
 /// Lines buffered towards one proxy connection before the pump waits for it.
 const BODY_BUFFER: usize = 64;
 
-fn line(ev: &StreamEvent) -> Bytes {
-    let mut v = serde_json::to_vec(ev).expect("stream events serialize");
+/// One JSON value as a newline-terminated line.
+pub(super) fn json_line(value: &impl serde::Serialize) -> Bytes {
+    let mut v = serde_json::to_vec(value).expect("stream lines serialize");
     v.push(b'\n');
     Bytes::from(v)
 }
 
-fn respond(rx: mpsc::Receiver<Bytes>) -> HttpResponse {
+fn line(ev: &StreamEvent) -> Bytes {
+    json_line(ev)
+}
+
+pub(super) fn respond(rx: mpsc::Receiver<Bytes>) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("application/x-ndjson")
         .insert_header(("cache-control", "no-cache"))
@@ -56,7 +62,9 @@ pub(super) async fn results(
     let keepalive = state.keepalive;
     let until = wait.time.map(|t| Instant::now() + t);
     let done = move |n_answers: usize| wait.count.is_some_and(|c| n_answers >= c);
+    let (open, shutdown) = (state.streams.hold(), state.shutdown.clone());
     actix_web::rt::spawn(async move {
+        let _open = open;
         for ev in snapshot {
             let end = done(ev.n_answers);
             if out
@@ -85,6 +93,7 @@ pub(super) async fn results(
                     None => { let _ = out.send(line(&StreamEvent::Error { message: "stream fell behind; reconnect with Last-Event-ID".into() })).await; return; }
                 },
                 _ = deadline(until) => { let _ = out.send(line(&StreamEvent::WaitExpired)).await; return; }
+                _ = shutdown.started() => { let _ = out.send(line(&StreamEvent::ShuttingDown)).await; return; }
                 _ = ka.tick() => Bytes::from_static(b"\n"),
                 _ = out.closed() => return,
             };
@@ -101,7 +110,9 @@ pub(super) fn tasks(state: &BrokerState, caller: &AppId, wait: Wait, last_seq: u
     let (out, rx) = mpsc::channel(BODY_BUFFER);
     let keepalive: Duration = state.keepalive;
     let until = wait.time.map(|t| Instant::now() + t);
+    let (open, shutdown) = (state.streams.hold(), state.shutdown.clone());
     actix_web::rt::spawn(async move {
+        let _open = open;
         let mut n_sent = 0usize;
         let full = |n: usize| wait.count.is_some_and(|c| n >= c);
         if full(0) {
@@ -128,6 +139,7 @@ pub(super) fn tasks(state: &BrokerState, caller: &AppId, wait: Wait, last_seq: u
                     None => { let _ = out.send(line(&StreamEvent::Error { message: "stream fell behind; reconnect with Last-Event-ID".into() })).await; return; }
                 },
                 _ = deadline(until) => { let _ = out.send(line(&StreamEvent::WaitExpired)).await; return; }
+                _ = shutdown.started() => { let _ = out.send(line(&StreamEvent::ShuttingDown)).await; return; }
                 _ = ka.tick() => Bytes::from_static(b"\n"),
                 _ = out.closed() => return,
             };

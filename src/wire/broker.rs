@@ -19,6 +19,12 @@ pub const SEQ_HEADER: &str = "x-photon-seq";
 pub const TS_HEADER: &str = "x-photon-ts";
 /// Header carrying the request MAC (base64).
 pub const MAC_HEADER: &str = "x-photon-mac";
+/// Header naming the proxy process (random per start). While one instance of a proxy holds
+/// the control connection, requests from another are refused: two processes with one id are a
+/// misconfiguration. Not a security boundary (both hold the same key); the MAC does not cover it.
+pub const INSTANCE_HEADER: &str = "x-photon-instance";
+/// Set on the broker's `409` to a request from a duplicate proxy instance.
+pub const DUPLICATE_HEADER: &str = "x-photon-duplicate";
 /// Query flag asking a read endpoint for a stream of [`StreamEvent`] lines instead of JSON.
 pub const STREAM_PARAM: &str = "stream";
 
@@ -63,6 +69,25 @@ pub enum StreamEvent {
     DeletedTask { task_id: Uuid },
     /// The stream ends because of trouble on the broker's side.
     Error { message: String },
+    /// The broker is shutting down; the stream ends here, cleanly.
+    ShuttingDown,
+}
+
+/// One line of the control connection (`GET /v1/control`), which a proxy holds open for as long
+/// as it runs; the broker counts it online meanwhile.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case", tag = "event")]
+pub enum ControlEvent {
+    /// First line: the connection is accepted; a line (this, a heartbeat) follows at least every
+    /// `heartbeat_ms`, so the proxy can tell a dead connection from a quiet one.
+    Welcome {
+        heartbeat_ms: u64,
+    },
+    Heartbeat,
+    /// The broker ends the connection (shutting down, certificate revoked, replaced).
+    Bye {
+        reason: String,
+    },
 }
 
 /// How a message body travels: sealed end to end by the sender's proxy (see `crypto::e2e`).

@@ -14,7 +14,13 @@ use std::{
 };
 
 use futures_util::StreamExt;
-use photon::{crypto::ca, wire::ProxyId, BrokerConfig};
+use photon::{
+    config::{OpsConfig, Secret},
+    crypto::ca,
+    ops::{StatsdConfig, Stopper},
+    wire::ProxyId,
+    BrokerConfig,
+};
 use photon_proxy::ProxyConfig;
 use reqwest::{header, Client, Response};
 use serde_json::{json, Value};
@@ -38,6 +44,10 @@ pub struct Options {
     /// Run the broker as a child process (`photon-broker`, `RUST_LOG=trace`, its log in
     /// [`Net::broker_log`]) instead of in this process.
     pub broker_process: bool,
+    /// Send StatsD metrics to this UDP port on 127.0.0.1.
+    pub statsd_port: Option<u16>,
+    /// The broker's `MONITORING_API_KEY`.
+    pub monitoring_key: Option<String>,
 }
 
 impl Default for Options {
@@ -49,6 +59,8 @@ impl Default for Options {
             cert_refresh: Duration::from_secs(60),
             relay: false,
             broker_process: false,
+            statsd_port: None,
+            monitoring_key: None,
         }
     }
 }
@@ -63,6 +75,9 @@ pub struct Net {
     /// The broker child process, when [`Options::broker_process`] asked for one.
     pub broker_child: Option<std::process::Child>,
     pub broker_log: PathBuf,
+    /// Stops the in-process broker (when there is one) and the proxies, gracefully.
+    pub broker_stop: Option<Stopper>,
+    pub proxy_stops: Vec<Stopper>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<thread::JoinHandle<()>>,
     pub http: Client,
@@ -128,6 +143,15 @@ impl Net {
         }
         let relay_for_thread = relay.clone();
         let dir = pki.clone();
+        let ops = OpsConfig {
+            statsd: opts.statsd_port.map(|port| StatsdConfig {
+                host: "127.0.0.1".into(),
+                port,
+                prefix: "photon".into(),
+            }),
+            shutdown_grace: Duration::from_secs(5),
+        };
+        let (stops_tx, stops_rx) = std_mpsc::channel::<(Option<Stopper>, Vec<Stopper>)>();
         let thread = thread::spawn(move || {
             actix_web::rt::System::new().block_on(async move {
                 let config = BrokerConfig {
@@ -139,14 +163,17 @@ impl Net {
                     keepalive: opts.keepalive,
                     workers: 2,
                     session_lifetime: Duration::from_secs(3600),
+                    monitoring_api_key: opts.monitoring_key.clone().map(Secret),
+                    ops: ops.clone(),
                 };
-                let mut broker_handle = None;
+                let mut broker_stop = None;
                 if let Some(b) = b {
                     let broker = photon::serve(config, b).expect("broker starts");
-                    broker_handle = Some(broker.handle());
-                    actix_web::rt::spawn(broker);
+                    broker_stop = Some(broker.stopper.clone());
+                    actix_web::rt::spawn(broker.server);
                 }
                 let mut handles = vec![];
+                let mut proxy_stops = vec![];
                 if let (Some(relay), Some(l)) = (relay_for_thread, relay_listener) {
                     let data = actix_web::web::Data::new(relay);
                     let server = actix_web::HttpServer::new(move || {
@@ -178,24 +205,32 @@ impl Net {
                         keepalive: opts.keepalive,
                         workers: 2,
                         cert_refresh: opts.cert_refresh,
+                        ops: ops.clone(),
                     };
-                    let server =
+                    let running =
                         photon_proxy::serve(config, listener, Duration::from_secs(10)).await.expect("proxy starts");
-                    handles.push(server.handle());
-                    actix_web::rt::spawn(server);
+                    proxy_stops.push(running.stopper.clone());
+                    actix_web::rt::spawn(running.server);
                 }
+                stops_tx.send((broker_stop.clone(), proxy_stops.clone())).unwrap();
                 ready_tx.send(()).unwrap();
                 let _ = stop_rx.await;
                 for h in handles {
                     h.stop(false).await;
                 }
-                if let Some(h) = broker_handle {
-                    h.stop(false).await;
+                for s in proxy_stops {
+                    s.stop_now().await;
+                }
+                if let Some(s) = broker_stop {
+                    s.stop_now().await;
                 }
             });
         });
         ready_rx.recv_timeout(Duration::from_secs(30)).expect("network starts");
+        let (broker_stop, proxy_stops) = stops_rx.recv().unwrap();
         Net {
+            broker_stop,
+            proxy_stops,
             broker,
             proxy1,
             proxy2,
@@ -255,6 +290,17 @@ impl Net {
     pub async fn refused(&self, proxy: &str) -> Value {
         let health: Value = self.http.get(format!("{proxy}/v1/health")).send().await.unwrap().json().await.unwrap();
         health["refused"].clone()
+    }
+
+    /// The broker's health answer (whatever its status).
+    pub async fn broker_health(&self) -> Value {
+        self.http.get(format!("{}/v1/health", self.broker)).send().await.unwrap().json().await.unwrap()
+    }
+
+    /// A proxy's health: status and answer.
+    pub async fn health(&self, proxy: &str) -> (u16, Value) {
+        let res = self.http.get(format!("{proxy}/v1/health")).send().await.unwrap();
+        (res.status().as_u16(), res.json().await.unwrap_or(Value::Null))
     }
 
     pub async fn broker_tasks(&self) -> u64 {
@@ -358,3 +404,12 @@ impl Sse {
 }
 
 pub const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+/// Polls `check` every 100 ms until it holds; fails the test after 15 s.
+pub async fn eventually<F: std::future::Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
+    let until = std::time::Instant::now() + Duration::from_secs(15);
+    while !check().await {
+        assert!(std::time::Instant::now() < until, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,147 @@
+//! Request observation for broker and proxy (an actix `from_fn` middleware): one debug log line
+//! per request (method, endpoint, path, status, time to the answer's head; never headers,
+//! queries or bodies), the metrics `requests` and `request.duration_ms` by endpoint and status,
+//! and the bytes each request and answer carried (streams included).
+
+use std::{
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use actix_web::{
+    body::{BodySize, BoxBody, MessageBody},
+    dev::{ServiceRequest, ServiceResponse},
+    middleware::Next,
+    HttpMessage,
+};
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+use super::metrics::{Metrics, Total};
+
+/// What the middleware reports into, shared by every worker.
+#[derive(Default)]
+pub struct Observer {
+    pub metrics: Metrics,
+    /// Request body bytes received.
+    pub bytes_in: Total,
+    /// Answer body bytes sent.
+    pub bytes_out: Total,
+}
+
+impl Observer {
+    pub fn new(metrics: Metrics) -> Arc<Self> {
+        Arc::new(Self { metrics, ..Default::default() })
+    }
+
+    /// Reports the byte totals (called by the metrics tick).
+    pub fn report(&self) {
+        self.bytes_in.report(&self.metrics, "bytes.in");
+        self.bytes_out.report(&self.metrics, "bytes.out");
+    }
+}
+
+/// The endpoint a route pattern names, for tags and logs. Broker and proxy share the table.
+pub fn endpoint(method: &str, pattern: Option<&str>) -> &'static str {
+    match (method, pattern.unwrap_or("")) {
+        ("POST", "/v1/tasks") => "create_task",
+        ("GET", "/v1/tasks") => "list_tasks",
+        ("GET", "/v1/tasks/{id}") => "get_task",
+        ("GET", "/v1/tasks/{id}/results") => "get_results",
+        ("PUT", "/v1/tasks/{id}/results/{app_id}") => "put_result",
+        (_, "/v1/health") => "health",
+        (_, "/v1/health/proxies" | "/v1/health/proxies/{proxy_id}") => "monitoring",
+        (_, "/v1/session") => "session",
+        (_, "/v1/control") => "control",
+        (_, "/v1/certs/{proxy_id}") => "certs",
+        (_, "/v1/crl") => "crl",
+        _ => "other",
+    }
+}
+
+/// The middleware: `App::new().wrap(from_fn(move |req, next| observe(obs.clone(), req, next)))`.
+pub async fn observe(
+    observer: Arc<Observer>,
+    mut req: ServiceRequest,
+    next: Next<BoxBody>,
+) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    let started = Instant::now();
+    if has_body(&req) {
+        let counted = observer.clone();
+        let payload = req.take_payload().inspect(move |chunk| {
+            if let Ok(bytes) = chunk {
+                counted.bytes_in.add(bytes.len() as u64);
+            }
+        });
+        let boxed: Pin<Box<dyn futures_util::Stream<Item = Result<Bytes, actix_web::error::PayloadError>>>> =
+            Box::pin(payload);
+        req.set_payload(actix_web::dev::Payload::from(boxed));
+    }
+    let res = next.call(req).await?;
+    let elapsed = started.elapsed();
+    let request = res.request();
+    let pattern = request.match_pattern();
+    let endpoint = endpoint(request.method().as_str(), pattern.as_deref());
+    let status = res.status();
+    tracing::debug!(
+        method = %request.method(),
+        endpoint,
+        path = request.path(),
+        status = status.as_u16(),
+        ms = elapsed.as_secs_f64() * 1e3,
+        "request"
+    );
+    let m = &observer.metrics;
+    if m.is_on() {
+        m.count("requests", 1, &[("endpoint", endpoint), ("status", status.as_str())]);
+        m.time("request.duration_ms", elapsed, &[("endpoint", endpoint)]);
+    }
+    Ok(res.map_body(|_, body| BoxBody::new(Counted { inner: body, observer })))
+}
+
+fn has_body(req: &ServiceRequest) -> bool {
+    let headers = req.headers();
+    headers.contains_key(actix_web::http::header::TRANSFER_ENCODING)
+        || headers.get(actix_web::http::header::CONTENT_LENGTH).is_some_and(|v| v.as_bytes() != b"0")
+}
+
+/// An answer body that counts the bytes it yields.
+struct Counted {
+    inner: BoxBody,
+    observer: Arc<Observer>,
+}
+
+impl MessageBody for Counted {
+    type Error = Box<dyn std::error::Error>;
+
+    fn size(&self) -> BodySize {
+        self.inner.size()
+    }
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, Self::Error>>> {
+        let this = self.get_mut();
+        let next = Pin::new(&mut this.inner).poll_next(cx);
+        if let Poll::Ready(Some(Ok(chunk))) = &next {
+            this.observer.bytes_out.add(chunk.len() as u64);
+        }
+        next
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::endpoint;
+
+    #[test]
+    fn endpoints_are_named_by_method_and_pattern() {
+        assert_eq!(endpoint("POST", Some("/v1/tasks")), "create_task");
+        assert_eq!(endpoint("GET", Some("/v1/tasks")), "list_tasks");
+        assert_eq!(endpoint("PUT", Some("/v1/tasks/{id}/results/{app_id}")), "put_result");
+        assert_eq!(endpoint("HEAD", Some("/v1/health")), "health");
+        assert_eq!(endpoint("GET", Some("/v1/health/proxies/{proxy_id}")), "monitoring");
+        assert_eq!(endpoint("DELETE", Some("/v1/tasks")), "other");
+        assert_eq!(endpoint("GET", None), "other");
+    }
+}

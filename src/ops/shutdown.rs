@@ -1,0 +1,149 @@
+//! Graceful shutdown. One flag, raised once (SIGTERM, Ctrl-C, or [`Stopper::stop`]):
+//! - health answers 503, so a load balancer stops sending;
+//! - long-polls answer at once with what they have (as if their `wait_time` had passed);
+//! - event streams end cleanly after a last comment, so clients reconnect and resume with
+//!   `Last-Event-ID`;
+//! - then the HTTP server stops accepting and gives in-flight requests the grace period
+//!   (`SHUTDOWN_GRACE`) to finish before it closes what is left.
+
+use std::{io, sync::Arc, time::Duration};
+
+use actix_web::dev::{Server, ServerHandle};
+use tokio::sync::watch;
+
+/// Watches the shutdown flag; cheap to clone into every long wait.
+#[derive(Clone, Debug)]
+pub struct Shutdown(watch::Receiver<bool>);
+
+impl Shutdown {
+    /// A new flag, lowered, and the sender that raises it.
+    pub fn new() -> (watch::Sender<bool>, Self) {
+        let (tx, rx) = watch::channel(false);
+        (tx, Self(rx))
+    }
+
+    pub fn is_started(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Resolves once the flag is raised (never, if the sender is gone without raising it).
+    pub async fn started(&self) {
+        let mut rx = self.0.clone();
+        if rx.wait_for(|raised| *raised).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Stops a running server: raise the flag, then stop gracefully.
+#[derive(Clone)]
+pub struct Stopper {
+    flag: Arc<watch::Sender<bool>>,
+    server: ServerHandle,
+    grace: Duration,
+}
+
+impl Stopper {
+    pub fn new(flag: watch::Sender<bool>, server: ServerHandle, grace: Duration) -> Self {
+        Self { flag: Arc::new(flag), server, grace }
+    }
+
+    /// Raises the flag and stops the server gracefully; resolves when it has stopped (at most
+    /// the grace period after in-flight requests were asked to finish).
+    pub async fn stop(&self) {
+        self.flag.send_replace(true);
+        self.server.stop(true).await;
+    }
+
+    /// Raises the flag and stops the server without waiting for in-flight requests.
+    pub async fn stop_now(&self) {
+        self.flag.send_replace(true);
+        self.server.stop(false).await;
+    }
+
+    pub fn grace(&self) -> Duration {
+        self.grace
+    }
+}
+
+/// The grace period as the whole seconds actix takes (rounded up, at least one).
+pub fn grace_secs(grace: Duration) -> u64 {
+    grace.as_secs_f64().ceil().max(1.0) as u64
+}
+
+/// A server and the way to stop it.
+pub struct Running {
+    pub server: Server,
+    pub stopper: Stopper,
+}
+
+/// Runs `running` until it stops; SIGTERM or Ctrl-C stop it gracefully, a second signal ends
+/// the process at once (exit code 1). For binaries; tests call [`Stopper::stop`].
+pub async fn run_until_signalled(running: Running) -> io::Result<()> {
+    let stopper = running.stopper.clone();
+    actix_web::rt::spawn(async move {
+        let Ok(signal) = next_signal().await else {
+            tracing::error!("cannot listen for SIGTERM; stop with SIGKILL");
+            return;
+        };
+        tracing::info!(signal, grace_s = stopper.grace().as_secs_f64(), "shutting down: finishing in-flight requests");
+        tokio::select! {
+            _ = stopper.stop() => {}
+            second = next_signal() => {
+                tracing::warn!(signal = second.unwrap_or("?"), "second signal: stopping now");
+                std::process::exit(1);
+            }
+        }
+    });
+    running.server.await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn next_signal() -> io::Result<&'static str> {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = term.recv() => Ok("SIGTERM"),
+            r = tokio::signal::ctrl_c() => r.map(|()| "SIGINT"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c().await.map(|()| "Ctrl-C")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_flag_wakes_every_watcher() {
+        let (tx, flag) = Shutdown::new();
+        let watchers: Vec<_> = (0..3)
+            .map(|_| {
+                tokio::spawn({
+                    let f = flag.clone();
+                    async move { f.started().await }
+                })
+            })
+            .collect();
+        assert!(!flag.is_started());
+        tx.send_replace(true);
+        for w in watchers {
+            tokio::time::timeout(Duration::from_secs(5), w).await.unwrap().unwrap();
+        }
+        assert!(flag.is_started());
+        // A watcher that starts after the flag went up returns at once.
+        tokio::time::timeout(Duration::from_secs(1), flag.started()).await.unwrap();
+    }
+
+    #[test]
+    fn grace_rounds_up_to_whole_seconds() {
+        assert_eq!(grace_secs(Duration::from_millis(10)), 1);
+        assert_eq!(grace_secs(Duration::from_millis(2500)), 3);
+        assert_eq!(grace_secs(Duration::from_secs(10)), 10);
+    }
+}
