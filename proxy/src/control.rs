@@ -82,6 +82,14 @@ impl Link {
     fn set(&self, state: LinkState) {
         *self.0.lock() = state;
     }
+
+    /// Records why an attempt to connect failed.
+    pub fn failed(&self, e: &UpstreamError) {
+        self.set(match e {
+            UpstreamError::Duplicate(error) => LinkState::Duplicate { error: error.clone() },
+            e => LinkState::Down { error: e.to_string() },
+        });
+    }
 }
 
 /// An open control connection whose welcome has been read.
@@ -194,11 +202,11 @@ pub async fn run(state: Arc<ProxyState>, mut first: Option<Open>) {
                     );
                     duplicate_reported = true;
                 }
-                state.link.set(LinkState::Duplicate { error });
+                state.link.failed(&UpstreamError::Duplicate(error));
             }
             Err(e) => {
                 tracing::debug!(error = %e, retry_ms = backoff.as_millis() as u64, "cannot open the control connection");
-                state.link.set(LinkState::Down { error: e.to_string() });
+                state.link.failed(&e);
             }
         }
         // Full jitter: spread reconnecting proxies out after a broker restart.

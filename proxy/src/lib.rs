@@ -124,10 +124,16 @@ pub async fn serve(config: ProxyConfig, listener: TcpListener, patience: Duratio
         Ok(open) => Some(open),
         Err(e) => {
             tracing::warn!(error = %e, "cannot open the control connection yet; retrying in the background");
+            state.link.failed(&e);
             None
         }
     };
-    actix_web::rt::spawn(control::run(state.clone(), first));
+    let (control_done, control_finished) = tokio::sync::oneshot::channel();
+    let control_state = state.clone();
+    actix_web::rt::spawn(async move {
+        control::run(control_state, first).await;
+        let _ = control_done.send(());
+    });
     let weak = Arc::downgrade(&state);
     actix_web::rt::spawn(async move {
         let mut tick = tokio::time::interval(refresh);
@@ -161,5 +167,6 @@ pub async fn serve(config: ProxyConfig, listener: TcpListener, patience: Duratio
     .listen(listener)?
     .run();
     let stopper = Stopper::new(raise, server.handle(), grace);
+    stopper.wait_for(control_finished);
     Ok(Running { server, stopper })
 }

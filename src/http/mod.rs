@@ -27,7 +27,10 @@ use crate::{
         Engine,
     },
     config::Secret,
-    crypto::{directory::CertDirectory, session::SessionStore},
+    crypto::{
+        directory::CertDirectory,
+        session::{AuthError, SessionStore},
+    },
     ops::{metrics::LevelGuard, requests::Observer, Level, Shutdown},
     presence::Presence,
     wire::{
@@ -91,23 +94,15 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 /// Checks a request's session MAC (`app_text` as signed) and that the sending instance is the
 /// one online for its proxy; returns the proxy. Refusals are counted by reason.
 fn verify_request(state: &BrokerState, req: &HttpRequest, app_text: &str, body: &[u8]) -> Result<ProxyId, ApiError> {
-    let h = |name: &'static str| {
-        req.headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .ok_or(ApiError::Unauthorized(format!("missing header {name}")))
-    };
     let verified = (|| {
-        let seq = h(bw::SEQ_HEADER)?.parse().map_err(|_| ApiError::Unauthorized("malformed x-photon-seq".into()))?;
-        let ts = h(bw::TS_HEADER)?.parse().map_err(|_| ApiError::Unauthorized("malformed x-photon-ts".into()))?;
+        let h = |name: &'static str| header_text(req, name).ok_or(AuthError::Header(name));
+        let seq = h(bw::SEQ_HEADER)?.parse().map_err(|_| AuthError::Header(bw::SEQ_HEADER))?;
+        let ts = h(bw::TS_HEADER)?.parse().map_err(|_| AuthError::Header(bw::TS_HEADER))?;
         let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
         let (session, mac) = (h(bw::SESSION_HEADER)?, h(bw::MAC_HEADER)?);
-        state.sessions.verify(session, seq, ts, mac, req.method().as_str(), path, app_text, body).map_err(|e| {
-            state.observer.metrics.count("requests.refused", 1, &[("reason", e.reason())]);
-            tracing::debug!(reason = e.reason(), "refused a request's authentication");
-            ApiError::from(e)
-        })
-    })()?;
+        state.sessions.verify(session, seq, ts, mac, req.method().as_str(), path, app_text, body)
+    })()
+    .map_err(|e| refused(state, e))?;
     state.presence.check(&verified, ops::instance_of(req)).map_err(|e| {
         state.observer.metrics.count("proxies.duplicate", 1, &[]);
         ApiError::Duplicate(e.to_string())
@@ -115,13 +110,20 @@ fn verify_request(state: &BrokerState, req: &HttpRequest, app_text: &str, body: 
     Ok(verified)
 }
 
+fn header_text<'r>(req: &'r HttpRequest, name: &str) -> Option<&'r str> {
+    req.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Counts and logs an authentication refusal.
+fn refused(state: &BrokerState, e: AuthError) -> ApiError {
+    state.observer.metrics.count("requests.refused", 1, &[("reason", e.reason())]);
+    tracing::debug!(reason = e.reason(), error = %e, "refused a request's authentication");
+    ApiError::from(e)
+}
+
 /// The app a request acts for, after the proxy's session and right to act for it are checked.
 fn authenticate(state: &BrokerState, req: &HttpRequest, body: &[u8]) -> Result<AppId, ApiError> {
-    let app_text = req
-        .headers()
-        .get(bw::APP_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .ok_or(ApiError::Unauthorized(format!("missing header {}", bw::APP_HEADER)))?;
+    let app_text = header_text(req, bw::APP_HEADER).ok_or_else(|| refused(state, AuthError::Header(bw::APP_HEADER)))?;
     let proxy = verify_request(state, req, app_text, body)?;
     let app = AppId::parse(app_text).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     if !may_sign_for(proxy.as_str(), app.as_str()) {
@@ -133,11 +135,7 @@ fn authenticate(state: &BrokerState, req: &HttpRequest, body: &[u8]) -> Result<A
 
 /// A request a proxy makes as itself (its control connection): `x-photon-app` is its own id.
 fn authenticate_proxy(state: &BrokerState, req: &HttpRequest) -> Result<ProxyId, ApiError> {
-    let claimed = req
-        .headers()
-        .get(bw::APP_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .ok_or(ApiError::Unauthorized(format!("missing header {}", bw::APP_HEADER)))?;
+    let claimed = header_text(req, bw::APP_HEADER).ok_or_else(|| refused(state, AuthError::Header(bw::APP_HEADER)))?;
     let proxy = verify_request(state, req, claimed, b"")?;
     if proxy.as_str() != claimed {
         return Err(ApiError::Forbidden(format!("proxy {proxy} may not act as {claimed}")));

@@ -9,7 +9,7 @@
 use std::{io, sync::Arc, time::Duration};
 
 use actix_web::dev::{Server, ServerHandle};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 /// Watches the shutdown flag; cheap to clone into every long wait.
 #[derive(Clone, Debug)]
@@ -41,18 +41,28 @@ pub struct Stopper {
     flag: Arc<watch::Sender<bool>>,
     server: ServerHandle,
     grace: Duration,
+    /// Background work that must finish its own way out too (a proxy's goodbye to the broker).
+    finishing: Arc<parking_lot::Mutex<Vec<oneshot::Receiver<()>>>>,
 }
 
 impl Stopper {
     pub fn new(flag: watch::Sender<bool>, server: ServerHandle, grace: Duration) -> Self {
-        Self { flag: Arc::new(flag), server, grace }
+        Self { flag: Arc::new(flag), server, grace, finishing: Default::default() }
     }
 
-    /// Raises the flag and stops the server gracefully; resolves when it has stopped (at most
-    /// the grace period after in-flight requests were asked to finish).
+    /// Makes [`Stopper::stop`] also wait (within the grace period) until `done` fires or drops.
+    pub fn wait_for(&self, done: oneshot::Receiver<()>) {
+        self.finishing.lock().push(done);
+    }
+
+    /// Raises the flag and stops the server gracefully; resolves when it and the work given
+    /// to [`Stopper::wait_for`] have finished (at most the grace period after in-flight
+    /// requests were asked to finish).
     pub async fn stop(&self) {
         self.flag.send_replace(true);
-        self.server.stop(true).await;
+        let finishing: Vec<_> = std::mem::take(&mut *self.finishing.lock());
+        let background = tokio::time::timeout(self.grace, futures_util::future::join_all(finishing));
+        let (_, _) = tokio::join!(self.server.stop(true), background);
     }
 
     /// Raises the flag and stops the server without waiting for in-flight requests.

@@ -81,6 +81,76 @@ pub struct Net {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<thread::JoinHandle<()>>,
     pub http: Client,
+    /// The URL proxies use for the broker (the relay's, when there is one).
+    pub broker_url: String,
+    pub opts: Options,
+    pub ops: OpsConfig,
+}
+
+/// The configuration of proxy `<name>.broker` serving `apps`, as the test network runs it.
+pub fn proxy_config(
+    pki: &std::path::Path,
+    name: &str,
+    apps: &[&str],
+    broker_url: &str,
+    opts: &Options,
+    ops: &OpsConfig,
+) -> ProxyConfig {
+    let proxy_id = ProxyId::parse(&format!("{name}.broker")).unwrap();
+    ProxyConfig {
+        apps: apps.iter().map(|a| (proxy_id.app(a).unwrap(), KEY.to_string())).collect::<HashMap<_, _>>(),
+        privkey_file: pki.join(format!("{proxy_id}.priv.pem")),
+        proxy_id,
+        broker_url: broker_url.to_owned(),
+        broker_id: "broker".into(),
+        rootcert_file: pki.join(ca::ROOT_CERT),
+        cert_file: None,
+        max_body: opts.max_body,
+        max_ttl: Duration::from_secs(7 * 86_400),
+        max_wait: opts.max_wait,
+        keepalive: opts.keepalive,
+        workers: 2,
+        cert_refresh: opts.cert_refresh,
+        ops: ops.clone(),
+    }
+}
+
+/// A proxy started on its own (own thread and actix System), e.g. a second instance of one.
+pub struct ExtraProxy {
+    pub url: String,
+    pub stopper: Stopper,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl ExtraProxy {
+    pub fn start(config: ProxyConfig) -> Self {
+        let l = listener();
+        let url = url(&l);
+        let (tx, rx) = std_mpsc::channel();
+        let thread = thread::spawn(move || {
+            actix_web::rt::System::new().block_on(async move {
+                let running = photon_proxy::serve(config, l, Duration::from_secs(10)).await.expect("proxy starts");
+                tx.send(running.stopper.clone()).unwrap();
+                let _ = running.server.await;
+            });
+        });
+        let stopper = rx.recv_timeout(Duration::from_secs(30)).expect("the extra proxy starts");
+        Self { url, stopper, thread: Some(thread) }
+    }
+}
+
+impl Drop for ExtraProxy {
+    fn drop(&mut self) {
+        let stopper = self.stopper.clone();
+        // Stop from a runtime of its own: Drop may run inside the test's runtime.
+        let _ = thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(stopper.stop_now())
+        })
+        .join();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 fn append(path: &std::path::Path) -> std::fs::File {
@@ -151,6 +221,7 @@ impl Net {
             }),
             shutdown_grace: Duration::from_secs(5),
         };
+        let (net_opts, net_ops, net_broker_url) = (opts.clone(), ops.clone(), broker_url.clone());
         let (stops_tx, stops_rx) = std_mpsc::channel::<(Option<Stopper>, Vec<Stopper>)>();
         let thread = thread::spawn(move || {
             actix_web::rt::System::new().block_on(async move {
@@ -186,27 +257,10 @@ impl Net {
                     handles.push(server.handle());
                     actix_web::rt::spawn(server);
                 }
-                for (listener, name, apps) in [(p1, "proxy1", vec!["app1", "app3"]), (p2, "proxy2", vec!["app2"])] {
-                    let proxy_id = ProxyId::parse(&format!("{name}.broker")).unwrap();
-                    let config = ProxyConfig {
-                        apps: apps
-                            .iter()
-                            .map(|a| (proxy_id.app(a).unwrap(), KEY.to_string()))
-                            .collect::<HashMap<_, _>>(),
-                        proxy_id: proxy_id.clone(),
-                        broker_url: broker_url.clone(),
-                        broker_id: "broker".into(),
-                        privkey_file: dir.join(format!("{proxy_id}.priv.pem")),
-                        rootcert_file: dir.join(ca::ROOT_CERT),
-                        cert_file: None,
-                        max_body: opts.max_body,
-                        max_ttl: Duration::from_secs(7 * 86_400),
-                        max_wait: opts.max_wait,
-                        keepalive: opts.keepalive,
-                        workers: 2,
-                        cert_refresh: opts.cert_refresh,
-                        ops: ops.clone(),
-                    };
+                for (listener, name, apps) in
+                    [(p1, "proxy1", ["app1", "app3"].as_slice()), (p2, "proxy2", ["app2"].as_slice())]
+                {
+                    let config = proxy_config(&dir, name, apps, &broker_url, &opts, &ops);
                     let running =
                         photon_proxy::serve(config, listener, Duration::from_secs(10)).await.expect("proxy starts");
                     proxy_stops.push(running.stopper.clone());
@@ -241,6 +295,9 @@ impl Net {
             stop: Some(stop_tx),
             thread: Some(thread),
             http: Client::new(),
+            broker_url: net_broker_url,
+            opts: net_opts,
+            ops: net_ops,
         }
     }
 
