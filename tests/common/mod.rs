@@ -153,11 +153,25 @@ impl Drop for ExtraProxy {
     }
 }
 
-fn append(path: &std::path::Path) -> std::fs::File {
+/// A fresh CA for broker `broker` in a temporary directory, with keys and certificates for
+/// proxy1.broker and proxy2.broker.
+pub fn make_pki() -> PathBuf {
+    let pki = std::env::temp_dir().join(format!("photon-test-{}", uuid::Uuid::new_v4()));
+    ca::init(&pki, "broker", 30).unwrap();
+    for proxy in ["proxy1.broker", "proxy2.broker"] {
+        let id = ProxyId::parse(proxy).unwrap();
+        let (key, csr) = ca::keygen(&id).unwrap();
+        ca::write_private(&pki.join(format!("{proxy}.priv.pem")), &key).unwrap();
+        ca::sign(&pki, "broker", &csr, 30).unwrap();
+    }
+    pki
+}
+
+pub fn append(path: &std::path::Path) -> std::fs::File {
     std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap()
 }
 
-fn listener() -> TcpListener {
+pub fn listener() -> TcpListener {
     TcpListener::bind("127.0.0.1:0").expect("bind a free port")
 }
 
@@ -171,14 +185,7 @@ impl Net {
     }
 
     pub fn start_with(opts: Options) -> Self {
-        let pki = std::env::temp_dir().join(format!("photon-test-{}", uuid::Uuid::new_v4()));
-        ca::init(&pki, "broker", 30).unwrap();
-        for proxy in ["proxy1.broker", "proxy2.broker"] {
-            let id = ProxyId::parse(proxy).unwrap();
-            let (key, csr) = ca::keygen(&id).unwrap();
-            ca::write_private(&pki.join(format!("{proxy}.priv.pem")), &key).unwrap();
-            ca::sign(&pki, "broker", &csr, 30).unwrap();
-        }
+        let pki = make_pki();
         let (b, p1, p2) = (listener(), listener(), listener());
         let (broker, proxy1, proxy2) = (url(&b), url(&p1), url(&p2));
         let broker_log = pki.join("broker.log");
