@@ -218,6 +218,10 @@ async fn sigterm_finishes_requests_ends_streams_and_resumes_after_restart() {
     for p in &mut procs.0 {
         assert!(p.try_wait().unwrap().is_none(), "a proxy outlives its broker");
     }
+    // The broker comes back (empty: tasks live in memory): the proxies reconnect by themselves.
+    procs.0.push(start_broker(&pki, &b));
+    healthy(&http, &url1).await;
+    healthy(&http, &url2).await;
     drop(procs);
 
     // === the logs ===

@@ -29,9 +29,8 @@ pub(super) async fn health(state: State) -> HttpResponse {
     } else {
         None
     };
-    let summary = serde_json::json!({
+    let mut summary = serde_json::json!({
         "summary": if problem.is_some() { "unhealthy" } else { "healthy" },
-        "error": problem,
         "tasks": state.engine.n_tasks(),
         "proxies_online": state.presence.n_online(),
         "waiters": state.waiters.get(),
@@ -41,7 +40,10 @@ pub(super) async fn health(state: State) -> HttpResponse {
     });
     match problem {
         None => HttpResponse::Ok().json(summary),
-        Some(_) => HttpResponse::ServiceUnavailable().json(summary),
+        Some(error) => {
+            summary["error"] = error.into();
+            HttpResponse::ServiceUnavailable().json(summary)
+        }
     }
 }
 

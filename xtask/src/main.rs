@@ -19,6 +19,8 @@ const BROKER_ID: &str = "broker";
 const BROKER_ADDR: &str = "127.0.0.1:8080";
 const PROXIES: [(&str, &str, &str); 2] = [("proxy1", "127.0.0.1:8081", "app1"), ("proxy2", "127.0.0.1:8082", "app2")];
 const DEV_KEY: &str = "App1Secret";
+/// The monitoring endpoints' password in the dev network (`curl -u :DevMonitor ...`).
+const DEV_MONITORING_KEY: &str = "DevMonitor";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -96,6 +98,7 @@ fn dev(release: bool) -> Result<()> {
             .env("BROKER_URL", &broker_url)
             .env("BROKER_ID", BROKER_ID)
             .env("PKI_DIR", &pki)
+            .env("MONITORING_API_KEY", DEV_MONITORING_KEY)
             .spawn()
             .context("cannot start photon-broker")?;
         children.push(("broker".into(), broker));
@@ -128,10 +131,9 @@ fn dev(release: bool) -> Result<()> {
         }
         Ok(())
     })();
-    for (_, child) in children.iter_mut() {
+    // Graceful: the proxies first (they say goodbye to the broker), then the broker.
+    for (_, child) in children.iter_mut().rev() {
         let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
-    }
-    for (_, child) in children.iter_mut() {
         let _ = child.wait();
     }
     println!("dev network stopped");
@@ -169,6 +171,7 @@ Try:
     --json '{{"id":"70c0aa90-bfcf-4312-a6af-42cbd57dc0b8","from":"app1.proxy1.broker","to":["app2.proxy2.broker"],"body":"hi","ttl":"60s","failure_strategy":"discard","metadata":null}}' \
     http://127.0.0.1:8081/v1/tasks
   curl -H 'Authorization: ApiKey app2.proxy2.broker {DEV_KEY}' 'http://127.0.0.1:8082/v1/tasks?filter=todo&wait_count=1'
+  curl -u ':{DEV_MONITORING_KEY}' http://{BROKER_ADDR}/v1/health/proxies
 "#
     );
 }
