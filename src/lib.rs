@@ -24,7 +24,7 @@ pub mod wire;
 
 use std::{net::TcpListener, sync::Arc, time::Duration};
 
-use actix_web::{middleware::from_fn, web, App, HttpServer};
+use actix_web::web;
 
 use crate::{
     actors::{Engine, EngineLimits},
@@ -37,9 +37,9 @@ use crate::{
     http::BrokerState,
     ops::{
         metrics::spawn_reporter,
-        requests::{observe, Observer},
-        shutdown::{grace_secs, Running},
-        Metrics, Shutdown, Stopper,
+        requests::Observer,
+        shutdown::{http_server, Running},
+        Metrics, Shutdown,
     },
 };
 
@@ -108,22 +108,11 @@ pub fn serve(config: BrokerConfig, listener: TcpListener) -> Result<Running, Sta
         true
     });
     let addr = listener.local_addr()?;
-    let data = web::Data::new(state.clone());
-    let server = HttpServer::new(move || {
-        let observer = data.observer.clone();
-        App::new()
-            .app_data(data.clone())
-            .wrap(from_fn(move |req, next| observe(observer.clone(), req, next)))
-            .configure(http::routes)
-    })
-    .workers(config.workers)
-    .disable_signals()
-    .shutdown_timeout(grace_secs(config.ops.shutdown_grace))
-    .listen(listener)?
-    .run();
+    let observer = state.observer.clone();
+    let grace = config.ops.shutdown_grace;
+    let running = http_server(web::Data::new(state), observer, http::routes, config.workers, grace, listener, raise)?;
     tracing::info!(%addr, broker_id = %config.broker_id, "broker listening");
-    let stopper = Stopper::new(raise, server.handle(), config.ops.shutdown_grace);
-    Ok(Running { server, stopper })
+    Ok(running)
 }
 
 /// Every second: a changed revocation list ends the revoked proxies' sessions and control

@@ -19,14 +19,14 @@ pub mod upstream;
 
 use std::{net::TcpListener, sync::Arc, time::Duration};
 
-use actix_web::{middleware::from_fn, web, App, HttpServer};
+use actix_web::web;
 use photon::{
     crypto::RootCert,
     ops::{
         metrics::spawn_reporter,
-        requests::{observe, Observer},
-        shutdown::{grace_secs, Running},
-        Level, Metrics, Shutdown, Stopper,
+        requests::Observer,
+        shutdown::{http_server, Running},
+        Level, Metrics, Shutdown,
     },
 };
 
@@ -153,20 +153,8 @@ pub async fn serve(config: ProxyConfig, listener: TcpListener, patience: Duratio
         state.observer.report();
         true
     });
-    let data = web::Data::new(state);
-    let server = HttpServer::new(move || {
-        let observer = data.observer.clone();
-        App::new()
-            .app_data(data.clone())
-            .wrap(from_fn(move |req, next| observe(observer.clone(), req, next)))
-            .configure(http::routes)
-    })
-    .workers(workers)
-    .disable_signals()
-    .shutdown_timeout(grace_secs(grace))
-    .listen(listener)?
-    .run();
-    let stopper = Stopper::new(raise, server.handle(), grace);
-    stopper.wait_for(control_finished);
-    Ok(Running { server, stopper })
+    let observer = state.observer.clone();
+    let running = http_server(web::Data::new(state), observer, http::routes, workers, grace, listener, raise)?;
+    running.stopper.wait_for(control_finished);
+    Ok(running)
 }

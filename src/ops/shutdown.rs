@@ -87,6 +87,36 @@ pub struct Running {
     pub stopper: Stopper,
 }
 
+/// Builds a Photon HTTP server (broker or proxy) the one way: `routes` with `state`, every request
+/// observed by `observer`, actix's own signal handling off (ours raises the flag first), and
+/// the grace period as its shutdown timeout.
+pub fn http_server<S: Send + Sync + 'static>(
+    state: actix_web::web::Data<S>,
+    observer: Arc<super::requests::Observer>,
+    routes: fn(&mut actix_web::web::ServiceConfig),
+    workers: usize,
+    grace: Duration,
+    listener: std::net::TcpListener,
+    flag: watch::Sender<bool>,
+) -> io::Result<Running> {
+    let server = actix_web::HttpServer::new(move || {
+        let observer = observer.clone();
+        actix_web::App::new()
+            .app_data(state.clone())
+            .wrap(actix_web::middleware::from_fn(move |req, next| {
+                super::requests::observe(observer.clone(), req, next)
+            }))
+            .configure(routes)
+    })
+    .workers(workers)
+    .disable_signals()
+    .shutdown_timeout(grace_secs(grace))
+    .listen(listener)?
+    .run();
+    let stopper = Stopper::new(flag, server.handle(), grace);
+    Ok(Running { server, stopper })
+}
+
 /// Runs `running` until it stops; SIGTERM or Ctrl-C stop it gracefully, a second signal ends
 /// the process at once (exit code 1). For binaries; tests call [`Stopper::stop`].
 pub async fn run_until_signalled(running: Running) -> io::Result<()> {
