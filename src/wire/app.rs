@@ -6,10 +6,10 @@ use uuid::Uuid;
 
 use super::{AppId, DurationText, FailureStrategy, WorkStatus};
 
-/// A task as an app submits it (`POST /v1/tasks`).
-#[derive(Debug, Clone, Deserialize)]
+/// A task as an app submits it (`POST /v1/tasks`); the loadtest sends it, the proxy reads it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NewTask {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<Uuid>,
     pub from: AppId,
     pub to: Vec<AppId>,

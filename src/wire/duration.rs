@@ -58,6 +58,12 @@ impl<'de> Deserialize<'de> for DurationText {
     }
 }
 
+impl serde::Serialize for DurationText {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,187 @@
+//! One app talking to its proxy, as a Beam app would: create tasks, put results, read them by
+//! long-poll or Server-Sent Events. Failures come back as the short name the run counts them
+//! under (the HTTP status, or `connect`, `timeout`, `lost`, `malformed`).
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use photon::wire::{
+    app::{NewTask, Task, TaskResult},
+    AppId, DurationText, FailureStrategy, WorkStatus,
+};
+use reqwest::{header, Client, RequestBuilder, Response};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::target::Endpoint;
+
+/// Why an operation failed, as counted.
+pub type Failure = String;
+
+fn failure(e: reqwest::Error) -> Failure {
+    if e.is_timeout() {
+        "timeout".into()
+    } else if e.is_connect() {
+        "connect".into()
+    } else if e.is_decode() {
+        "malformed".into()
+    } else {
+        "lost".into()
+    }
+}
+
+pub struct App {
+    http: Client,
+    pub endpoint: Endpoint,
+    pub id: AppId,
+    auth: String,
+}
+
+impl App {
+    pub fn new(http: Client, endpoint: Endpoint) -> Result<Self, String> {
+        let id = AppId::parse(&endpoint.app).map_err(|e| format!("app id {:?}: {e}", endpoint.app))?;
+        let auth = format!("ApiKey {} {}", endpoint.app, endpoint.key);
+        Ok(Self { http, endpoint, id, auth })
+    }
+
+    fn get(&self, path: &str) -> RequestBuilder {
+        self.http.get(format!("{}{path}", self.endpoint.url)).header(header::AUTHORIZATION, &self.auth)
+    }
+
+    async fn expect(req: RequestBuilder, ok: &[u16]) -> Result<Response, Failure> {
+        let res = req.send().await.map_err(failure)?;
+        if ok.contains(&res.status().as_u16()) {
+            Ok(res)
+        } else {
+            Err(res.status().as_u16().to_string())
+        }
+    }
+
+    /// `POST /v1/tasks` with a new id; returns it.
+    pub async fn create(&self, to: &AppId, body: &Value, ttl: &str) -> Result<Uuid, Failure> {
+        let id = Uuid::new_v4();
+        let task = NewTask {
+            id: Some(id),
+            from: self.id.clone(),
+            to: vec![to.clone()],
+            body: body.clone(),
+            ttl: DurationText(ttl.to_owned()),
+            failure_strategy: FailureStrategy::default(),
+            metadata: Value::Null,
+        };
+        let req = self.http.post(format!("{}/v1/tasks", self.endpoint.url)).header(header::AUTHORIZATION, &self.auth);
+        Self::expect(req.json(&task), &[201]).await?;
+        Ok(id)
+    }
+
+    /// `PUT` a `succeeded` result for `task` to its creator.
+    pub async fn answer(&self, task: &Task, body: &Value) -> Result<(), Failure> {
+        let result = TaskResult {
+            from: self.id.clone(),
+            to: vec![task.from.clone()],
+            task: task.id,
+            status: WorkStatus::Succeeded,
+            body: Some(body.clone()),
+            metadata: Value::Null,
+        };
+        let url = format!("{}/v1/tasks/{}/results/{}", self.endpoint.url, task.id, self.id);
+        let req = self.http.put(url).header(header::AUTHORIZATION, &self.auth).json(&result);
+        Self::expect(req, &[201, 204]).await.map(drop)
+    }
+
+    /// The worker's to-do list, waiting up to `wait` for at least one task.
+    pub async fn todo(&self, wait: Duration) -> Result<Vec<Task>, Failure> {
+        let path = format!("/v1/tasks?filter=todo&wait_count=1&wait_time={}ms", wait.as_millis());
+        Self::expect(self.get(&path), &[200, 206]).await?.json().await.map_err(failure)
+    }
+
+    /// The worker's `new_task` event stream.
+    pub async fn todo_stream(&self) -> Result<Events, Failure> {
+        let req = self.get("/v1/tasks?filter=todo").header(header::ACCEPT, "text/event-stream");
+        Ok(Events::new(Self::expect(req, &[200]).await?))
+    }
+
+    /// Waits (long-poll) for the first result of `task`.
+    pub async fn first_result(&self, task: Uuid, wait: Duration) -> Result<TaskResult, Failure> {
+        let path = format!("/v1/tasks/{task}/results?wait_count=1&wait_time={}ms", wait.as_millis());
+        let mut results: Vec<TaskResult> =
+            Self::expect(self.get(&path), &[200]).await?.json().await.map_err(failure)?;
+        results.pop().ok_or_else(|| "no_result".into())
+    }
+
+    /// Waits (event stream) for the first result of `task`.
+    pub async fn first_result_event(&self, task: Uuid) -> Result<TaskResult, Failure> {
+        let req =
+            self.get(&format!("/v1/tasks/{task}/results?wait_count=1")).header(header::ACCEPT, "text/event-stream");
+        let mut events = Events::new(Self::expect(req, &[200]).await?);
+        while let Some((event, data)) = events.next().await? {
+            if event == "new_result" {
+                return serde_json::from_str(&data).map_err(|_| "malformed".into());
+            }
+        }
+        Err("no_result".into())
+    }
+}
+
+/// A Server-Sent Events reader: `(event, data)` per event; comments are skipped.
+pub struct Events {
+    body: futures_util::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
+    buf: Vec<u8>,
+}
+
+impl Events {
+    fn new(res: Response) -> Self {
+        Self { body: res.bytes_stream().boxed(), buf: Vec::new() }
+    }
+
+    /// The next event; `None` at the end of the stream.
+    pub async fn next(&mut self) -> Result<Option<(String, String)>, Failure> {
+        loop {
+            if let Some(end) = self.buf.windows(2).position(|w| w == b"\n\n") {
+                let block: Vec<u8> = self.buf.drain(..end + 2).collect();
+                if let Some(event) = parse_event(&String::from_utf8_lossy(&block)) {
+                    return Ok(Some(event));
+                }
+                continue;
+            }
+            match self.body.next().await {
+                Some(Ok(chunk)) => self.buf.extend_from_slice(&chunk),
+                Some(Err(e)) => return Err(failure(e)),
+                None => return Ok(None),
+            }
+        }
+    }
+}
+
+/// One SSE block → `(event, data)`; `None` for a comment-only block.
+pub fn parse_event(block: &str) -> Option<(String, String)> {
+    let (mut event, mut data, mut any) = ("message".to_owned(), String::new(), false);
+    for line in block.lines() {
+        if let Some(v) = line.strip_prefix("event:") {
+            event = v.trim().to_owned();
+            any = true;
+        } else if let Some(v) = line.strip_prefix("data:") {
+            if !data.is_empty() {
+                data.push('\n');
+            }
+            data.push_str(v.strip_prefix(' ').unwrap_or(v));
+            any = true;
+        }
+    }
+    any.then_some((event, data))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_event;
+
+    #[test]
+    fn sse_blocks() {
+        assert_eq!(
+            parse_event("event: new_task\nid: 7\ndata: {\"a\":1}\n\n"),
+            Some(("new_task".into(), "{\"a\":1}".into()))
+        );
+        assert_eq!(parse_event(": keep-alive\n\n"), None);
+        assert_eq!(parse_event("data: a\ndata: b\n\n"), Some(("message".into(), "a\nb".into())));
+    }
+}

@@ -1,0 +1,14 @@
+//! `photon-loadtest`: measures any network that speaks the Beam app API (`../shared/API.md`),
+//! Photon's or Samply.Beam's: throughput, latency percentiles and errors by status.
+//!
+//! Crate map: [`target`] (where the apps are; loopback unless told otherwise), [`stats`]
+//! (latency histograms, error counts, throughput over time, the JSON summary), [`client`] (one
+//! app's HTTP client: tasks, results, long-polls, SSE), [`scenario`] (the scenarios, each
+//! bounded by count and time), [`cli`] (flags → a plan).
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod client;
+pub mod scenario;
+pub mod stats;
+pub mod target;

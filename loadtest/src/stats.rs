@@ -1,0 +1,180 @@
+//! What a run measures: every operation's latency (an HDR histogram in microseconds, 3
+//! significant digits, up to an hour), errors by status, and successes per second of the run
+//! (throughput over time). [`Summary`] is the JSON line a run ends with.
+
+use std::{
+    collections::BTreeMap,
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
+
+use hdrhistogram::Histogram;
+use parking_lot::Mutex;
+use serde::Serialize;
+
+/// Shared by every client of a run.
+pub struct Recorder {
+    started: Instant,
+    latency_us: Mutex<Histogram<u64>>,
+    errors: Mutex<BTreeMap<String, u64>>,
+    /// Successes per whole second since the start.
+    per_second: Mutex<Vec<u64>>,
+    ok: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl Default for Recorder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Recorder {
+    pub fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            latency_us: Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds")),
+            errors: Mutex::default(),
+            per_second: Mutex::default(),
+            ok: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+        }
+    }
+
+    /// One operation that succeeded after `latency`.
+    pub fn ok(&self, latency: Duration) {
+        let us = (latency.as_micros() as u64).clamp(1, 3_600_000_000);
+        self.latency_us.lock().record(us).expect("clamped into the histogram's range");
+        let second = self.started.elapsed().as_secs() as usize;
+        let mut per_second = self.per_second.lock();
+        if per_second.len() <= second {
+            per_second.resize(second + 1, 0);
+        }
+        per_second[second] += 1;
+        drop(per_second);
+        self.ok.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One operation that failed: `what` is the HTTP status (`"503"`) or the kind of failure
+    /// (`"connect"`, `"timeout"`, `"lost"`).
+    pub fn error(&self, what: impl Into<String>) {
+        *self.errors.lock().entry(what.into()).or_default() += 1;
+        self.failed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn n_ok(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    pub fn n_failed(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// The run's summary so far.
+    pub fn summary(&self, scenario: &str, params: serde_json::Value) -> Summary {
+        let elapsed = self.elapsed().as_secs_f64();
+        let h = self.latency_us.lock();
+        let ms = |us: u64| us as f64 / 1e3;
+        let latency = (!h.is_empty()).then(|| Latency {
+            p50: ms(h.value_at_quantile(0.50)),
+            p90: ms(h.value_at_quantile(0.90)),
+            p99: ms(h.value_at_quantile(0.99)),
+            p999: ms(h.value_at_quantile(0.999)),
+            max: ms(h.max()),
+            mean: h.mean() / 1e3,
+        });
+        let ok = self.n_ok();
+        Summary {
+            scenario: scenario.to_owned(),
+            params,
+            ok,
+            errors: self.errors.lock().clone(),
+            elapsed_s: elapsed,
+            per_s: if elapsed > 0.0 { ok as f64 / elapsed } else { 0.0 },
+            latency_ms: latency,
+            per_second: self.per_second.lock().clone(),
+        }
+    }
+}
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Latency {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+    pub mean: f64,
+}
+
+/// A run's result, written as one JSON line.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub scenario: String,
+    /// The scenario's parameters (clients, count, body size …).
+    pub params: serde_json::Value,
+    /// Operations that succeeded.
+    pub ok: u64,
+    /// Failed operations by status or kind.
+    pub errors: BTreeMap<String, u64>,
+    pub elapsed_s: f64,
+    /// Successes per second over the whole run.
+    pub per_s: f64,
+    /// `None` when nothing succeeded.
+    pub latency_ms: Option<Latency>,
+    /// Successes in each second of the run.
+    pub per_second: Vec<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_of_a_known_distribution() {
+        let r = Recorder::new();
+        // 1..=1000 ms, once each: p50 = 500 ms, p99 = 990 ms, max = 1000 ms (3 significant digits).
+        for ms in 1..=1000u64 {
+            r.ok(Duration::from_millis(ms));
+        }
+        r.error("503");
+        r.error("503");
+        r.error("timeout");
+        let s = r.summary("unit", serde_json::json!({}));
+        let l = s.latency_ms.unwrap();
+        let close = |got: f64, want: f64| (got - want).abs() <= want * 0.001 + 1e-9;
+        assert!(close(l.p50, 500.0), "{l:?}");
+        assert!(close(l.p90, 900.0), "{l:?}");
+        assert!(close(l.p99, 990.0), "{l:?}");
+        assert!(close(l.p999, 999.0), "{l:?}");
+        assert!(close(l.max, 1000.0), "{l:?}");
+        assert!(close(l.mean, 500.5), "{l:?}");
+        assert_eq!(s.ok, 1000);
+        assert_eq!(s.errors, BTreeMap::from([("503".to_string(), 2), ("timeout".to_string(), 1)]));
+        assert_eq!(s.per_second.iter().sum::<u64>(), 1000);
+    }
+
+    #[test]
+    fn sub_millisecond_and_huge_latencies_are_kept() {
+        let r = Recorder::new();
+        r.ok(Duration::from_micros(250));
+        r.ok(Duration::from_nanos(10)); // below the histogram's floor: counted as 1 µs
+        r.ok(Duration::from_secs(7200)); // above its ceiling: counted as one hour
+        let l = r.summary("unit", serde_json::json!({})).latency_ms.unwrap();
+        assert!(l.p50 > 0.2 && l.p50 < 0.3, "{l:?}");
+        assert!((l.max - 3_600_000.0).abs() < 3_600.0, "{l:?}");
+    }
+
+    #[test]
+    fn an_empty_run_has_no_latency() {
+        let s = Recorder::new().summary("unit", serde_json::json!({"clients": 1}));
+        assert!(s.latency_ms.is_none());
+        let line = serde_json::to_string(&s).unwrap();
+        assert!(line.contains(r#""latency_ms":null"#) && line.contains(r#""clients":1"#), "{line}");
+    }
+}

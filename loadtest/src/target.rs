@@ -1,0 +1,95 @@
+//! Where the load goes: a creator app and a worker app, each at its proxy with its API key.
+//! Only loopback targets are allowed unless the user says otherwise (`--allow-remote`): a load
+//! test aimed at someone's production by a typo is a denial of service.
+
+use std::net::IpAddr;
+
+/// One app at its proxy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// The proxy's base URL, e.g. `http://127.0.0.1:8081`.
+    pub url: String,
+    /// The app id, e.g. `app1.proxy1.broker`.
+    pub app: String,
+    pub key: String,
+}
+
+/// The apps a scenario uses: the creator sends tasks, the worker answers them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub creator: Endpoint,
+    pub worker: Endpoint,
+}
+
+impl Target {
+    /// The local dev network of API.md (`cargo xtask dev`).
+    pub fn dev() -> Self {
+        Self {
+            creator: Endpoint {
+                url: "http://127.0.0.1:8081".into(),
+                app: "app1.proxy1.broker".into(),
+                key: "App1Secret".into(),
+            },
+            worker: Endpoint {
+                url: "http://127.0.0.1:8082".into(),
+                app: "app2.proxy2.broker".into(),
+                key: "App1Secret".into(),
+            },
+        }
+    }
+
+    /// Refuses URLs that are not `http(s)://` or (without `allow_remote`) not loopback.
+    pub fn check(&self, allow_remote: bool) -> Result<(), String> {
+        for (role, e) in [("creator", &self.creator), ("worker", &self.worker)] {
+            let host = host_of(&e.url).ok_or_else(|| format!("{role} URL {:?} is not an http(s) URL", e.url))?;
+            if !allow_remote && !is_loopback(&host) {
+                return Err(format!(
+                    "{role} URL {} is not on this machine; pass --allow-remote to load a remote network",
+                    e.url
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn host_of(url: &str) -> Option<String> {
+    let rest = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://"))?;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next()?,
+        None => authority.split(':').next()?,
+    };
+    (!host.is_empty()).then(|| host.to_ascii_lowercase())
+}
+
+fn is_loopback(host: &str) -> bool {
+    host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(url: &str) -> Target {
+        let mut t = Target::dev();
+        t.worker.url = url.into();
+        t
+    }
+
+    #[test]
+    fn only_loopback_unless_allowed() {
+        assert!(Target::dev().check(false).is_ok());
+        for ok in ["http://localhost:8082", "http://[::1]:8082/", "http://127.1.2.3"] {
+            assert!(at(ok).check(false).is_ok(), "{ok}");
+        }
+        for remote in ["http://10.0.0.5:8082", "https://proxy.example.org", "http://user@192.168.1.1:80"] {
+            let err = at(remote).check(false).unwrap_err();
+            assert!(err.contains("--allow-remote") && err.contains("worker"), "{err}");
+            assert!(at(remote).check(true).is_ok());
+        }
+        assert!(at("ftp://127.0.0.1").check(true).unwrap_err().contains("not an http"));
+        assert!(at("http://").check(true).is_err());
+    }
+}
