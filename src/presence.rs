@@ -10,7 +10,7 @@ use std::{
     time::{Instant, SystemTime},
 };
 
-use parking_lot::Mutex;
+use parking_lot::RwLock;
 use serde::Serialize;
 use tokio::sync::oneshot;
 
@@ -58,9 +58,11 @@ pub struct Duplicate {
     pub since: String,
 }
 
+/// Read on every authenticated request ([`Presence::check`]); written only when a proxy
+/// connects or goes.
 #[derive(Default)]
 pub struct Presence {
-    proxies: Mutex<HashMap<ProxyId, Record>>,
+    proxies: RwLock<HashMap<ProxyId, Record>>,
 }
 
 /// Held by a control connection; the proxy goes offline when it drops.
@@ -77,7 +79,7 @@ impl Presence {
     /// reconnecting replaces its old connection (which may not have noticed it is dead yet);
     /// another instance is refused while one is online.
     pub fn connect(self: &Arc<Self>, proxy: &ProxyId, instance: &str) -> Result<Connection, Duplicate> {
-        let mut proxies = self.proxies.lock();
+        let mut proxies = self.proxies.write();
         let record =
             proxies.entry(proxy.clone()).or_insert(Record { online: None, last_disconnect: None, n_connects: 0 });
         if let Some(online) = &mut record.online {
@@ -103,7 +105,7 @@ impl Presence {
 
     /// A request from `instance` of `proxy`: refused while another instance is online.
     pub fn check(&self, proxy: &ProxyId, instance: Option<&str>) -> Result<(), Duplicate> {
-        let proxies = self.proxies.lock();
+        let proxies = self.proxies.read();
         match proxies.get(proxy).and_then(|r| r.online.as_ref()) {
             Some(online) if Some(online.instance.as_str()) != instance => {
                 Err(Duplicate { proxy: proxy.clone(), since: super::ops::rfc3339(online.since) })
@@ -114,7 +116,7 @@ impl Presence {
 
     /// Ends `proxy`'s control connection (its certificate was revoked).
     pub fn kick(&self, proxy: &ProxyId, reason: &'static str) {
-        let mut proxies = self.proxies.lock();
+        let mut proxies = self.proxies.write();
         if let Some(kick) = proxies.get_mut(proxy).and_then(|r| r.online.as_mut()).and_then(|o| o.kick.take()) {
             let _ = kick.send(reason);
         }
@@ -124,7 +126,7 @@ impl Presence {
     /// for its connection's end to be noticed. Returns whether it was the one online.
     pub fn leave(&self, proxy: &ProxyId, instance: &str) -> bool {
         let conn = {
-            let mut proxies = self.proxies.lock();
+            let mut proxies = self.proxies.write();
             let Some(online) = proxies.get_mut(proxy).and_then(|r| r.online.as_mut()) else { return false };
             if online.instance != instance {
                 return false;
@@ -139,7 +141,7 @@ impl Presence {
     }
 
     fn disconnect(&self, proxy: &ProxyId, conn: u64) {
-        let mut proxies = self.proxies.lock();
+        let mut proxies = self.proxies.write();
         if let Some(record) = proxies.get_mut(proxy) {
             if record.online.as_ref().is_some_and(|o| o.conn == conn) {
                 let online = record.online.take().expect("checked");
@@ -155,7 +157,7 @@ impl Presence {
 
     /// The proxies online now, sorted.
     pub fn online(&self) -> Vec<ProxyId> {
-        let proxies = self.proxies.lock();
+        let proxies = self.proxies.read();
         let mut ids: Vec<ProxyId> =
             proxies.iter().filter(|(_, r)| r.online.is_some()).map(|(id, _)| id.clone()).collect();
         ids.sort_by(|a, b| a.as_str().cmp(b.as_str()));
@@ -163,12 +165,12 @@ impl Presence {
     }
 
     pub fn n_online(&self) -> usize {
-        self.proxies.lock().values().filter(|r| r.online.is_some()).count()
+        self.proxies.read().values().filter(|r| r.online.is_some()).count()
     }
 
     /// One proxy's status; `None` if it never connected.
     pub fn status(&self, proxy: &ProxyId) -> Option<ProxyStatus> {
-        let proxies = self.proxies.lock();
+        let proxies = self.proxies.read();
         let record = proxies.get(proxy)?;
         Some(ProxyStatus {
             proxy_id: proxy.clone(),

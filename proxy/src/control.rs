@@ -193,19 +193,17 @@ pub async fn run(state: Arc<ProxyState>, mut first: Option<Open>) {
                     backoff = FIRST_BACKOFF;
                 }
             }
-            Err(UpstreamError::Duplicate(error)) => {
-                if !duplicate_reported {
+            Err(e) => {
+                if !matches!(e, UpstreamError::Duplicate(_)) {
+                    tracing::debug!(error = %e, retry_ms = backoff.as_millis() as u64, "cannot open the control connection");
+                } else if !duplicate_reported {
                     tracing::error!(
-                        %error,
+                        error = %e,
                         "the broker refused this proxy: another process with the same PROXY_ID is online; \
                          stop one of them (this one keeps retrying)"
                     );
                     duplicate_reported = true;
                 }
-                state.link.failed(&UpstreamError::Duplicate(error));
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, retry_ms = backoff.as_millis() as u64, "cannot open the control connection");
                 state.link.failed(&e);
             }
         }

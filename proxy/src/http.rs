@@ -44,7 +44,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v1/tasks/{id}", web::get().to(get_task))
         .route("/v1/tasks/{id}/results", web::get().to(get_results))
         .route("/v1/tasks/{id}/results/{app_id}", web::put().to(put_result))
-        .default_service(web::to(|| async { Err::<HttpResponse, _>(ApiError::NotFound("no such endpoint".into())) }));
+        .default_service(web::to(photon::http::no_such_endpoint));
 }
 
 fn wants_events(req: &HttpRequest) -> bool {

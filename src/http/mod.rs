@@ -88,7 +88,12 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v1/tasks/{id}", web::get().to(get_task))
         .route("/v1/tasks/{id}/results", web::get().to(get_results))
         .route("/v1/tasks/{id}/results/{app_id}", web::put().to(put_result))
-        .default_service(web::to(|| async { Err::<HttpResponse, _>(ApiError::NotFound("no such endpoint".into())) }));
+        .default_service(web::to(no_such_endpoint));
+}
+
+/// The answer to any path the API does not have (broker and proxy).
+pub async fn no_such_endpoint() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::NotFound("no such endpoint".into()))
 }
 
 /// Checks a request's session MAC (`app_text` as signed) and that the sending instance is the

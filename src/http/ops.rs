@@ -91,7 +91,7 @@ pub(super) async fn proxy(state: State, req: HttpRequest, path: web::Path<String
 /// `bye` line on shutdown, revocation, or when the same instance reconnects.
 pub(super) async fn control(state: State, req: HttpRequest) -> Result<HttpResponse, ApiError> {
     let proxy = authenticate_proxy(&state, &req)?;
-    let instance = req.headers().get(INSTANCE_HEADER).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let instance = instance_of(&req).unwrap_or_default();
     if instance.is_empty() {
         return Err(ApiError::BadRequest(format!("the control connection needs the {INSTANCE_HEADER} header")));
     }

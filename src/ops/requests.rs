@@ -68,7 +68,10 @@ pub async fn observe(
     next: Next<BoxBody>,
 ) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
     let started = Instant::now();
-    if has_body(&req) {
+    // Off the hot path when nobody looks: no byte counting without metrics, no endpoint name
+    // without metrics or a debug log.
+    let counting = observer.metrics.is_on();
+    if counting && has_body(&req) {
         let counted = observer.clone();
         let payload = req.take_payload().inspect(move |chunk| {
             if let Ok(bytes) = chunk {
@@ -80,6 +83,9 @@ pub async fn observe(
         req.set_payload(actix_web::dev::Payload::from(boxed));
     }
     let res = next.call(req).await?;
+    if !counting && !tracing::enabled!(tracing::Level::DEBUG) {
+        return Ok(res);
+    }
     let elapsed = started.elapsed();
     let request = res.request();
     let pattern = request.match_pattern();
@@ -93,11 +99,12 @@ pub async fn observe(
         ms = elapsed.as_secs_f64() * 1e3,
         "request"
     );
-    let m = &observer.metrics;
-    if m.is_on() {
-        m.count("requests", 1, &[("endpoint", endpoint), ("status", status.as_str())]);
-        m.time("request.duration_ms", elapsed, &[("endpoint", endpoint)]);
+    if !counting {
+        return Ok(res);
     }
+    let m = &observer.metrics;
+    m.count("requests", 1, &[("endpoint", endpoint), ("status", status.as_str())]);
+    m.time("request.duration_ms", elapsed, &[("endpoint", endpoint)]);
     Ok(res.map_body(|_, body| BoxBody::new(Counted { inner: body, observer })))
 }
 
