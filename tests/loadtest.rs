@@ -9,31 +9,47 @@ use std::{sync::Arc, time::Duration};
 use common::*;
 use photon_loadtest::{
     client::App,
-    scenario::{self, Plan, Via},
-    stats::Recorder,
+    scenario::{self, Ctx, Plan, Via},
+    stats::{Recorder, Summary},
     target::Endpoint,
 };
 
-fn apps(net: &Net) -> (Arc<App>, Arc<App>) {
-    let http = reqwest::Client::new();
-    let at = |url: &str, app: &str| Endpoint { url: url.into(), app: app.into(), key: KEY.into() };
-    (
-        Arc::new(App::new(http.clone(), at(&net.proxy1, APP1)).unwrap()),
-        Arc::new(App::new(http, at(&net.proxy2, APP2)).unwrap()),
-    )
+fn app(url: &str, app: &str, key: &str) -> Arc<App> {
+    Arc::new(App::new(reqwest::Client::new(), Endpoint { url: url.into(), app: app.into(), key: key.into() }).unwrap())
 }
 
-fn plan(clients: usize, count: u64, via: Via) -> Plan {
-    Plan { clients, count, duration: Duration::from_secs(60), body_bytes: 100, via }
+/// The creator app1 at proxy1, the worker app2 at proxy2, and the broker's health to settle on.
+fn ctx(net: &Net, clients: usize, count: u64, via: Via) -> Ctx {
+    Ctx {
+        creator: app(&net.proxy1, APP1, KEY),
+        workers: vec![app(&net.proxy2, APP2, KEY)],
+        plan: Plan {
+            clients,
+            count,
+            duration: Duration::from_secs(60),
+            body_bytes: 100,
+            via,
+            ttl: "5m".into(),
+            rate: 100.0,
+            recipients: 1,
+        },
+        rec: Arc::new(Recorder::new()),
+        broker_url: Some(net.broker.clone()),
+        memory: None,
+        http: reqwest::Client::new(),
+    }
+}
+
+fn summary(ctx: &Ctx) -> Summary {
+    ctx.rec.summary("test", serde_json::json!({}))
 }
 
 #[tokio::test]
 async fn create_makes_exactly_count_tasks() {
     let net = Net::start();
-    let (creator, worker) = apps(&net);
-    let rec = Arc::new(Recorder::new());
-    scenario::create(creator, &worker, &plan(4, 40, Via::LongPoll), rec.clone()).await;
-    let summary = rec.summary("create", serde_json::json!({}));
+    let ctx = ctx(&net, 4, 40, Via::LongPoll);
+    scenario::create(&ctx).await;
+    let summary = summary(&ctx);
     assert_eq!((summary.ok, summary.errors.len()), (40, 0), "{summary:?}");
     assert_eq!(net.broker_tasks().await, 40);
     assert!(summary.latency_ms.unwrap().p50 > 0.0);
@@ -43,12 +59,17 @@ async fn create_makes_exactly_count_tasks() {
 async fn roundtrips_by_long_poll_and_by_events() {
     let net = Net::start();
     for via in [Via::LongPoll, Via::Sse] {
-        let (creator, worker) = apps(&net);
-        let rec = Arc::new(Recorder::new());
-        scenario::roundtrip(creator, worker, &plan(3, 15, via), rec.clone()).await;
-        let summary = rec.summary("roundtrip", serde_json::json!({}));
+        let ctx = ctx(&net, 3, 15, via);
+        scenario::roundtrip(&ctx, false).await;
+        let summary = summary(&ctx);
         assert_eq!((summary.ok, summary.errors.clone()), (15, Default::default()), "{via:?}: {summary:?}");
     }
+    // Soak: 10 round trips at 50 per second take about 0.2 s to start.
+    let mut soak = ctx(&net, 1, 10, Via::LongPoll);
+    soak.plan.rate = 50.0;
+    scenario::soak(&soak).await;
+    let s = summary(&soak);
+    assert_eq!((s.ok, s.errors.len()), (10, 0), "{s:?}");
     // Each round trip's task was answered: nothing is left to do.
     let todo: serde_json::Value = net.get(APP2, "/v1/tasks?filter=todo").send().await.unwrap().json().await.unwrap();
     assert_eq!(todo, serde_json::json!([]));
@@ -57,13 +78,41 @@ async fn roundtrips_by_long_poll_and_by_events() {
 #[tokio::test]
 async fn failures_are_counted_by_status() {
     let net = Net::start();
-    let http = reqwest::Client::new();
-    let wrong_key = Endpoint { url: net.proxy1.clone(), app: APP1.into(), key: "wrong".into() };
-    let creator = Arc::new(App::new(http, wrong_key).unwrap());
-    let (_, worker) = apps(&net);
-    let rec = Arc::new(Recorder::new());
-    scenario::create(creator, &worker, &plan(2, 6, Via::LongPoll), rec.clone()).await;
-    let summary = rec.summary("create", serde_json::json!({}));
+    let mut ctx = ctx(&net, 2, 6, Via::LongPoll);
+    ctx.creator = app(&net.proxy1, APP1, "wrong");
+    scenario::create(&ctx).await;
+    let summary = summary(&ctx);
     assert_eq!(summary.ok, 0);
     assert_eq!(summary.errors, std::collections::BTreeMap::from([("401".to_string(), 6)]));
+}
+
+#[tokio::test]
+async fn every_stream_gets_every_update() {
+    let net = Net::start();
+    let ctx = ctx(&net, 4, 25, Via::Sse);
+    scenario::sse(&ctx).await;
+    let s = summary(&ctx);
+    assert_eq!((s.ok, s.errors.len()), (100, 0), "{s:?}");
+    let figure = |k: &str| s.figures[k].as_u64().unwrap();
+    assert_eq!((figure("streams"), figure("updates"), figure("events_expected")), (4, 25, 100));
+    assert_eq!((figure("events_delivered"), figure("events_lost"), figure("duplicates")), (100, 0, 0));
+}
+
+#[tokio::test]
+async fn waiters_are_all_woken_and_fanout_waits_for_every_recipient() {
+    let net = Net::start();
+    let ctx = ctx(&net, 30, 2, Via::LongPoll);
+    scenario::waiters(&ctx).await;
+    let s = summary(&ctx);
+    assert_eq!((s.ok, s.errors.len()), (60, 0), "{s:?}");
+    assert_eq!(s.figures["woken_all_ms"].as_array().unwrap().len(), 2);
+
+    // Fanout to app2 at proxy2 and app3 at proxy1: each task has two answers.
+    let mut fan = self::ctx(&net, 2, 6, Via::LongPoll);
+    fan.workers.push(app(&net.proxy1, APP3, KEY));
+    scenario::roundtrip(&fan, true).await;
+    let s = summary(&fan);
+    assert_eq!((s.ok, s.errors.len()), (6, 0), "{s:?}");
+    let todo: serde_json::Value = net.get(APP3, "/v1/tasks?filter=todo").send().await.unwrap().json().await.unwrap();
+    assert_eq!(todo, serde_json::json!([]), "app3 answered all");
 }

@@ -59,11 +59,16 @@ impl App {
 
     /// `POST /v1/tasks` with a new id; returns it.
     pub async fn create(&self, to: &AppId, body: &Value, ttl: &str) -> Result<Uuid, Failure> {
+        self.create_for(std::slice::from_ref(to), body, ttl).await
+    }
+
+    /// `POST /v1/tasks` to several recipients.
+    pub async fn create_for(&self, to: &[AppId], body: &Value, ttl: &str) -> Result<Uuid, Failure> {
         let id = Uuid::new_v4();
         let task = NewTask {
             id: Some(id),
             from: self.id.clone(),
-            to: vec![to.clone()],
+            to: to.to_vec(),
             body: body.clone(),
             ttl: DurationText(ttl.to_owned()),
             failure_strategy: FailureStrategy::default(),
@@ -76,15 +81,20 @@ impl App {
 
     /// `PUT` a `succeeded` result for `task` to its creator.
     pub async fn answer(&self, task: &Task, body: &Value) -> Result<(), Failure> {
+        self.put_result(task.id, &task.from, body).await
+    }
+
+    /// `PUT` a `succeeded` result (new or replacing this app's earlier one) for `task`, to `creator`.
+    pub async fn put_result(&self, task: Uuid, creator: &AppId, body: &Value) -> Result<(), Failure> {
         let result = TaskResult {
             from: self.id.clone(),
-            to: vec![task.from.clone()],
-            task: task.id,
+            to: vec![creator.clone()],
+            task,
             status: WorkStatus::Succeeded,
             body: Some(body.clone()),
             metadata: Value::Null,
         };
-        let url = format!("{}/v1/tasks/{}/results/{}", self.endpoint.url, task.id, self.id);
+        let url = format!("{}/v1/tasks/{task}/results/{}", self.endpoint.url, self.id);
         let req = self.http.put(url).header(header::AUTHORIZATION, &self.auth).json(&result);
         Self::expect(req, &[201, 204]).await.map(drop)
     }
@@ -103,47 +113,82 @@ impl App {
 
     /// Waits (long-poll) for the first result of `task`.
     pub async fn first_result(&self, task: Uuid, wait: Duration) -> Result<TaskResult, Failure> {
-        let path = format!("/v1/tasks/{task}/results?wait_count=1&wait_time={}ms", wait.as_millis());
-        let mut results: Vec<TaskResult> =
-            Self::expect(self.get(&path), &[200]).await?.json().await.map_err(failure)?;
-        results.pop().ok_or_else(|| "no_result".into())
+        self.results(task, 1, wait).await?.pop().ok_or_else(|| "no_result".into())
+    }
+
+    /// Waits (long-poll) until `task` has `count` results; fewer (206) is a failure.
+    pub async fn results(&self, task: Uuid, count: usize, wait: Duration) -> Result<Vec<TaskResult>, Failure> {
+        let path = format!("/v1/tasks/{task}/results?wait_count={count}&wait_time={}ms", wait.as_millis());
+        Self::expect(self.get(&path), &[200]).await?.json().await.map_err(failure)
     }
 
     /// Waits (event stream) for the first result of `task`.
     pub async fn first_result_event(&self, task: Uuid) -> Result<TaskResult, Failure> {
-        let req =
-            self.get(&format!("/v1/tasks/{task}/results?wait_count=1")).header(header::ACCEPT, "text/event-stream");
-        let mut events = Events::new(Self::expect(req, &[200]).await?);
-        while let Some((event, data)) = events.next().await? {
-            if event == "new_result" {
-                return serde_json::from_str(&data).map_err(|_| "malformed".into());
+        Ok(self.result_events(task, 1).await?.pop().expect("one result"))
+    }
+
+    /// Reads `task`'s result stream until results from `count` different apps arrived.
+    pub async fn result_events(&self, task: Uuid, count: usize) -> Result<Vec<TaskResult>, Failure> {
+        let mut events = self.result_stream(task, None, &format!("wait_count={count}")).await?;
+        let mut results: Vec<TaskResult> = Vec::with_capacity(count);
+        while let Some(event) = events.next().await? {
+            if event.event == "new_result" {
+                let result: TaskResult = serde_json::from_str(&event.data).map_err(|_| "malformed")?;
+                results.retain(|r| r.from != result.from);
+                results.push(result);
+                if results.len() >= count {
+                    return Ok(results);
+                }
             }
         }
         Err("no_result".into())
     }
+
+    /// `task`'s result event stream with long-poll parameters (`wait_count=1`, `wait_time=60s`:
+    /// without either it ends at once), resumed after `last_event_id` when given.
+    pub async fn result_stream(&self, task: Uuid, last_event_id: Option<&str>, wait: &str) -> Result<Events, Failure> {
+        let mut req = self.get(&format!("/v1/tasks/{task}/results?{wait}")).header(header::ACCEPT, "text/event-stream");
+        if let Some(id) = last_event_id {
+            req = req.header("last-event-id", id);
+        }
+        Ok(Events::new(Self::expect(req, &[200]).await?))
+    }
 }
 
-/// A Server-Sent Events reader: `(event, data)` per event; comments are skipped.
+/// One Server-Sent Event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub event: String,
+    pub id: Option<String>,
+    pub data: String,
+}
+
+/// A Server-Sent Events reader; comments are skipped.
 pub struct Events {
     body: futures_util::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
     buf: Vec<u8>,
+    /// How much of `buf` is known to hold no block end, so a large event is scanned once.
+    scanned: usize,
 }
 
 impl Events {
     fn new(res: Response) -> Self {
-        Self { body: res.bytes_stream().boxed(), buf: Vec::new() }
+        Self { body: res.bytes_stream().boxed(), buf: Vec::new(), scanned: 0 }
     }
 
     /// The next event; `None` at the end of the stream.
-    pub async fn next(&mut self) -> Result<Option<(String, String)>, Failure> {
+    pub async fn next(&mut self) -> Result<Option<Event>, Failure> {
         loop {
-            if let Some(end) = self.buf.windows(2).position(|w| w == b"\n\n") {
+            let from = self.scanned.saturating_sub(1);
+            if let Some(end) = self.buf[from..].windows(2).position(|w| w == b"\n\n").map(|at| from + at) {
                 let block: Vec<u8> = self.buf.drain(..end + 2).collect();
+                self.scanned = 0;
                 if let Some(event) = parse_event(&String::from_utf8_lossy(&block)) {
                     return Ok(Some(event));
                 }
                 continue;
             }
+            self.scanned = self.buf.len();
             match self.body.next().await {
                 Some(Ok(chunk)) => self.buf.extend_from_slice(&chunk),
                 Some(Err(e)) => return Err(failure(e)),
@@ -153,13 +198,15 @@ impl Events {
     }
 }
 
-/// One SSE block → `(event, data)`; `None` for a comment-only block.
-pub fn parse_event(block: &str) -> Option<(String, String)> {
-    let (mut event, mut data, mut any) = ("message".to_owned(), String::new(), false);
+/// One SSE block → its event; `None` for a comment-only block.
+pub fn parse_event(block: &str) -> Option<Event> {
+    let (mut event, mut id, mut data, mut any) = ("message".to_owned(), None, String::new(), false);
     for line in block.lines() {
         if let Some(v) = line.strip_prefix("event:") {
             event = v.trim().to_owned();
             any = true;
+        } else if let Some(v) = line.strip_prefix("id:") {
+            id = Some(v.trim().to_owned());
         } else if let Some(v) = line.strip_prefix("data:") {
             if !data.is_empty() {
                 data.push('\n');
@@ -168,20 +215,18 @@ pub fn parse_event(block: &str) -> Option<(String, String)> {
             any = true;
         }
     }
-    any.then_some((event, data))
+    any.then_some(Event { event, id, data })
 }
 
 #[cfg(test)]
 mod tests {
-    use super::parse_event;
+    use super::{parse_event, Event};
 
     #[test]
     fn sse_blocks() {
-        assert_eq!(
-            parse_event("event: new_task\nid: 7\ndata: {\"a\":1}\n\n"),
-            Some(("new_task".into(), "{\"a\":1}".into()))
-        );
+        let event = |e: &str, id: Option<&str>, d: &str| Some(Event { event: e.into(), id: id.map(Into::into), data: d.into() });
+        assert_eq!(parse_event("event: new_task\nid: 7\ndata: {\"a\":1}\n\n"), event("new_task", Some("7"), "{\"a\":1}"));
         assert_eq!(parse_event(": keep-alive\n\n"), None);
-        assert_eq!(parse_event("data: a\ndata: b\n\n"), Some(("message".into(), "a\nb".into())));
+        assert_eq!(parse_event("data: a\ndata: b\n\n"), event("message", None, "a\nb"));
     }
 }

@@ -8,6 +8,10 @@
 #![forbid(unsafe_code)]
 
 pub mod cli;
+pub mod memory;
+pub mod network;
+pub mod report;
+pub mod svg;
 pub mod client;
 pub mod scenario;
 pub mod stats;

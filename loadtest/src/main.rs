@@ -1,28 +1,44 @@
-//! `photon-loadtest`: parse the flags, run one scenario with live progress, print and save the
-//! JSON summary.
+//! `photon-loadtest`: run one scenario with live progress against a given network or one it
+//! starts itself, print and save the JSON summary; or turn saved summaries into an HTML report.
 
-use std::{io::Write, process::ExitCode, sync::Arc, time::Duration};
+use std::{
+    io::Write,
+    path::PathBuf,
+    process::ExitCode,
+    sync::{atomic::AtomicBool, Arc},
+    time::Duration,
+};
 
 use anyhow::Context;
 use clap::Parser;
 use photon_loadtest::{
-    cli::{Cli, Run, Scenario},
+    cli::{Cli, Command, Network as Where, ReportArgs, Run, Scenario},
     client::App,
-    scenario,
-    stats::Recorder,
+    memory::Sampler,
+    network::{self, Network, Spec},
+    report,
+    scenario::{self, Ctx},
+    stats::{Recorder, Summary},
+    target::Target,
 };
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let run = match cli.validate() {
-        Ok(run) => run,
-        Err(e) => {
-            eprintln!("photon-loadtest: {e}");
-            return ExitCode::from(2);
-        }
+    let outcome = match &cli.command {
+        Command::Report(args) => write_report(args),
+        Command::Run(args) => match args.validate() {
+            Ok(run) => {
+                let runtime =
+                    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a tokio runtime");
+                runtime.block_on(execute(args.out.clone(), args.quiet, run))
+            }
+            Err(e) => {
+                eprintln!("photon-loadtest: {e}");
+                return ExitCode::from(2);
+            }
+        },
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a tokio runtime");
-    match runtime.block_on(execute(&cli, run)) {
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("photon-loadtest: {e:#}");
@@ -31,34 +47,105 @@ fn main() -> ExitCode {
     }
 }
 
-async fn execute(cli: &Cli, run: Run) -> anyhow::Result<()> {
+fn write_report(args: &ReportArgs) -> anyhow::Result<()> {
+    let mut summaries = Vec::new();
+    for path in &args.inputs {
+        let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+        summaries.extend(report::parse_lines(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?);
+    }
+    std::fs::write(&args.output, report::render(&args.title, &summaries))
+        .with_context(|| args.output.display().to_string())?;
+    eprintln!("wrote {} ({} runs)", args.output.display(), summaries.len());
+    Ok(())
+}
+
+/// A network the tool started for this run, in a scratch directory removed afterwards.
+struct Started {
+    net: Network,
+    dir: PathBuf,
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        self.net.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Starts a fresh dev-shaped network on free ports, with the fanout's extra worker apps.
+fn start_network(bin_dir: Option<PathBuf>, extra_apps: &[String]) -> anyhow::Result<Started> {
+    let bin_dir = bin_dir.or_else(network::own_bin_dir).context("cannot tell where the binaries are: pass --bin-dir")?;
+    let dir = std::env::temp_dir().join(format!("photon-loadtest-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| dir.display().to_string())?;
+    let addrs = [network::free_addr()?, network::free_addr()?, network::free_addr()?];
+    let mut spec = Spec::dev(bin_dir, dir.join("pki"), addrs, extra_apps);
+    spec.logs = Some(dir.clone());
+    spec.env.push(("RUST_LOG".into(), "warn".into()));
+    let net = Network::start(spec, &AtomicBool::new(false)).context("starting the local network")?;
+    Ok(Started { net, dir })
+}
+
+async fn execute(out: Option<PathBuf>, quiet: bool, run: Run) -> anyhow::Result<()> {
+    let (target, broker_url, pids, started) = match run.network.clone() {
+        Where::Given { target, broker_url, pids } => (target, broker_url, pids, None),
+        Where::Start { bin_dir } => {
+            let extra: Vec<String> = if run.scenario == Scenario::Fanout {
+                (1..run.plan.recipients).map(|i| format!("fan{i}")).collect()
+            } else {
+                Vec::new()
+            };
+            let started = tokio::task::spawn_blocking(move || start_network(bin_dir, &extra)).await??;
+            let spec = &started.net.spec;
+            let url = |i: usize| format!("http://{}", spec.proxies[i].addr);
+            let extra: Vec<String> = spec.proxies[1].apps[1..].to_vec();
+            let target = Target::dev_at(&url(0), &url(1), &extra);
+            (target, Some(spec.broker_url()), started.net.pids(), Some(started))
+        }
+    };
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(run.plan.clients.max(16))
         .tcp_nodelay(true)
         .build()
         .context("HTTP client")?;
-    let creator = Arc::new(App::new(http.clone(), run.target.creator.clone()).map_err(anyhow::Error::msg)?);
-    let worker = Arc::new(App::new(http.clone(), run.target.worker.clone()).map_err(anyhow::Error::msg)?);
-    for app in [&creator, &worker] {
-        let health = http.get(format!("{}/v1/health", app.endpoint.url)).send().await;
-        health.with_context(|| {
-            format!("{} does not answer; start the dev network with `cargo xtask dev`", app.endpoint.url)
-        })?;
+    let app = |e| App::new(http.clone(), e).map(Arc::new).map_err(anyhow::Error::msg);
+    let creator = app(target.creator.clone())?;
+    let workers = target.workers.iter().cloned().map(app).collect::<anyhow::Result<Vec<_>>>()?;
+    for url in std::iter::once(&creator).chain(&workers).map(|a| &a.endpoint.url) {
+        http.get(format!("{url}/v1/health")).send().await.with_context(|| format!("{url} does not answer"))?;
     }
+    let memory = (!pids.is_empty()).then(|| Arc::new(Sampler::start(&pids)));
     let rec = Arc::new(Recorder::new());
-    let progress = (!cli.quiet).then(|| progress(rec.clone(), run.plan.count));
+    let ctx = Ctx { creator, workers, plan: run.plan.clone(), rec: rec.clone(), broker_url, memory: memory.clone(), http };
+    let planned = match run.scenario {
+        Scenario::Sse | Scenario::Waiters => run.plan.count.saturating_mul(run.plan.clients as u64),
+        _ => run.plan.count,
+    };
+    let progress = (!quiet).then(|| progress(rec.clone(), planned));
     match run.scenario {
-        Scenario::Create => scenario::create(creator, &worker, &run.plan, rec.clone()).await,
-        Scenario::Roundtrip => scenario::roundtrip(creator, worker, &run.plan, rec.clone()).await,
+        Scenario::Create => scenario::create(&ctx).await,
+        Scenario::Roundtrip | Scenario::Large => scenario::roundtrip(&ctx, false).await,
+        Scenario::Fanout => scenario::roundtrip(&ctx, true).await,
+        Scenario::Soak => scenario::soak(&ctx).await,
+        Scenario::Sse => scenario::sse(&ctx).await,
+        Scenario::Waiters => scenario::waiters(&ctx).await,
+        Scenario::Expiry => scenario::expiry(&ctx).await,
     }
     if let Some((bar, ticker)) = progress {
         ticker.abort();
         bar.finish_and_clear();
     }
-    let summary = rec.summary(name(run.scenario), serde_json::to_value(&run.plan)?);
-    let line = serde_json::to_string(&summary)?;
+    let mut summary = rec.summary(run.scenario.name(), serde_json::to_value(&run.plan)?);
+    if let Some(memory) = memory {
+        summary.memory = memory.finish();
+    }
+    drop(started);
+    emit(&summary, out)
+}
+
+fn emit(summary: &Summary, out: Option<PathBuf>) -> anyhow::Result<()> {
+    let line = serde_json::to_string(summary)?;
     println!("{line}");
-    if let Some(path) = &cli.out {
+    if let Some(path) = &out {
         let mut file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -78,14 +165,13 @@ async fn execute(cli: &Cli, run: Run) -> anyhow::Result<()> {
         l.map_or(0.0, |l| l.p99),
         l.map_or(0.0, |l| l.max),
     );
-    Ok(())
-}
-
-fn name(s: Scenario) -> &'static str {
-    match s {
-        Scenario::Create => "create",
-        Scenario::Roundtrip => "roundtrip",
+    if !summary.figures.is_empty() {
+        eprintln!("  {}", serde_json::to_string(&summary.figures)?);
     }
+    for (name, m) in &summary.memory {
+        eprintln!("  {name}: rss {} → {} KiB, peak {} KiB", m.start_kib, m.end_kib, m.peak_kib);
+    }
+    Ok(())
 }
 
 /// A progress bar on stderr: done of planned, rate, errors, elapsed.

@@ -1,6 +1,7 @@
 //! What a run measures: every operation's latency (an HDR histogram in microseconds, 3
 //! significant digits, up to an hour), errors by status, and successes per second of the run
-//! (throughput over time). [`Summary`] is the JSON line a run ends with.
+//! (throughput over time), and figures particular to a scenario. [`Summary`] is the JSON line a
+//! run ends with; the report reads it back.
 
 use std::{
     collections::BTreeMap,
@@ -10,17 +11,20 @@ use std::{
 
 use hdrhistogram::Histogram;
 use parking_lot::Mutex;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+
+use crate::memory::Memory;
 
 /// Shared by every client of a run.
 pub struct Recorder {
-    started: Instant,
+    started: Mutex<Instant>,
     latency_us: Mutex<Histogram<u64>>,
     errors: Mutex<BTreeMap<String, u64>>,
     /// Successes per whole second since the start.
     per_second: Mutex<Vec<u64>>,
     ok: AtomicU64,
     failed: AtomicU64,
+    figures: Mutex<BTreeMap<String, serde_json::Value>>,
 }
 
 impl Default for Recorder {
@@ -32,12 +36,13 @@ impl Default for Recorder {
 impl Recorder {
     pub fn new() -> Self {
         Self {
-            started: Instant::now(),
+            started: Mutex::new(Instant::now()),
             latency_us: Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds")),
             errors: Mutex::default(),
             per_second: Mutex::default(),
             ok: AtomicU64::new(0),
             failed: AtomicU64::new(0),
+            figures: Mutex::default(),
         }
     }
 
@@ -45,7 +50,7 @@ impl Recorder {
     pub fn ok(&self, latency: Duration) {
         let us = (latency.as_micros() as u64).clamp(1, 3_600_000_000);
         self.latency_us.lock().record(us).expect("clamped into the histogram's range");
-        let second = self.started.elapsed().as_secs() as usize;
+        let second = self.elapsed().as_secs() as usize;
         let mut per_second = self.per_second.lock();
         if per_second.len() <= second {
             per_second.resize(second + 1, 0);
@@ -62,6 +67,11 @@ impl Recorder {
         self.failed.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A figure particular to the scenario, e.g. `events_lost` or `woken_max_ms`.
+    pub fn figure(&self, name: &str, value: impl Into<serde_json::Value>) {
+        self.figures.lock().insert(name.to_owned(), value.into());
+    }
+
     pub fn n_ok(&self) -> u64 {
         self.ok.load(Ordering::Relaxed)
     }
@@ -71,7 +81,13 @@ impl Recorder {
     }
 
     pub fn elapsed(&self) -> Duration {
-        self.started.elapsed()
+        self.started.lock().elapsed()
+    }
+
+    /// Starts the clock again, for scenarios with a set-up that is not part of the measurement
+    /// (opening streams, registering waiters). Call it before the first operation is recorded.
+    pub fn restart(&self) {
+        *self.started.lock() = Instant::now();
     }
 
     /// The run's summary so far.
@@ -87,6 +103,11 @@ impl Recorder {
             max: ms(h.max()),
             mean: h.mean() / 1e3,
         });
+        let distribution = if h.is_empty() {
+            Vec::new()
+        } else {
+            DISTRIBUTION.iter().map(|&p| (p, ms(h.value_at_quantile(p / 100.0)))).collect()
+        };
         let ok = self.n_ok();
         Summary {
             scenario: scenario.to_owned(),
@@ -97,12 +118,19 @@ impl Recorder {
             per_s: if elapsed > 0.0 { ok as f64 / elapsed } else { 0.0 },
             latency_ms: latency,
             per_second: self.per_second.lock().clone(),
+            distribution,
+            figures: self.figures.lock().clone(),
+            memory: BTreeMap::new(),
         }
     }
 }
 
+/// The percentiles of the latency distribution a summary keeps (and the report draws).
+const DISTRIBUTION: [f64; 16] =
+    [0.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.5, 99.9, 99.95, 99.99, 99.995, 99.999, 99.9999, 100.0];
+
 /// Latency percentiles in milliseconds.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Latency {
     pub p50: f64,
     pub p90: f64,
@@ -113,7 +141,7 @@ pub struct Latency {
 }
 
 /// A run's result, written as one JSON line.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
     pub scenario: String,
     /// The scenario's parameters (clients, count, body size …).
@@ -129,6 +157,15 @@ pub struct Summary {
     pub latency_ms: Option<Latency>,
     /// Successes in each second of the run.
     pub per_second: Vec<u64>,
+    /// `(percentile, ms)` from 0 to 100.
+    #[serde(default)]
+    pub distribution: Vec<(f64, f64)>,
+    /// Figures particular to the scenario.
+    #[serde(default)]
+    pub figures: BTreeMap<String, serde_json::Value>,
+    /// Each sampled process's memory, by name (`broker`, `proxy1.broker`, …).
+    #[serde(default)]
+    pub memory: BTreeMap<String, Memory>,
 }
 
 #[cfg(test)]
@@ -157,6 +194,9 @@ mod tests {
         assert_eq!(s.ok, 1000);
         assert_eq!(s.errors, BTreeMap::from([("503".to_string(), 2), ("timeout".to_string(), 1)]));
         assert_eq!(s.per_second.iter().sum::<u64>(), 1000);
+        let median = s.distribution.iter().find(|(p, _)| *p == 50.0).unwrap().1;
+        assert!(close(median, 500.0) && s.distribution.last().unwrap().0 == 100.0, "{:?}", s.distribution);
+        assert!(s.distribution.windows(2).all(|w| w[0].1 <= w[1].1), "monotonic");
     }
 
     #[test]

@@ -14,33 +14,31 @@ pub struct Endpoint {
     pub key: String,
 }
 
-/// The apps a scenario uses: the creator sends tasks, the worker answers them.
+/// The apps a scenario uses: the creator sends tasks, the workers answer them (most scenarios
+/// use the first; fanout sends each task to all).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
     pub creator: Endpoint,
-    pub worker: Endpoint,
+    pub workers: Vec<Endpoint>,
 }
 
 impl Target {
     /// The local dev network of API.md (`cargo xtask dev`).
     pub fn dev() -> Self {
-        Self {
-            creator: Endpoint {
-                url: "http://127.0.0.1:8081".into(),
-                app: "app1.proxy1.broker".into(),
-                key: "App1Secret".into(),
-            },
-            worker: Endpoint {
-                url: "http://127.0.0.1:8082".into(),
-                app: "app2.proxy2.broker".into(),
-                key: "App1Secret".into(),
-            },
-        }
+        Self::dev_at("http://127.0.0.1:8081", "http://127.0.0.1:8082", &[])
+    }
+
+    /// The dev network's apps at other URLs, with `extra` more worker apps on the second proxy.
+    pub fn dev_at(proxy1: &str, proxy2: &str, extra: &[String]) -> Self {
+        let at = |url: &str, app: &str| Endpoint { url: url.into(), app: app.into(), key: crate::network::DEV_KEY.into() };
+        let mut workers = vec![at(proxy2, "app2.proxy2.broker")];
+        workers.extend(extra.iter().map(|a| at(proxy2, &format!("{a}.proxy2.broker"))));
+        Self { creator: at(proxy1, "app1.proxy1.broker"), workers }
     }
 
     /// Refuses URLs that are not `http(s)://` or (without `allow_remote`) not loopback.
     pub fn check(&self, allow_remote: bool) -> Result<(), String> {
-        for (role, e) in [("creator", &self.creator), ("worker", &self.worker)] {
+        for (role, e) in std::iter::once(("creator", &self.creator)).chain(self.workers.iter().map(|w| ("worker", w))) {
             let host = host_of(&e.url).ok_or_else(|| format!("{role} URL {:?} is not an http(s) URL", e.url))?;
             if !allow_remote && !is_loopback(&host) {
                 return Err(format!(
@@ -74,7 +72,7 @@ mod tests {
 
     fn at(url: &str) -> Target {
         let mut t = Target::dev();
-        t.worker.url = url.into();
+        t.workers[0].url = url.into();
         t
     }
 

@@ -1,24 +1,25 @@
 //! Developer commands, run as `cargo xtask <command>`:
 //! - `dev`: build and start the local network (broker + two proxies with API.md's dev defaults),
-//!   making the CA, keys and certificates in `.dev/` on first start and reusing them after.
+//!   making the CA, keys and certificates in `.dev/` on first start and reusing them after
+//!   (`photon_loadtest::network`, which the loadtest also uses to start networks of its own).
 
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Command, ExitCode},
+    process::{Command, ExitCode},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
     },
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{bail, Context, Result};
+use photon_loadtest::network::{Network, Spec, BROKER_ID, DEV_KEY};
 
-const BROKER_ID: &str = "broker";
 const BROKER_ADDR: &str = "127.0.0.1:8080";
-const PROXIES: [(&str, &str, &str); 2] = [("proxy1", "127.0.0.1:8081", "app1"), ("proxy2", "127.0.0.1:8082", "app2")];
-const DEV_KEY: &str = "App1Secret";
+const PROXY1_ADDR: &str = "127.0.0.1:8081";
+const PROXY2_ADDR: &str = "127.0.0.1:8082";
 /// The monitoring endpoints' password in the dev network (`curl -u :DevMonitor ...`).
 const DEV_MONITORING_KEY: &str = "DevMonitor";
 
@@ -44,14 +45,6 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
 }
 
-fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd.status().with_context(|| format!("cannot run {cmd:?}"))?;
-    if !status.success() {
-        bail!("{cmd:?} failed: {status}");
-    }
-    Ok(())
-}
-
 fn dev(release: bool) -> Result<()> {
     let root = root();
     let profile = if release { "release" } else { "debug" };
@@ -60,102 +53,34 @@ fn dev(release: bool) -> Result<()> {
     if release {
         build.arg("--release");
     }
-    run(&mut build)?;
-    let bin = |name: &str| root.join("target").join(profile).join(name);
-    let broker_url = format!("http://{BROKER_ADDR}");
-    let pki = root.join(".dev").join("pki");
-
-    if !pki.join("root.key").exists() {
-        println!("making the dev CA in {}", pki.display());
-        run(Command::new(bin("photon-broker"))
-            .args(["ca", "init", "--broker-url", &broker_url, "--broker-id", BROKER_ID])
-            .arg("--dir")
-            .arg(&pki))?;
+    let status = build.status().context("cannot run cargo build")?;
+    if !status.success() {
+        bail!("cargo build failed: {status}");
     }
-    for (name, _, _) in PROXIES {
-        let proxy_id = format!("{name}.{BROKER_ID}");
-        let key = pki.join(format!("{proxy_id}.priv.pem"));
-        if !key.exists() || !pki.join("certs").join(format!("{proxy_id}.crt")).exists() {
-            run(Command::new(bin("photon-proxy")).args(["keygen", "--proxy-id", &proxy_id]).arg("--out").arg(&pki))?;
-            let csr = pki.join(format!("{proxy_id}.csr.pem"));
-            run(Command::new(bin("photon-broker"))
-                .args(["ca", "sign", "--broker-url", &broker_url, "--broker-id", BROKER_ID])
-                .arg("--dir")
-                .arg(&pki)
-                .arg("--csr")
-                .arg(&csr))?;
-        }
-    }
-
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst)).context("cannot install the Ctrl-C handler")?;
 
-    let mut children: Vec<(String, Child)> = Vec::new();
-    let outcome = (|| -> Result<()> {
-        let broker = Command::new(bin("photon-broker"))
-            .env("BIND_ADDR", BROKER_ADDR)
-            .env("BROKER_URL", &broker_url)
-            .env("BROKER_ID", BROKER_ID)
-            .env("PKI_DIR", &pki)
-            .env("MONITORING_API_KEY", DEV_MONITORING_KEY)
-            .spawn()
-            .context("cannot start photon-broker")?;
-        children.push(("broker".into(), broker));
-        wait_healthy(BROKER_ADDR, &stop)?;
-        for (name, addr, app) in PROXIES {
-            let proxy_id = format!("{name}.{BROKER_ID}");
-            let child = Command::new(bin("photon-proxy"))
-                .env("BIND_ADDR", addr)
-                .env("BROKER_URL", &broker_url)
-                .env("BROKER_ID", BROKER_ID)
-                .env("PROXY_ID", &proxy_id)
-                .env("PRIVKEY_FILE", pki.join(format!("{proxy_id}.priv.pem")))
-                .env("ROOTCERT_FILE", pki.join("root.crt"))
-                .env(format!("APP_{app}_KEY"), DEV_KEY)
-                .spawn()
-                .with_context(|| format!("cannot start photon-proxy for {proxy_id}"))?;
-            children.push((proxy_id, child));
-        }
-        for (_, addr, _) in PROXIES {
-            wait_healthy(addr, &stop)?;
-        }
-        print_banner();
-        while !stop.load(Ordering::SeqCst) {
-            for (name, child) in children.iter_mut() {
-                if let Some(status) = child.try_wait()? {
-                    bail!("{name} exited: {status}");
-                }
-            }
-            thread::sleep(Duration::from_millis(200));
-        }
-        Ok(())
-    })();
-    // Graceful: the proxies first (they say goodbye to the broker), then the broker.
-    for (_, child) in children.iter_mut().rev() {
-        let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
-        let _ = child.wait();
+    let addrs = [BROKER_ADDR, PROXY1_ADDR, PROXY2_ADDR].map(String::from);
+    let mut spec = Spec::dev(root.join("target").join(profile), root.join(".dev").join("pki"), addrs, &[]);
+    spec.monitoring_key = Some(DEV_MONITORING_KEY.into());
+    if !spec.pki.join("root.key").exists() {
+        println!("making the dev CA in {}", spec.pki.display());
     }
-    println!("dev network stopped");
-    outcome
-}
-
-fn wait_healthy(addr: &str, stop: &AtomicBool) -> Result<()> {
-    use std::io::{Read, Write};
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline && !stop.load(Ordering::SeqCst) {
-        if let Ok(mut s) = std::net::TcpStream::connect(addr) {
-            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-            let _ = write!(s, "GET /v1/health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-            let mut answer = String::new();
-            let _ = s.read_to_string(&mut answer);
-            if answer.starts_with("HTTP/1.1 200") {
-                return Ok(());
-            }
+    let mut net = Network::start(spec, &stop)?;
+    print_banner();
+    let outcome = loop {
+        if stop.load(Ordering::SeqCst) {
+            break Ok(());
+        }
+        if let Some(exit) = net.exited()? {
+            break Err(anyhow::anyhow!(exit));
         }
         thread::sleep(Duration::from_millis(200));
-    }
-    bail!("{addr} did not become healthy")
+    };
+    net.stop();
+    println!("dev network stopped");
+    outcome
 }
 
 fn print_banner() {
