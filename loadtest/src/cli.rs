@@ -180,7 +180,8 @@ const MAX_WAIT: Duration = Duration::from_secs(7 * 86_400);
 
 impl RunArgs {
     pub fn validate(&self) -> Result<Run, String> {
-        let duration = photon::wire::parse_duration(&self.duration, MAX_WAIT).map_err(|e| format!("--duration: {e}"))?;
+        let duration =
+            photon::wire::parse_duration(&self.duration, MAX_WAIT).map_err(|e| format!("--duration: {e}"))?;
         if duration.is_zero() || self.count == 0 || self.clients == 0 {
             return Err("--clients, --count and --duration must be more than 0".into());
         }
@@ -191,7 +192,8 @@ impl RunArgs {
         if !(2..=64 * 1024 * 1024).contains(&body_bytes) {
             return Err("--body-bytes: from 2 (an empty JSON string) to 64 MiB".into());
         }
-        let ttl = self.ttl.clone().unwrap_or_else(|| if self.scenario == Scenario::Expiry { "5s" } else { "5m" }.into());
+        let ttl =
+            self.ttl.clone().unwrap_or_else(|| if self.scenario == Scenario::Expiry { "5s" } else { "5m" }.into());
         photon::wire::parse_duration(&ttl, MAX_WAIT).map_err(|e| format!("--ttl: {e}"))?;
         if !(self.rate > 0.0 && self.rate <= 1e6) {
             return Err("--rate: more than 0 and at most 1000000 per second".into());
@@ -202,13 +204,19 @@ impl RunArgs {
         let network = match (&self.creator_url, &self.worker_url) {
             (None, None) => {
                 if !self.pids.is_empty() || self.broker_url.is_some() {
-                    return Err("--pid and --broker-url describe a given network: add --creator-url and --worker-url".into());
+                    return Err(
+                        "--pid and --broker-url describe a given network: add --creator-url and --worker-url".into()
+                    );
                 }
                 Network::Start { bin_dir: self.bin_dir.clone() }
             }
             (Some(creator), Some(worker)) => {
                 let target = Target {
-                    creator: Endpoint { url: trim(creator), app: self.creator_app.clone(), key: self.creator_key.clone() },
+                    creator: Endpoint {
+                        url: trim(creator),
+                        app: self.creator_app.clone(),
+                        key: self.creator_key.clone(),
+                    },
                     workers: self
                         .worker_app
                         .iter()
@@ -266,12 +274,18 @@ mod tests {
         assert_eq!(run.scenario, Scenario::Create);
         assert_eq!(run.network, Network::Start { bin_dir: None });
         assert_eq!((run.plan.clients, run.plan.count, run.plan.body_bytes), (1, 10_000, 100));
-        assert_eq!((run.plan.duration, run.plan.ttl.as_str(), run.plan.recipients), (Duration::from_secs(10), "5m", 10));
+        assert_eq!(
+            (run.plan.duration, run.plan.ttl.as_str(), run.plan.recipients),
+            (Duration::from_secs(10), "5m", 10)
+        );
     }
 
     #[test]
     fn a_given_network_is_the_dev_one_by_default() {
-        let run = parse(&[&["create"][..], &GIVEN, &["--pid", "broker=42", "--broker-url", "http://127.0.0.1:8080"]].concat()).unwrap();
+        let run = parse(
+            &[&["create"][..], &GIVEN, &["--pid", "broker=42", "--broker-url", "http://127.0.0.1:8080"]].concat(),
+        )
+        .unwrap();
         let Network::Given { target, broker_url, pids } = run.network else { panic!("given") };
         assert_eq!(target, Target::dev());
         assert_eq!(broker_url.as_deref(), Some("http://127.0.0.1:8080"));
@@ -290,7 +304,9 @@ mod tests {
         assert_eq!(parse(&["large", "--body-bytes", "10485760"]).unwrap().plan.body_bytes, 10 << 20);
         assert_eq!(parse(&["expiry"]).unwrap().plan.ttl, "5s");
         assert_eq!(parse(&["soak", "--rate", "50", "--ttl", "1m"]).unwrap().plan.rate, 50.0);
-        let fan = parse(&[&GIVEN[..], &["fanout", "--worker-app", "a.proxy2.broker", "--worker-app", "b.proxy2.broker"]].concat());
+        let fan = parse(
+            &[&GIVEN[..], &["fanout", "--worker-app", "a.proxy2.broker", "--worker-app", "b.proxy2.broker"]].concat(),
+        );
         assert_eq!(fan.unwrap().plan.recipients, 2);
     }
 
@@ -308,7 +324,8 @@ mod tests {
         assert!(parse(&["create", "--creator-url", "http://127.0.0.1:1"]).unwrap_err().contains("both"));
         let remote = parse(&["create", "--creator-url", "http://127.0.0.1:1", "--worker-url", "http://10.1.1.1:8082"]);
         assert!(remote.unwrap_err().contains("--allow-remote"));
-        let allowed = ["create", "--creator-url", "http://127.0.0.1:1", "--worker-url", "http://10.1.1.1:8082", "--allow-remote"];
+        let allowed =
+            ["create", "--creator-url", "http://127.0.0.1:1", "--worker-url", "http://10.1.1.1:8082", "--allow-remote"];
         assert!(parse(&allowed).is_ok());
     }
 

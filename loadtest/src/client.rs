@@ -224,8 +224,13 @@ mod tests {
 
     #[test]
     fn sse_blocks() {
-        let event = |e: &str, id: Option<&str>, d: &str| Some(Event { event: e.into(), id: id.map(Into::into), data: d.into() });
-        assert_eq!(parse_event("event: new_task\nid: 7\ndata: {\"a\":1}\n\n"), event("new_task", Some("7"), "{\"a\":1}"));
+        let event = |e: &str, id: Option<&str>, d: &str| {
+            Some(Event { event: e.into(), id: id.map(Into::into), data: d.into() })
+        };
+        assert_eq!(
+            parse_event("event: new_task\nid: 7\ndata: {\"a\":1}\n\n"),
+            event("new_task", Some("7"), "{\"a\":1}")
+        );
         assert_eq!(parse_event(": keep-alive\n\n"), None);
         assert_eq!(parse_event("data: a\ndata: b\n\n"), event("message", None, "a\nb"));
     }

@@ -8,11 +8,11 @@
 #![forbid(unsafe_code)]
 
 pub mod cli;
+pub mod client;
 pub mod memory;
 pub mod network;
 pub mod report;
-pub mod svg;
-pub mod client;
 pub mod scenario;
 pub mod stats;
+pub mod svg;
 pub mod target;

@@ -74,7 +74,8 @@ impl Drop for Started {
 
 /// Starts a fresh dev-shaped network on free ports, with the fanout's extra worker apps.
 fn start_network(bin_dir: Option<PathBuf>, extra_apps: &[String]) -> anyhow::Result<Started> {
-    let bin_dir = bin_dir.or_else(network::own_bin_dir).context("cannot tell where the binaries are: pass --bin-dir")?;
+    let bin_dir =
+        bin_dir.or_else(network::own_bin_dir).context("cannot tell where the binaries are: pass --bin-dir")?;
     let dir = std::env::temp_dir().join(format!("photon-loadtest-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| dir.display().to_string())?;
     let addrs = [network::free_addr()?, network::free_addr()?, network::free_addr()?];
@@ -115,7 +116,8 @@ async fn execute(out: Option<PathBuf>, quiet: bool, run: Run) -> anyhow::Result<
     }
     let memory = (!pids.is_empty()).then(|| Arc::new(Sampler::start(&pids)));
     let rec = Arc::new(Recorder::new());
-    let ctx = Ctx { creator, workers, plan: run.plan.clone(), rec: rec.clone(), broker_url, memory: memory.clone(), http };
+    let ctx =
+        Ctx { creator, workers, plan: run.plan.clone(), rec: rec.clone(), broker_url, memory: memory.clone(), http };
     let planned = match run.scenario {
         Scenario::Sse | Scenario::Waiters => run.plan.count.saturating_mul(run.plan.clients as u64),
         _ => run.plan.count,

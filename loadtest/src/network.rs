@@ -106,7 +106,10 @@ fn make_pki(spec: &Spec) -> Result<()> {
         let proxy_id = format!("{}.{BROKER_ID}", p.name);
         let key = pki.join(format!("{proxy_id}.priv.pem"));
         if !key.exists() || !pki.join("certs").join(format!("{proxy_id}.crt")).exists() {
-            run(Command::new(spec.bin("photon-proxy")).args(["keygen", "--proxy-id", &proxy_id]).arg("--out").arg(pki))?;
+            run(Command::new(spec.bin("photon-proxy"))
+                .args(["keygen", "--proxy-id", &proxy_id])
+                .arg("--out")
+                .arg(pki))?;
             run(Command::new(spec.bin("photon-broker"))
                 .args(["ca", "sign", "--broker-url", &broker_url, "--broker-id", BROKER_ID])
                 .arg("--dir")
@@ -124,7 +127,10 @@ impl Network {
     pub fn start(spec: Spec, cancel: &AtomicBool) -> Result<Self> {
         for bin in ["photon-broker", "photon-proxy"] {
             if !spec.bin(bin).exists() {
-                bail!("{} is missing: build it with `cargo build --release -j2 --workspace --bins`", spec.bin(bin).display());
+                bail!(
+                    "{} is missing: build it with `cargo build --release -j2 --workspace --bins`",
+                    spec.bin(bin).display()
+                );
             }
         }
         std::fs::create_dir_all(&spec.pki).with_context(|| spec.pki.display().to_string())?;

@@ -106,7 +106,9 @@ fn run_section(html: &mut String, i: usize, s: &Summary) {
         row(&format!("errors: {status}"), n.to_string());
     }
     if let Some(l) = &s.latency_ms {
-        for (k, v) in [("p50", l.p50), ("p90", l.p90), ("p99", l.p99), ("p99.9", l.p999), ("max", l.max), ("mean", l.mean)] {
+        for (k, v) in
+            [("p50", l.p50), ("p90", l.p90), ("p99", l.p99), ("p99.9", l.p999), ("max", l.max), ("mean", l.mean)]
+        {
             row(&format!("latency {k}"), format!("{} ms", ms(v)));
         }
     }
@@ -150,13 +152,8 @@ fn run_section(html: &mut String, i: usize, s: &Summary) {
                 points: m.series.iter().map(|(t, kib)| (*t, *kib as f64 / 1024.0)).collect(),
             })
             .collect();
-        let chart = Chart {
-            title: "Resident memory",
-            x_label: "seconds",
-            y_label: "MiB",
-            x_scale: XScale::Linear,
-            series,
-        };
+        let chart =
+            Chart { title: "Resident memory", x_label: "seconds", y_label: "MiB", x_scale: XScale::Linear, series };
         html.push_str(&chart.render());
     }
     html.push_str("</div></section>");
@@ -176,7 +173,8 @@ mod tests {
         }
         rec.error("503");
         rec.figure("events_lost", 0);
-        let mut s = rec.summary(scenario, serde_json::json!({"clients": 64, "count": 200, "body_bytes": 1 << 20, "via": "sse"}));
+        let mut s = rec
+            .summary(scenario, serde_json::json!({"clients": 64, "count": 200, "body_bytes": 1 << 20, "via": "sse"}));
         s.memory.insert(
             "broker".into(),
             Memory {
@@ -194,7 +192,8 @@ mod tests {
 
     #[test]
     fn summaries_survive_the_json_lines_round_trip() {
-        let lines = [a_run("sse"), a_run("large")].iter().map(|s| serde_json::to_string(s).unwrap()).collect::<Vec<_>>();
+        let lines =
+            [a_run("sse"), a_run("large")].iter().map(|s| serde_json::to_string(s).unwrap()).collect::<Vec<_>>();
         let parsed = parse_lines(&format!("{}\n\n{}\n", lines[0], lines[1])).unwrap();
         assert_eq!(parsed.len(), 2);
         assert_eq!((parsed[1].scenario.as_str(), parsed[1].ok), ("large", 200));

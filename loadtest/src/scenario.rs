@@ -149,7 +149,8 @@ where
 
 /// `create`: concurrent clients posting tasks from the creator to the worker.
 pub async fn create(ctx: &Ctx) {
-    let (creator, to, body, ttl) = (ctx.creator.clone(), ctx.workers[0].id.clone(), ctx.plan.body(), ctx.plan.ttl.clone());
+    let (creator, to, body, ttl) =
+        (ctx.creator.clone(), ctx.workers[0].id.clone(), ctx.plan.body(), ctx.plan.ttl.clone());
     let op = move || {
         let (creator, to, body, ttl) = (creator.clone(), to.clone(), body.clone(), ttl.clone());
         async move { creator.create(&to, &body, &ttl).await.map(drop) }
@@ -485,7 +486,8 @@ pub async fn waiters(ctx: &Ctx) {
         let answered = Arc::new(Mutex::new(Vec::with_capacity(plan.clients)));
         let waiting: Vec<_> = (0..plan.clients)
             .map(|_| {
-                let (creator, rec, opening, answered) = (ctx.creator.clone(), rec.clone(), opening.clone(), answered.clone());
+                let (creator, rec, opening, answered) =
+                    (ctx.creator.clone(), rec.clone(), opening.clone(), answered.clone());
                 tokio::spawn(async move {
                     let permit = opening.acquire().await;
                     let asked = creator.first_result(task, LONG_POLL);
@@ -560,7 +562,11 @@ pub async fn expiry(ctx: &Ctx) {
     rec.figure("tasks", rec.n_ok());
     rec.figure("baseline_kib", baseline);
     rec.figure("loaded_kib", loaded);
-    rec.figure("after_2s_kib", at_2s.unwrap_or_else(broker));
+    let after = at_2s.unwrap_or_else(broker);
+    rec.figure("after_2s_kib", after);
+    // How much of what the load added was given back 2 s after the expiry.
+    let added = loaded.saturating_sub(baseline).max(1) as f64;
+    rec.figure("returned_pct", ((loaded.saturating_sub(after) as f64 / added) * 1000.0).round() / 10.0);
     rec.figure("threshold_kib", threshold);
     rec.figure("back_after_s", back_after);
 }

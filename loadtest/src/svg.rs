@@ -90,7 +90,8 @@ impl Chart<'_> {
             svg,
             r#"<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {W} {H}" width="{W}" height="{H}" font-family="sans-serif" font-size="11">"#
         );
-        let _ = write!(svg, r#"<text x="{LEFT}" y="16" font-size="13" font-weight="bold">{}</text>"#, escape(self.title));
+        let _ =
+            write!(svg, r#"<text x="{LEFT}" y="16" font-size="13" font-weight="bold">{}</text>"#, escape(self.title));
         for y in &y_ticks {
             let at = py(*y);
             let _ = write!(

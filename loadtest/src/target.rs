@@ -30,7 +30,8 @@ impl Target {
 
     /// The dev network's apps at other URLs, with `extra` more worker apps on the second proxy.
     pub fn dev_at(proxy1: &str, proxy2: &str, extra: &[String]) -> Self {
-        let at = |url: &str, app: &str| Endpoint { url: url.into(), app: app.into(), key: crate::network::DEV_KEY.into() };
+        let at =
+            |url: &str, app: &str| Endpoint { url: url.into(), app: app.into(), key: crate::network::DEV_KEY.into() };
         let mut workers = vec![at(proxy2, "app2.proxy2.broker")];
         workers.extend(extra.iter().map(|a| at(proxy2, &format!("{a}.proxy2.broker"))));
         Self { creator: at(proxy1, "app1.proxy1.broker"), workers }

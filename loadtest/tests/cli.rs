@@ -30,14 +30,8 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 fn run(args: &[&str], out: &Path) -> Value {
-    let output: Output = loadtest()
-        .args(["run", "-q", "--bin-dir"])
-        .arg(bin_dir())
-        .args(args)
-        .arg("--out")
-        .arg(out)
-        .output()
-        .unwrap();
+    let output: Output =
+        loadtest().args(["run", "-q", "--bin-dir"]).arg(bin_dir()).args(args).arg("--out").arg(out).output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{args:?}: {stderr}");
     let stdout = String::from_utf8(output.stdout).unwrap();
@@ -55,7 +49,9 @@ fn scenarios_on_a_network_of_its_own_then_a_report() {
     // Its own processes were sampled: the broker and both proxies.
     let memory = sse["memory"].as_object().unwrap();
     assert_eq!(memory.keys().collect::<Vec<_>>(), ["broker", "proxy1.broker", "proxy2.broker"]);
-    assert!(memory.values().all(|m| m["peak_kib"].as_u64().unwrap() > 0 && !m["series"].as_array().unwrap().is_empty()));
+    assert!(memory
+        .values()
+        .all(|m| m["peak_kib"].as_u64().unwrap() > 0 && !m["series"].as_array().unwrap().is_empty()));
     assert!(sse["figures"]["stream_kib.proxy1.broker"].is_number(), "{sse}");
 
     let fanout = run(&["fanout", "--recipients", "3", "-c", "2", "-n", "6"], &out);

@@ -1,6 +1,7 @@
 //! `ExpiryActor`: a deadline-ordered queue of tasks. It sleeps until the earliest deadline,
 //! then takes each due task out of the registry and tells its actor to `Expire` (which wakes
-//! its waiters with `410`, ends its streams with `deleted_task` and frees it).
+//! its waiters with `410`, ends its streams with `deleted_task` and frees it). After sweeps
+//! that freed many tasks it has the allocator give the memory back ([`release_free_memory`]).
 
 use std::{cmp::Reverse, collections::BinaryHeap, sync::Arc, time::Duration};
 
@@ -9,7 +10,10 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::{task::Expire, Registry};
-use crate::ops::metrics::Total;
+use crate::ops::{
+    memory::{release_free_memory, TRIM_AFTER_TASKS, TRIM_DELAY, TRIM_EVERY},
+    metrics::Total,
+};
 
 /// Track a task until `expires_at`.
 #[derive(Message)]
@@ -26,11 +30,23 @@ pub struct ExpiryActor {
     wakeup: Option<(Instant, SpawnHandle)>,
     /// Counts the tasks expired, for metrics.
     n_expired: Arc<Total>,
+    /// Tasks expired since the last trim, and whether one is scheduled.
+    untrimmed: u64,
+    trim_pending: bool,
+    last_trim: Option<Instant>,
 }
 
 impl ExpiryActor {
     pub fn new(registry: Arc<Registry>, n_expired: Arc<Total>) -> Self {
-        Self { registry, queue: BinaryHeap::new(), wakeup: None, n_expired }
+        Self {
+            registry,
+            queue: BinaryHeap::new(),
+            wakeup: None,
+            n_expired,
+            untrimmed: 0,
+            trim_pending: false,
+            last_trim: None,
+        }
     }
 
     fn schedule(&mut self, ctx: &mut Context<Self>) {
@@ -69,8 +85,32 @@ impl ExpiryActor {
         if n_expired > 0 {
             self.n_expired.add(n_expired as u64);
             tracing::debug!(n_expired, queued = self.queue.len(), "tasks expired");
+            self.untrimmed += n_expired as u64;
+            self.schedule_trim(ctx);
         }
         self.schedule(ctx);
+    }
+
+    /// Once enough tasks expired: a trim `TRIM_DELAY` later (the last sweep's actors have
+    /// freed their tasks by then), at most once per `TRIM_EVERY`, on a blocking thread.
+    fn schedule_trim(&mut self, ctx: &mut Context<Self>) {
+        if self.trim_pending || self.untrimmed < TRIM_AFTER_TASKS {
+            return;
+        }
+        let since = self.last_trim.map_or(TRIM_EVERY, |t| t.elapsed());
+        self.trim_pending = true;
+        ctx.run_later(TRIM_DELAY.max(TRIM_EVERY.saturating_sub(since)), |act, _| {
+            // Hash tables and heaps keep their peak capacity; after a burst that is most of
+            // what remains.
+            act.registry.shrink_to_fit();
+            if act.queue.capacity() > 4 * act.queue.len() + 1024 {
+                act.queue.shrink_to_fit();
+            }
+            act.trim_pending = false;
+            act.untrimmed = 0;
+            act.last_trim = Some(Instant::now());
+            tokio::task::spawn_blocking(release_free_memory);
+        });
     }
 }
 

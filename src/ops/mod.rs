@@ -1,6 +1,8 @@
 //! What operators see and do, shared by broker and proxy: StatsD [`metrics`], one log line per
-//! request ([`requests`]), graceful [`shutdown`], and the log format ([`init_tracing`]).
+//! request ([`requests`]), graceful [`shutdown`], the log format ([`init_tracing`]), and giving
+//! freed memory back to the system ([`memory`]).
 
+pub mod memory;
 pub mod metrics;
 pub mod requests;
 pub mod shutdown;
