@@ -7,8 +7,8 @@
 #   RUNS=1 scripts/benchmarks.sh sse      # one target, once
 #
 # 10,000 streams need about 20,000 file descriptors in the proxy (one per app connection and
-# one per broker stream): the script raises the soft limit to the hard one, and fails early if
-# that is too low.
+# one per broker stream): the script raises the soft limit to the hard one, and warns if
+# that is too low, the run reports how many opened.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -44,10 +44,9 @@ for TARGET in create roundtrip1 roundtrip64 large sse waiters streams expiry fan
     waiters)     run waiters waiters -c 1000 -n 5 -d 60s ;;
     streams)
       if [ "$(ulimit -n)" -lt 21000 ]; then
-        echo "streams: needs ulimit -n ≥ 21000 (have $(ulimit -n)); skipped" >&2
-      else
-        run streams sse -c 10000 -n 1 -d 60s
-      fi ;;
+        echo "streams: the proxy needs ulimit -n ≥ 21000 (have $(ulimit -n)); some streams will fail to open" >&2
+      fi
+      run streams sse -c 10000 -n 1 -d 60s ;;
     expiry)      run expiry expiry -c 16 -n 50000 --ttl 5s -d 60s ;;
     fanout)      run fanout fanout --recipients 10 -c 8 -n 5000 -d 10s ;;
     soak)        RUNS=1 run soak soak --rate 1000 -d 60s -n 1000000 ;;

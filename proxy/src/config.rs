@@ -57,8 +57,9 @@ pub struct ServeArgs {
     /// This proxy's certificate; fetched from the broker when not given.
     #[arg(long, env = "CERT_FILE")]
     pub cert_file: Option<PathBuf>,
-    /// Largest task or result body an app may send, in bytes.
-    #[arg(long, env = "MAX_BODY", default_value_t = 10 * 1024 * 1024)]
+    /// Largest request an app may send (the task or result JSON), in bytes: by default a 10 MiB
+    /// body and its envelope. Sealed, that is 14.7 MiB, under the broker's 16 MiB.
+    #[arg(long, env = "MAX_BODY", default_value_t = 11 * 1024 * 1024)]
     pub max_body: usize,
     #[arg(long, env = "MAX_TTL", default_value = "7d")]
     pub max_ttl: String,
