@@ -40,11 +40,14 @@ pub struct Memory {
     /// `(seconds since the start, KiB)`, one sample per [`EVERY`] at first; halved whenever it
     /// reaches [`MAX_POINTS`], so a long soak stays a few hundred points.
     pub series: Vec<(f64, u64)>,
-    /// Samples per point in `series`.
-    #[serde(skip)]
-    pub(crate) stride: usize,
-    #[serde(skip)]
-    pub(crate) skipped: usize,
+}
+
+/// A process being sampled: what is kept, and how many samples make one point of its series.
+#[derive(Debug, Default)]
+struct Sampled {
+    memory: Memory,
+    stride: usize,
+    skipped: usize,
 }
 
 /// The most points a memory series keeps.
@@ -53,16 +56,15 @@ pub const MAX_POINTS: usize = 600;
 /// Samples a set of processes every [`EVERY`] until dropped or finished.
 pub struct Sampler {
     started: Instant,
-    state: Arc<Mutex<BTreeMap<String, Memory>>>,
+    state: Arc<Mutex<BTreeMap<String, Sampled>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Sampler {
     pub fn start(pids: &[(String, u32)]) -> Self {
         let started = Instant::now();
-        let state: Arc<Mutex<BTreeMap<String, Memory>>> = Arc::new(Mutex::new(
-            pids.iter().map(|(name, pid)| (name.clone(), Memory { pid: *pid, ..Memory::default() })).collect(),
-        ));
+        let state: Arc<Mutex<BTreeMap<String, Sampled>>> =
+            Arc::new(Mutex::new(pids.iter().map(|(name, pid)| (name.clone(), Sampled::of(*pid))).collect()));
         let shared = state.clone();
         let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(EVERY);
@@ -76,13 +78,13 @@ impl Sampler {
 
     /// The latest resident set of `name`, read now.
     pub fn now_kib(&self, name: &str) -> Option<u64> {
-        let pid = self.state.lock().get(name)?.pid;
+        let pid = self.state.lock().get(name)?.memory.pid;
         read(pid).map(|(rss, _)| rss)
     }
 
     /// `(name, resident KiB)` of every process still running, read now.
     pub fn now_all(&self) -> Vec<(String, u64)> {
-        let pids: Vec<_> = self.state.lock().iter().map(|(n, m)| (n.clone(), m.pid)).collect();
+        let pids: Vec<_> = self.state.lock().iter().map(|(n, s)| (n.clone(), s.memory.pid)).collect();
         pids.into_iter().filter_map(|(n, pid)| Some((n, read(pid)?.0))).collect()
     }
 
@@ -90,25 +92,31 @@ impl Sampler {
     pub fn finish(&self) -> BTreeMap<String, Memory> {
         self.task.abort();
         sample(&self.state, self.started);
-        self.state.lock().clone()
+        self.state.lock().iter().map(|(n, s)| (n.clone(), s.memory.clone())).collect()
     }
 }
 
-fn sample(state: &Mutex<BTreeMap<String, Memory>>, started: Instant) {
+impl Sampled {
+    fn of(pid: u32) -> Self {
+        Self { memory: Memory { pid, ..Memory::default() }, stride: 1, skipped: 0 }
+    }
+}
+
+fn sample(state: &Mutex<BTreeMap<String, Sampled>>, started: Instant) {
     let t = started.elapsed().as_secs_f64();
-    for m in state.lock().values_mut() {
+    for s in state.lock().values_mut() {
+        let m = &mut s.memory;
         let Some((rss, hwm)) = read(m.pid) else { continue };
         if m.series.is_empty() {
             m.start_kib = rss;
-            m.stride = 1;
         }
-        m.skipped += 1;
-        if m.skipped >= m.stride {
-            m.skipped = 0;
+        s.skipped += 1;
+        if s.skipped >= s.stride {
+            s.skipped = 0;
             m.series.push(((t * 10.0).round() / 10.0, rss));
             if m.series.len() >= MAX_POINTS {
                 m.series = m.series.iter().step_by(2).copied().collect();
-                m.stride *= 2;
+                s.stride *= 2;
             }
         }
         m.end_kib = rss;
@@ -144,13 +152,12 @@ mod tests {
 
     #[test]
     fn long_series_are_thinned() {
-        let me = Memory { pid: std::process::id(), ..Memory::default() };
-        let state = Mutex::new(BTreeMap::from([("me".to_string(), me)]));
+        let state = Mutex::new(BTreeMap::from([("me".to_string(), Sampled::of(std::process::id()))]));
         let started = Instant::now();
         for _ in 0..5 * MAX_POINTS {
             sample(&state, started);
         }
-        let m = &state.lock()["me"];
+        let m = &state.lock()["me"].memory;
         assert!(m.series.len() < MAX_POINTS && m.series.len() > MAX_POINTS / 4, "{}", m.series.len());
         assert!(m.series.windows(2).all(|w| w[0].0 <= w[1].0));
     }

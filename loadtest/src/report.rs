@@ -184,7 +184,6 @@ mod tests {
                 peak_kib: 12000,
                 hwm_kib: 13000,
                 series: vec![(0.0, 9000), (0.1, 12000)],
-                ..Memory::default()
             },
         );
         s

@@ -121,6 +121,16 @@ impl Budget {
 /// A long-poll's own limit; a round trip that takes longer counts as `timeout`.
 const LONG_POLL: Duration = Duration::from_secs(30);
 
+/// Runs one operation, at most [`LONG_POLL`], and records its latency or why it failed.
+async fn timed(rec: &Recorder, op: impl std::future::Future<Output = Result<(), Failure>>) {
+    let started = Instant::now();
+    match tokio::time::timeout(LONG_POLL, op).await {
+        Ok(Ok(())) => rec.ok(started.elapsed()),
+        Ok(Err(e)) => rec.error(e),
+        Err(_) => rec.error("timeout"),
+    }
+}
+
 /// Runs `op` on `clients` concurrent clients until the budget is spent, recording each.
 async fn closed_loop<F, Fut>(clients: usize, budget: Arc<Budget>, rec: Arc<Recorder>, op: F)
 where
@@ -132,12 +142,7 @@ where
             let (budget, rec, op) = (budget.clone(), rec.clone(), op.clone());
             tokio::spawn(async move {
                 while budget.take() {
-                    let started = Instant::now();
-                    match tokio::time::timeout(LONG_POLL, op()).await {
-                        Ok(Ok(())) => rec.ok(started.elapsed()),
-                        Ok(Err(e)) => rec.error(e),
-                        Err(_) => rec.error("timeout"),
-                    }
+                    timed(&rec, op()).await;
                 }
             })
         })
@@ -219,12 +224,7 @@ pub async fn soak(ctx: &Ctx) {
         };
         let (trip, rec) = (trip.clone(), rec.clone());
         trips.spawn(async move {
-            let started = Instant::now();
-            match tokio::time::timeout(LONG_POLL, trip.run()).await {
-                Ok(Ok(())) => rec.ok(started.elapsed()),
-                Ok(Err(e)) => rec.error(e),
-                Err(_) => rec.error("timeout"),
-            }
+            timed(&rec, trip.run()).await;
             drop(permit);
         });
         while trips.try_join_next().is_some() {}

@@ -18,10 +18,10 @@ use crate::memory::Memory;
 /// Shared by every client of a run.
 pub struct Recorder {
     started: Mutex<Instant>,
-    latency_us: Mutex<Histogram<u64>>,
+    /// Latencies and successes per whole second since the start, under one lock: `ok` is the
+    /// hot path (up to ~50,000 calls a second in `sse`).
+    successes: Mutex<(Histogram<u64>, Vec<u64>)>,
     errors: Mutex<BTreeMap<String, u64>>,
-    /// Successes per whole second since the start.
-    per_second: Mutex<Vec<u64>>,
     ok: AtomicU64,
     failed: AtomicU64,
     figures: Mutex<BTreeMap<String, serde_json::Value>>,
@@ -37,9 +37,8 @@ impl Recorder {
     pub fn new() -> Self {
         Self {
             started: Mutex::new(Instant::now()),
-            latency_us: Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds")),
+            successes: Mutex::new((Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"), Vec::new())),
             errors: Mutex::default(),
-            per_second: Mutex::default(),
             ok: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             figures: Mutex::default(),
@@ -49,14 +48,15 @@ impl Recorder {
     /// One operation that succeeded after `latency`.
     pub fn ok(&self, latency: Duration) {
         let us = (latency.as_micros() as u64).clamp(1, 3_600_000_000);
-        self.latency_us.lock().record(us).expect("clamped into the histogram's range");
         let second = self.elapsed().as_secs() as usize;
-        let mut per_second = self.per_second.lock();
+        let mut guard = self.successes.lock();
+        let (latency_us, per_second) = &mut *guard;
+        latency_us.record(us).expect("clamped into the histogram's range");
         if per_second.len() <= second {
             per_second.resize(second + 1, 0);
         }
         per_second[second] += 1;
-        drop(per_second);
+        drop(guard);
         self.ok.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -93,7 +93,8 @@ impl Recorder {
     /// The run's summary so far.
     pub fn summary(&self, scenario: &str, params: serde_json::Value) -> Summary {
         let elapsed = self.elapsed().as_secs_f64();
-        let h = self.latency_us.lock();
+        let successes = self.successes.lock();
+        let (h, per_second) = &*successes;
         let ms = |us: u64| us as f64 / 1e3;
         let latency = (!h.is_empty()).then(|| Latency {
             p50: ms(h.value_at_quantile(0.50)),
@@ -117,7 +118,7 @@ impl Recorder {
             elapsed_s: elapsed,
             per_s: if elapsed > 0.0 { ok as f64 / elapsed } else { 0.0 },
             latency_ms: latency,
-            per_second: self.per_second.lock().clone(),
+            per_second: per_second.clone(),
             distribution,
             figures: self.figures.lock().clone(),
             memory: BTreeMap::new(),
