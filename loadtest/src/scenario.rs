@@ -446,20 +446,23 @@ pub async fn sse(ctx: &Ctx) {
     rec.figure("reconnects", reconnects.load(Ordering::Relaxed));
 }
 
-/// Waits until the broker's health shows at least `n` of `what` (`waiters`, `streams`), for at
-/// most 30 s; without a known broker, a fixed pause.
+/// Waits until health shows at least `n` of `what` (`waiters`, `streams`), for at most 30 s:
+/// the creator's proxy's (a Photon proxy counts its apps' open reads), else the broker's when
+/// known; where neither counts them, a fixed pause.
 async fn settle(ctx: &Ctx, what: &str, n: usize) {
-    let Some(broker) = &ctx.broker_url else {
-        return tokio::time::sleep(Duration::from_millis(1_000 + n as u64)).await;
+    let count = |url: String| async move {
+        let health = ctx.http.get(format!("{url}/v1/health")).send().await.ok()?;
+        health.json::<Value>().await.ok().and_then(|h| h[what].as_u64())
+    };
+    let proxy = ctx.creator.endpoint.url.clone();
+    let source = match (count(proxy.clone()).await, &ctx.broker_url) {
+        (Some(_), _) => proxy,
+        (None, Some(broker)) => broker.clone(),
+        (None, None) => return tokio::time::sleep(Duration::from_millis(1_000 + n as u64)).await,
     };
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
-        let health = ctx.http.get(format!("{broker}/v1/health")).send().await;
-        let count = match health {
-            Ok(res) => res.json::<Value>().await.ok().and_then(|h| h[what].as_u64()),
-            Err(_) => None,
-        };
-        if count.is_some_and(|c| c >= n as u64) {
+        if count(source.clone()).await.is_some_and(|c| c >= n as u64) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -23,7 +23,12 @@ use uuid::Uuid;
 
 use serde_json::Value;
 
-use crate::{seal, seal::OpenError, ProxyState};
+use crate::{
+    hub::{self, DirectGuard, Route, Waited},
+    seal,
+    seal::OpenError,
+    ProxyState,
+};
 
 type State = web::Data<Arc<ProxyState>>;
 
@@ -32,9 +37,11 @@ const UPSTREAM_SLACK: Duration = Duration::from_secs(30);
 /// A broker stream line longer than this ends the stream (a sealed 10 MiB body fits).
 const MAX_LINE: usize = 64 * 1024 * 1024;
 /// The last line of an event stream the broker ends because it is shutting down.
-const BROKER_STOPPING: &str = "the broker is shutting down; reconnect with Last-Event-ID";
+pub(crate) const BROKER_STOPPING: &str = "the broker is shutting down; reconnect with Last-Event-ID";
 /// The last line of an event stream this proxy ends because it is shutting down.
-const PROXY_STOPPING: &str = "the proxy is shutting down; reconnect with Last-Event-ID";
+pub(crate) const PROXY_STOPPING: &str = "the proxy is shutting down; reconnect with Last-Event-ID";
+/// The message of the `error` event that ends a stream whose broker connection broke off.
+pub(crate) const LOST: &str = "lost the connection to the broker; reconnect with Last-Event-ID";
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/health", web::get().to(health))
@@ -56,7 +63,7 @@ fn query_string(q: &ReadQuery) -> String {
 }
 
 /// An error answer from the broker, passed on.
-async fn relayed(res: reqwest::Response) -> ApiError {
+pub(crate) async fn relayed(res: reqwest::Response) -> ApiError {
     let status = actix_web::http::StatusCode::from_u16(res.status().as_u16())
         .unwrap_or(actix_web::http::StatusCode::BAD_GATEWAY);
     match res.bytes().await {
@@ -89,7 +96,7 @@ async fn open_task(state: &ProxyState, caller: &AppId, task: Arc<WireTask>) -> R
 }
 
 /// Opens a result of `task_id` for `caller`; a refusal is logged and counted.
-async fn open_result(
+pub(crate) async fn open_result(
     state: &ProxyState,
     caller: &AppId,
     task_id: Uuid,
@@ -150,6 +157,7 @@ async fn open_events(
     task_id: Option<Uuid>,
     path: &str,
     mut q: ReadQuery,
+    direct: Option<DirectGuard>,
 ) -> Result<HttpResponse, ApiError> {
     q.last_event_id = Some(body::last_event_id(req, &q)?);
     q.stream = Some(1);
@@ -158,7 +166,7 @@ async fn open_events(
     if !res.status().is_success() {
         return Err(relayed(res).await);
     }
-    Ok(relay_events(state.clone(), caller.clone(), task_id, res, q.wait_count))
+    Ok(relay_events(state.clone(), caller.clone(), task_id, res, q.wait_count, direct))
 }
 
 /// 200 when this proxy's certificate is valid and unrevoked and its control connection to the
@@ -178,6 +186,9 @@ async fn health(state: State) -> HttpResponse {
             "summary": "healthy",
             "refused": refused,
             "broker_online_s": state.link.online_for().map(|d| d.as_secs()),
+            "waiters": state.waiters.get(),
+            "streams": state.streams.get(),
+            "hubs": state.hubs.open(),
         })),
         Some(error) => HttpResponse::ServiceUnavailable()
             .json(serde_json::json!({"summary": "unhealthy", "error": error, "refused": refused})),
@@ -220,7 +231,7 @@ async fn list_tasks(state: State, req: HttpRequest) -> Result<HttpResponse, ApiE
         if !q.todo() {
             return Err(ApiError::BadRequest("a task event stream needs filter=todo".into()));
         }
-        return open_events(&state, &req, &caller, None, "/v1/tasks", q).await;
+        return open_events(&state, &req, &caller, None, "/v1/tasks", q, None).await;
     }
     let res = long_poll(&state, &caller, "/v1/tasks", q).await?;
     let status = status_of(&res);
@@ -288,12 +299,32 @@ async fn put_result(
 async fn get_results(state: State, req: HttpRequest, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let caller = state.keys.authenticate(&req)?;
     let id = parse_task_id(&path)?;
-    let q: ReadQuery = body::parse_query(&req)?;
+    let mut q: ReadQuery = body::parse_query(&req)?;
     let path = format!("/v1/tasks/{id}/results");
-    if wants_events(&req) {
-        return open_events(&state, &req, &caller, Some(id), &path, q).await;
+    let events = wants_events(&req);
+    let waits = q.wait_count.is_some() || q.wait_time.is_some();
+    // A read that stays open meets the others of its key: the first goes to the broker, the
+    // ones beside it share a hub (see `hub`).
+    let mut direct = None;
+    if (events || waits) && q.wait_count != Some(0) {
+        let wait = body::parse_wait(&q, state.config.max_wait)?;
+        match state.hubs.route(&caller, id) {
+            Route::Direct(guard) => direct = Some(guard),
+            Route::Shared(slot) if events => {
+                let last = body::last_event_id(&req, &q)?;
+                return hub::stream(&state, slot, &caller, id, last, wait).await;
+            }
+            Route::Shared(slot) => match hub::wait(&state, slot, &caller, id, wait).await? {
+                Waited::Answer(answer) => return Ok(answer),
+                Waited::Direct { left } => q.wait_time = Some(format!("{}ms", left.as_millis())),
+            },
+        }
+    }
+    if events {
+        return open_events(&state, &req, &caller, Some(id), &path, q, direct).await;
     }
     let res = long_poll(&state, &caller, &path, q).await?;
+    drop(direct);
     let status = status_of(&res);
     let results: Vec<WireResult> = read_json(res).await?;
     Ok(HttpResponse::build(status).json(open_results(&state, &caller, id, results).await))
@@ -336,6 +367,7 @@ async fn to_sse(ev: StreamEvent, pos: &mut StreamPos) -> (Option<sse::Event>, bo
             }
             Err(_) => (None, false),
         },
+        StreamEvent::CaughtUp => (None, false),
         StreamEvent::WaitExpired => (Some(sse::Event::Data(sse::Data::new("null").event("wait_expired"))), true),
         StreamEvent::DeletedTask { task_id } => {
             (Some(sse::Event::Data(data("deleted_task", serde_json::json!({ "task_id": task_id })))), true)
@@ -345,64 +377,89 @@ async fn to_sse(ev: StreamEvent, pos: &mut StreamPos) -> (Option<sse::Event>, bo
     }
 }
 
+/// A broker stream's lines (newline-delimited JSON), keep-alives skipped. Ends when the
+/// stream does, breaks off, or sends a line over [`MAX_LINE`]. `next` is cancel-safe.
+pub(crate) struct Lines {
+    body: futures_util::stream::BoxStream<'static, reqwest::Result<Bytes>>,
+    buf: BytesMut,
+    /// How much of `buf` is known to hold no line end, so a long line is scanned once.
+    scanned: usize,
+}
+
+impl Lines {
+    pub(crate) fn new(res: reqwest::Response) -> Self {
+        Self { body: res.bytes_stream().boxed(), buf: BytesMut::new(), scanned: 0 }
+    }
+
+    pub(crate) async fn next(&mut self) -> Option<BytesMut> {
+        loop {
+            while let Some(pos) = self.buf[self.scanned..].iter().position(|b| *b == b'\n') {
+                let mut line = self.buf.split_to(self.scanned + pos + 1);
+                self.scanned = 0;
+                line.truncate(line.len() - 1);
+                if !line.is_empty() {
+                    return Some(line);
+                }
+            }
+            self.scanned = self.buf.len();
+            if self.buf.len() > MAX_LINE {
+                return None;
+            }
+            match self.body.next().await {
+                Some(Ok(chunk)) => self.buf.extend_from_slice(&chunk),
+                Some(Err(_)) | None => return None,
+            }
+        }
+    }
+}
+
 /// Relays a broker event stream to the app as Server-Sent Events, one event as soon as its line
 /// arrives. If the broker's stream breaks off before its end, the app gets `event: error` and
-/// reconnects with `Last-Event-ID`.
+/// reconnects with `Last-Event-ID`. `direct` marks the stream open to the hubs until it ends.
 fn relay_events(
     state: Arc<ProxyState>,
     caller: AppId,
     task_id: Option<Uuid>,
     res: reqwest::Response,
     wait_count: Option<usize>,
+    direct: Option<DirectGuard>,
 ) -> HttpResponse {
     let keepalive = state.config.keepalive;
     let (tx, rx) = mpsc::channel::<sse::Event>(64);
     let (open, shutdown) = (state.streams.hold(), state.shutdown.clone());
     actix_web::rt::spawn(async move {
-        let _open = open;
-        let mut upstream = res.bytes_stream();
-        let mut buf = BytesMut::new();
+        let (_open, _direct) = (open, direct);
+        let mut lines = Lines::new(res);
         let mut stream = StreamPos { state, caller, task_id, wait_count, n_tasks: 0 };
         loop {
-            while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
-                let line = buf.split_to(pos + 1);
-                let line = &line[..pos];
-                if line.is_empty() {
-                    continue; // the broker's keep-alive
-                }
-                let (event, end) = match serde_json::from_slice::<StreamEvent>(line) {
-                    Ok(ev) => to_sse(ev, &mut stream).await,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "malformed stream line from the broker");
-                        continue;
-                    }
-                };
-                if let Some(event) = event {
-                    if tx.send(event).await.is_err() {
-                        return;
-                    }
-                }
-                if end {
-                    return;
-                }
-            }
-            if buf.len() > MAX_LINE {
-                break;
-            }
-            tokio::select! {
-                chunk = upstream.next() => match chunk {
-                    Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
-                    Some(Err(_)) | None => break,
+            let line = tokio::select! {
+                line = lines.next() => match line {
+                    Some(line) => line,
+                    None => break,
                 },
                 _ = shutdown.started() => {
                     let _ = tx.send(sse::Event::Comment(PROXY_STOPPING.into())).await;
                     return;
                 }
                 _ = tx.closed() => return,
+            };
+            let (event, end) = match serde_json::from_slice::<StreamEvent>(&line) {
+                Ok(ev) => to_sse(ev, &mut stream).await,
+                Err(e) => {
+                    tracing::warn!(error = %e, "malformed stream line from the broker");
+                    continue;
+                }
+            };
+            if let Some(event) = event {
+                if tx.send(event).await.is_err() {
+                    return;
+                }
+            }
+            if end {
+                return;
             }
         }
-        let lost = sse::Data::new_json("lost the connection to the broker; reconnect with Last-Event-ID")
-            .expect("strings serialize");
+        let lost = sse::Data::new_json(LOST).expect("strings serialize");
         let _ = tx.send(sse::Event::Data(lost.event("error"))).await;
     });
     HttpResponse::Ok()

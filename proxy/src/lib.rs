@@ -6,13 +6,15 @@
 //! signed session to the broker; fetches certificates and the revocation list), [`control`]
 //! (the long-lived connection that shows this proxy online), [`keyring`] (own and peer keys,
 //! pairwise keys, revocation), [`seal`] (bodies ↔ sealed envelopes, refusals), [`http`] (the
-//! app API). Metrics, request logs and graceful shutdown come from `photon::ops`.
+//! app API), [`hub`] (one broker result stream shared by an app's concurrent readers of a
+//! task). Metrics, request logs and graceful shutdown come from `photon::ops`.
 #![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod config;
 pub mod control;
 pub mod http;
+pub mod hub;
 pub mod keyring;
 pub mod seal;
 pub mod upstream;
@@ -46,6 +48,8 @@ pub struct ProxyState {
     pub waiters: Arc<Level>,
     /// App event streams open now.
     pub streams: Arc<Level>,
+    /// Broker result streams shared by several readers.
+    pub hubs: Arc<hub::Hubs>,
     pub shutdown: Shutdown,
 }
 
@@ -115,6 +119,7 @@ pub async fn serve(config: ProxyConfig, listener: TcpListener, patience: Duratio
         observer: Observer::new(metrics.clone()),
         waiters: Default::default(),
         streams: Default::default(),
+        hubs: Default::default(),
         shutdown: shutdown.clone(),
     });
     state.upstream.refresh().await;
@@ -149,6 +154,7 @@ pub async fn serve(config: ProxyConfig, listener: TcpListener, patience: Duratio
         let Some(state) = weak.upgrade() else { return false };
         m.gauge("waiters", state.waiters.get(), &[]);
         m.gauge("streams.open", state.streams.get(), &[]);
+        m.gauge("hubs.open", state.hubs.open() as u64, &[]);
         m.gauge("broker.connected", u64::from(state.link.online_for().is_some()), &[]);
         state.observer.report();
         true

@@ -76,7 +76,7 @@ pub(super) async fn results(
                 return;
             }
         }
-        if wait.count == Some(0) {
+        if wait.count == Some(0) || out.send(line(&StreamEvent::CaughtUp)).await.is_err() {
             return;
         }
         let mut ka = tokio::time::interval_at(Instant::now() + keepalive, keepalive);

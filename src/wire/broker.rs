@@ -63,6 +63,8 @@ pub enum StreamEvent {
     NewResult { seq: u64, n_answers: usize, result: Arc<WireResult> },
     /// A task for the streaming worker.
     NewTask { seq: u64, task: Arc<WireTask> },
+    /// A result stream has sent every result stored when it opened; live ones follow.
+    CaughtUp,
     /// `wait_time` passed.
     WaitExpired,
     /// The task expired.
