@@ -22,6 +22,11 @@ use photon_loadtest::{
     target::Target,
 };
 
+/// mimalloc instead of glibc malloc: the loadtest shares the machine with what it measures, and
+/// glibc's free-list upkeep was a large part of its time (see docs/BENCHMARKS.md).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match &cli.command {

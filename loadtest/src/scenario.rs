@@ -7,7 +7,8 @@
 //! - `soak`: round trips started at a fixed rate (open loop), whatever the latency.
 //! - `fanout`: round trips to every worker app; done when all have answered.
 //! - `sse`: `clients` result streams on one task, `count` updates of its result; each stream
-//!   must see every update. The latency is from the update's PUT to its arrival on a stream.
+//!   must see every update. The updates are sent [`UPDATERS`] at a time. The latency is from the
+//!   update's PUT to its arrival on a stream.
 //! - `waiters`: `clients` long-polls on one task's results, woken by one result; `count` rounds.
 //!   The latency is from the PUT to each waiter's answer.
 //! - `expiry`: tasks with a short TTL, then how long the broker takes to give their memory back.
@@ -315,6 +316,9 @@ async fn work(worker: Arc<App>, plan: Plan, mut stop: tokio::sync::watch::Receiv
 /// Opens at most this many connections at once while setting up streams or waiters, so that
 /// the listen backlog never overflows.
 const OPENING: usize = 256;
+/// Updates in flight at once in `sse`: one closed-loop updater would measure its own PUT
+/// latency times the streams, not how fast the streams are fed.
+const UPDATERS: usize = 4;
 
 /// `sse`: `clients` streams on one task's results; the worker updates its result `count` times,
 /// one PUT after another. Every stream must see every update: the figures say how many were
@@ -421,15 +425,27 @@ pub async fn sse(ctx: &Ctx) {
         }
     }
     rec.restart();
-    let started = Instant::now();
-    for (n, sent) in sent_at.iter().enumerate() {
-        if started.elapsed() > plan.duration {
-            break;
-        }
-        sent.store(clock.elapsed().as_micros() as u64, Ordering::Relaxed);
-        if let Err(e) = worker.put_result(task, &ctx.creator.id, &plan.numbered_body(n as u64)).await {
-            rec.error(format!("update_{e}"));
-        }
+    let (started, next) = (Instant::now(), Arc::new(AtomicU64::new(0)));
+    let updaters: Vec<_> = (0..UPDATERS)
+        .map(|_| {
+            let (worker, creator, rec, plan, sent_at, next) =
+                (worker.clone(), ctx.creator.id.clone(), rec.clone(), plan.clone(), sent_at.clone(), next.clone());
+            tokio::spawn(async move {
+                loop {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(sent) = sent_at.get(n as usize).filter(|_| started.elapsed() <= plan.duration) else {
+                        return;
+                    };
+                    sent.store(clock.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    if let Err(e) = worker.put_result(task, &creator, &plan.numbered_body(n)).await {
+                        rec.error(format!("update_{e}"));
+                    }
+                }
+            })
+        })
+        .collect();
+    for u in updaters {
+        let _ = u.await;
     }
     let _ = done_tx.send(true);
     for s in streams {
