@@ -221,3 +221,60 @@ async fn health_answers_get_and_head() {
         assert_eq!(net.http.head(format!("{base}/v1/health")).send().await.unwrap().status(), 200);
     }
 }
+
+#[tokio::test]
+async fn bodies_arrive_as_sent_and_streams_stay_one_line_each() {
+    let net = Net::start();
+    let id = uuid::Uuid::new_v4().to_string();
+    // Sent pretty-printed, with escapes and numbers a float would round.
+    let body = "{\n  \"text\": \"caf\\u00e9 \\\"quoted\\\"\\nline\",\n  \"big\": 12345678901234567890,\n  \"list\": [1.5e300, -0.0]\n}";
+    let want: serde_json::Value = serde_json::from_str(body).unwrap();
+    let sent = format!(r#"{{"id":"{id}","from":"{APP1}","to":["{APP2}"],"ttl":"1m","metadata":null,"body":{body}}}"#);
+    let res = net.post(APP1, "/v1/tasks").header(header::CONTENT_TYPE, "application/json").body(sent).send().await;
+    assert_eq!(res.unwrap().status(), 201);
+    let got = net.get(APP2, &format!("/v1/tasks/{id}")).send().await.unwrap().text().await.unwrap();
+    assert!(got.contains("12345678901234567890"), "big numbers pass untouched: {got}");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&got).unwrap()["body"], want);
+    let mut todo = Sse::new(
+        net.get(APP2, "/v1/tasks?filter=todo").header(header::ACCEPT, "text/event-stream").send().await.unwrap(),
+    );
+    assert_eq!(todo.next_event(SECS(10)).await.unwrap().json()["body"], want);
+
+    // A result sent pretty-printed reaches both a lone stream and one sharing a hub intact.
+    let streams = [
+        Sse::new(
+            net.get(APP1, &format!("/v1/tasks/{id}/results"))
+                .header(header::ACCEPT, "text/event-stream")
+                .send()
+                .await
+                .unwrap(),
+        ),
+        Sse::new(
+            net.get(APP1, &format!("/v1/tasks/{id}/results"))
+                .header(header::ACCEPT, "text/event-stream")
+                .send()
+                .await
+                .unwrap(),
+        ),
+    ];
+    let result = format!(r#"{{"from":"{APP2}","to":["{APP1}"],"task":"{id}","status":"succeeded","body":{body}}}"#);
+    let res = net
+        .put(APP2, &format!("/v1/tasks/{id}/results/{APP2}"))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(result)
+        .send()
+        .await;
+    assert_eq!(res.unwrap().status(), 201);
+    for mut s in streams {
+        assert_eq!(s.next_event(SECS(10)).await.unwrap().json()["body"], want);
+    }
+    // Without a body: a task's is null, a result has none.
+    let bare = uuid::Uuid::new_v4().to_string();
+    let sent = format!(r#"{{"id":"{bare}","from":"{APP1}","to":["{APP2}"],"ttl":"1m"}}"#);
+    let res = net.post(APP1, "/v1/tasks").header(header::CONTENT_TYPE, "application/json").body(sent).send().await;
+    assert_eq!(res.unwrap().status(), 201);
+    assert_eq!(json_of(net.get(APP2, &format!("/v1/tasks/{bare}")).send().await.unwrap()).await["body"], json!(null));
+    assert_eq!(net.answer(APP2, &bare, APP1, "claimed", json!(null)).await, 201);
+    let results = json_of(net.get(APP1, &format!("/v1/tasks/{bare}/results")).send().await.unwrap()).await;
+    assert_eq!(results[0]["body"], json!(null));
+}

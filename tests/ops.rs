@@ -109,11 +109,17 @@ const PROXY2: (&str, &str) = ("proxy_id", "proxy2.broker");
 async fn statsd_reports_what_the_network_does() {
     let statsd = Statsd::start();
     let net = Net::start_with(Options { statsd_port: Some(statsd.port), ..Default::default() });
-    // One long-poll and one event stream held open while the gauges are sampled.
+    // One long-poll and one event stream held open while the gauges are sampled (on two tasks:
+    // on one, the second would share the first's broker stream).
     let held = net.create(APP1, &[APP2], json!("held"), "60s").await;
     let waiter = tokio::spawn(net.get(APP1, &format!("/v1/tasks/{held}/results?wait_count=1&wait_time=3s")).send());
-    let stream =
-        net.get(APP1, &format!("/v1/tasks/{held}/results")).header("accept", "text/event-stream").send().await.unwrap();
+    let streamed = net.create(APP1, &[APP2], json!("streamed"), "60s").await;
+    let stream = net
+        .get(APP1, &format!("/v1/tasks/{streamed}/results"))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
     let mut events = Sse::new(stream);
 
     let mut ids = vec![];
@@ -128,26 +134,26 @@ async fn statsd_reports_what_the_network_does() {
     assert_eq!(res.unwrap().status(), 401);
 
     // Counters: exactly what was done, from the broker and from each proxy.
-    assert_eq!(statsd.counter_reaches("photon.tasks.created", &[BROKER], 6.0).await, 6.0);
-    assert_eq!(statsd.counter_reaches("photon.tasks.created", &[PROXY1], 6.0).await, 6.0);
+    assert_eq!(statsd.counter_reaches("photon.tasks.created", &[BROKER], 7.0).await, 7.0);
+    assert_eq!(statsd.counter_reaches("photon.tasks.created", &[PROXY1], 7.0).await, 7.0);
     assert_eq!(statsd.sum("photon.tasks.created", &[PROXY2]), 0.0);
     assert_eq!(statsd.counter_reaches("photon.results.stored", &[BROKER, ("outcome", "created")], 3.0).await, 3.0);
     assert_eq!(statsd.counter_reaches("photon.results.stored", &[PROXY2], 3.0).await, 3.0);
     let created = [("endpoint", "create_task"), ("status", "201")];
-    assert_eq!(statsd.counter_reaches("photon.requests", &[PROXY1, created[0], created[1]], 6.0).await, 6.0);
-    assert_eq!(statsd.counter_reaches("photon.requests", &[BROKER, created[0], created[1]], 6.0).await, 6.0);
+    assert_eq!(statsd.counter_reaches("photon.requests", &[PROXY1, created[0], created[1]], 7.0).await, 7.0);
+    assert_eq!(statsd.counter_reaches("photon.requests", &[BROKER, created[0], created[1]], 7.0).await, 7.0);
     let refused = [BROKER, ("reason", "malformed")];
     assert_eq!(statsd.counter_reaches("photon.requests.refused", &refused, 1.0).await, 1.0);
 
     // Timers: one request.duration_ms per request, in fractional milliseconds.
     let timings = statsd.matching("photon.request.duration_ms", "h", &[PROXY1, ("endpoint", "create_task")]);
-    assert_eq!(timings.len(), 6, "{timings:?}");
+    assert_eq!(timings.len(), 7, "{timings:?}");
     assert!(timings.iter().all(|m| m.value > 0.0 && m.value < 10_000.0), "{timings:?}");
-    assert!(statsd.matching("photon.upstream.duration_ms", "h", &[PROXY1, ("method", "POST")]).len() >= 6);
+    assert!(statsd.matching("photon.upstream.duration_ms", "h", &[PROXY1, ("method", "POST")]).len() >= 7);
 
     // Gauges, sampled every second: the live tasks, the waiter, the stream, both proxies online.
     eventually("gauges sampled", || async {
-        statsd.max_gauge("photon.tasks.live", &[BROKER]) >= 6.0
+        statsd.max_gauge("photon.tasks.live", &[BROKER]) >= 7.0
             && statsd.max_gauge("photon.waiters", &[BROKER]) >= 1.0
             && statsd.max_gauge("photon.waiters", &[PROXY1]) >= 1.0
             && statsd.max_gauge("photon.streams.open", &[BROKER]) >= 1.0
@@ -161,7 +167,7 @@ async fn statsd_reports_what_the_network_does() {
 
     // Expiry: the five 2 s tasks go, and the counter says so.
     assert_eq!(statsd.counter_reaches("photon.tasks.expired", &[BROKER], 5.0).await, 5.0);
-    eventually("live tasks back to 1", || async { statsd.last_gauge("photon.tasks.live", &[BROKER]) == Some(1.0) })
+    eventually("live tasks back to 2", || async { statsd.last_gauge("photon.tasks.live", &[BROKER]) == Some(2.0) })
         .await;
     drop(events.next(SECS(1)).await);
     let _ = waiter.await;

@@ -193,6 +193,7 @@ async fn sigterm_finishes_requests_ends_streams_and_resumes_after_restart() {
         .unwrap();
     let mut todo = Sse::new(todo);
     assert_eq!(todo.next_event(SECS(5)).await.unwrap().event, "new_task");
+    // With the resumed stream still open, this waiter shares its proxy's hub for the task.
     let waiting = tokio::spawn(
         http.get(format!("{results}?wait_count=2&wait_time=60s")).header("authorization", auth(APP1)).send(),
     );

@@ -12,9 +12,9 @@ use futures_util::StreamExt;
 use photon::{
     http::{body, parse_task_id, ApiError},
     wire::{
-        app::{NewTask, Task, TaskResult},
+        app::{single_line, NewTask, RawBody, Task, TaskResult},
         broker::{StreamEvent, WireResult, WireTask},
-        parse_duration, AppId, ReadQuery,
+        parse_duration, to_json, AppId, BodySize, ReadQuery,
     },
 };
 use reqwest::{Method, StatusCode};
@@ -82,12 +82,20 @@ fn long_poll_timeout(state: &ProxyState, q: &ReadQuery) -> Duration {
     wait.unwrap_or(state.config.max_wait) + UPSTREAM_SLACK
 }
 
+/// A JSON answer to an app, its buffer sized for the bodies in it.
+fn json_answer<T: serde::Serialize + BodySize + ?Sized>(
+    status: actix_web::http::StatusCode,
+    message: &T,
+) -> HttpResponse {
+    HttpResponse::build(status).content_type("application/json").body(to_json(message))
+}
+
 fn status_of(res: &reqwest::Response) -> actix_web::http::StatusCode {
     actix_web::http::StatusCode::from_u16(res.status().as_u16()).expect("reqwest statuses are valid")
 }
 
 /// Opens a task for `caller`; a refusal is logged and counted.
-async fn open_task(state: &ProxyState, caller: &AppId, task: Arc<WireTask>) -> Result<Task, OpenError> {
+async fn open_task(state: &ProxyState, caller: &AppId, task: Arc<WireTask>) -> Result<Task<RawBody>, OpenError> {
     let (id, from) = (task.id, task.from.clone());
     seal::open_task(&state.upstream, caller, task).await.inspect_err(|e| {
         state.refusals.count(e);
@@ -101,7 +109,7 @@ pub(crate) async fn open_result(
     caller: &AppId,
     task_id: Uuid,
     result: Arc<WireResult>,
-) -> Result<TaskResult, OpenError> {
+) -> Result<TaskResult<RawBody>, OpenError> {
     let from = result.from.clone();
     seal::open_result(&state.upstream, caller, task_id, result).await.inspect_err(|e| {
         state.refusals.count(e);
@@ -110,12 +118,17 @@ pub(crate) async fn open_result(
 }
 
 /// Opens each wire task; one that doesn't open is refused and left out.
-async fn open_tasks(state: &ProxyState, caller: &AppId, tasks: Vec<WireTask>) -> Vec<Task> {
+async fn open_tasks(state: &ProxyState, caller: &AppId, tasks: Vec<WireTask>) -> Vec<Task<RawBody>> {
     let opened = join_all(tasks.into_iter().map(|t| open_task(state, caller, Arc::new(t)))).await;
     opened.into_iter().filter_map(Result::ok).collect()
 }
 
-async fn open_results(state: &ProxyState, caller: &AppId, task_id: Uuid, results: Vec<WireResult>) -> Vec<TaskResult> {
+async fn open_results(
+    state: &ProxyState,
+    caller: &AppId,
+    task_id: Uuid,
+    results: Vec<WireResult>,
+) -> Vec<TaskResult<RawBody>> {
     let opened = join_all(results.into_iter().map(|r| open_result(state, caller, task_id, Arc::new(r)))).await;
     opened.into_iter().filter_map(Result::ok).collect()
 }
@@ -198,7 +211,7 @@ async fn health(state: State) -> HttpResponse {
 async fn create_task(state: State, req: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
     let caller = state.keys.authenticate(&req)?;
     let body = body::read_limited(&req, payload, state.config.max_body).await?;
-    let new: NewTask = body::parse_json(&body)?;
+    let new: NewTask<RawBody> = body::parse_json(&body)?;
     if new.from != caller {
         return Err(ApiError::Forbidden(format!("from is {}, but you are {caller}", new.from)));
     }
@@ -214,8 +227,8 @@ async fn create_task(state: State, req: HttpRequest, payload: web::Payload) -> R
         metadata: new.metadata,
         body: Arc::from(serde_json::value::to_raw_value(&Value::Null).expect("null serializes")),
     };
-    seal::seal_task(&state.upstream, &mut wire, &new.body).await?;
-    let bytes = Bytes::from(serde_json::to_vec(&wire).expect("wire tasks serialize"));
+    seal::seal_task(&state.upstream, &mut wire, &single_line(new.body)).await?;
+    let bytes = to_json(&wire);
     let res = state.upstream.send(Method::POST, "/v1/tasks", &caller, bytes, Some(UPSTREAM_SLACK)).await?;
     if res.status() != StatusCode::CREATED {
         return Err(relayed(res).await);
@@ -236,7 +249,7 @@ async fn list_tasks(state: State, req: HttpRequest) -> Result<HttpResponse, ApiE
     let res = long_poll(&state, &caller, "/v1/tasks", q).await?;
     let status = status_of(&res);
     let tasks = open_tasks(&state, &caller, read_json(res).await?).await;
-    Ok(HttpResponse::build(status).json(tasks))
+    Ok(json_answer(status, &tasks))
 }
 
 async fn get_task(state: State, req: HttpRequest, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
@@ -253,7 +266,7 @@ async fn get_task(state: State, req: HttpRequest, path: web::Path<String>) -> Re
     let task = open_task(&state, &caller, Arc::new(task))
         .await
         .map_err(|e| ApiError::BadGateway(format!("the broker's answer was refused: {e}")))?;
-    Ok(HttpResponse::Ok().json(task))
+    Ok(json_answer(actix_web::http::StatusCode::OK, &task))
 }
 
 async fn put_result(
@@ -266,7 +279,7 @@ async fn put_result(
     let body = body::read_limited(&req, payload, state.config.max_body).await?;
     let (task_text, app_text) = path.into_inner();
     let id = parse_task_id(&task_text)?;
-    let result: TaskResult = body::parse_json(&body)?;
+    let result: TaskResult<RawBody> = body::parse_json(&body)?;
     if result.task != id || result.from.as_str() != app_text {
         return Err(ApiError::BadRequest(
             "the task id and app id in the path must match the result's task and from".into(),
@@ -283,8 +296,9 @@ async fn put_result(
         status: result.status,
         metadata: result.metadata,
     };
-    seal::seal_result(&state.upstream, &mut wire, result.body.as_ref()).await?;
-    let bytes = Bytes::from(serde_json::to_vec(&wire).expect("wire results serialize"));
+    let sealed = result.body.map(single_line);
+    seal::seal_result(&state.upstream, &mut wire, sealed.as_deref()).await?;
+    let bytes = to_json(&wire);
     let path = format!("/v1/tasks/{id}/results/{}", wire.from);
     let res = state.upstream.send(Method::PUT, &path, &caller, bytes, Some(UPSTREAM_SLACK)).await?;
     let answer = match res.status() {
@@ -327,7 +341,7 @@ async fn get_results(state: State, req: HttpRequest, path: web::Path<String>) ->
     drop(direct);
     let status = status_of(&res);
     let results: Vec<WireResult> = read_json(res).await?;
-    Ok(HttpResponse::build(status).json(open_results(&state, &caller, id, results).await))
+    Ok(json_answer(status, &open_results(&state, &caller, id, results).await))
 }
 
 // === event streams ===

@@ -189,7 +189,7 @@ struct HubState {
 
 impl HubState {
     /// The current results after `last_seq`, in order, each with the answer count up to it.
-    fn replay(&self, last_seq: u64) -> Vec<(Arc<Item>, usize)> {
+    fn replay(&self, last_seq: u64) -> Replay {
         let mut items: Vec<_> = self.latest.values().cloned().collect();
         items.sort_by_key(|i| i.seq);
         let mut n = 0;
@@ -236,6 +236,9 @@ pub struct Hub {
     idle: Notify,
 }
 
+/// The current results a joining reader has not seen, each with the answer count up to it.
+type Replay = Vec<(Arc<Item>, usize)>;
+
 /// A reader of a hub; leaves it when dropped.
 pub struct Reader {
     hub: Arc<Hub>,
@@ -255,7 +258,7 @@ impl Drop for Reader {
 impl Hub {
     /// Joins as a reader after `last_seq`: the current results after it, and the receiver of
     /// everything later. `None` if the hub has closed (open a new one).
-    fn join(self: &Arc<Self>, last_seq: u64) -> Option<(Reader, Vec<(Arc<Item>, usize)>)> {
+    fn join(self: &Arc<Self>, last_seq: u64) -> Option<(Reader, Replay)> {
         let mut state = self.state.lock();
         if state.closed {
             return None;
@@ -276,7 +279,7 @@ async fn join(
     app: &AppId,
     task: Uuid,
     last_seq: u64,
-) -> Result<(Reader, Vec<(Arc<Item>, usize)>), ApiError> {
+) -> Result<(Reader, Replay), ApiError> {
     let key = (app.clone(), task);
     let mut slot = slot;
     loop {
@@ -358,7 +361,7 @@ async fn read_stream(state: &ProxyState, key: &Key, hub: &Hub, res: reqwest::Res
             StreamEvent::NewResult { seq, n_answers, result } => {
                 let (answers, from) = (result.status.is_answer(), result.from.clone());
                 let opened = crate::http::open_result(state, &key.0, key.1, result).await.ok().map(|r| {
-                    let json = Bytes::from(serde_json::to_vec(&r).expect("results serialize"));
+                    let json = photon::wire::to_json(&r);
                     let frame = frame("new_result", Some(seq), &json);
                     (json, frame)
                 });
@@ -554,6 +557,8 @@ pub async fn wait(
             let hub = reader.hub.state.lock();
             match &hub.end {
                 Some(End::Deleted) => return Err(ApiError::Gone("the task expired while waiting".into())),
+                // As the broker answers its own waiters when it stops: with what there is.
+                Some(End::BrokerStopping) => break,
                 Some(_) => return Ok(left()),
                 None => {}
             }

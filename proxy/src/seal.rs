@@ -19,12 +19,12 @@ use photon::{
     },
     http::ApiError,
     wire::{
-        app::{Task, TaskResult},
+        app::{single_line, RawBody, Task, TaskResult},
         broker::{Envelope, WireResult, WireTask},
         AppId, ProxyId,
     },
 };
-use serde_json::{value::RawValue, Value};
+use serde_json::value::RawValue;
 use uuid::Uuid;
 
 use crate::{
@@ -161,14 +161,15 @@ fn seal_with(
     let rs: Vec<Recipient<'_>> =
         peers.iter().map(|p| Recipient { proxy: &p.proxy, kid: p.kid, key: &p.to_peer }).collect();
     let env = e2e::seal(subject, sender, unix_millis(), ttl_ms, &rs, plaintext);
-    Arc::from(serde_json::value::to_raw_value(&env).expect("envelopes serialize"))
+    Arc::from(env.to_raw())
 }
 
-/// Seals `body` into `task.body` (`task` holds every other field already; `to` deduplicated).
-pub async fn seal_task(up: &Upstream, task: &mut WireTask, body: &Value) -> Result<(), ApiError> {
+/// Seals `body` (its JSON text as the app sent it) into `task.body` (`task` holds every other
+/// field already; `to` deduplicated).
+pub async fn seal_task(up: &Upstream, task: &mut WireTask, body: &RawValue) -> Result<(), ApiError> {
     dedup(&mut task.to);
     let peers = recipients(up, &task.to).await?;
-    let plaintext = serde_json::to_vec(body).expect("JSON values serialize");
+    let plaintext = body.get().as_bytes().to_vec();
     let sender = up.keys.own().kid;
     task.body = if plaintext.len() <= INLINE_LIMIT {
         seal_with(&task_subject(task), sender, Some(task.ttl_ms), &peers, &plaintext)
@@ -181,11 +182,11 @@ pub async fn seal_task(up: &Upstream, task: &mut WireTask, body: &Value) -> Resu
 
 /// Seals `body` (an absent body is sealed too, so every field stays covered) into
 /// `result.body`.
-pub async fn seal_result(up: &Upstream, result: &mut WireResult, body: Option<&Value>) -> Result<(), ApiError> {
+pub async fn seal_result(up: &Upstream, result: &mut WireResult, body: Option<&RawValue>) -> Result<(), ApiError> {
     dedup(&mut result.to);
     let peers = recipients(up, &result.to).await?;
-    // An absent body seals as empty bytes, which no JSON value serializes to.
-    let plaintext = body.map(|b| serde_json::to_vec(b).expect("JSON values serialize")).unwrap_or_default();
+    // An absent body seals as empty bytes, which is no JSON text.
+    let plaintext = body.map(|b| b.get().as_bytes().to_vec()).unwrap_or_default();
     let sender = up.keys.own().kid;
     result.body = Some(if plaintext.len() <= INLINE_LIMIT {
         seal_with(&result_subject(result), sender, None, &peers, &plaintext)
@@ -225,12 +226,15 @@ async fn open_envelope<M: Send + Sync + 'static>(
     .map_err(|e| OpenError::Malformed(e.to_string()))?
 }
 
-fn json_body(plaintext: &[u8]) -> Result<Value, OpenError> {
-    serde_json::from_slice(plaintext).map_err(|e| OpenError::Malformed(format!("sealed body is not JSON: {e}")))
+/// The opened body as JSON text, checked, on one line.
+fn json_body(plaintext: Vec<u8>) -> Result<RawBody, OpenError> {
+    let malformed = |e: &dyn std::fmt::Display| OpenError::Malformed(format!("sealed body is not JSON: {e}"));
+    let text = String::from_utf8(plaintext).map_err(|e| malformed(&e))?;
+    Ok(single_line(RawValue::from_string(text).map_err(|e| malformed(&e))?))
 }
 
 /// The task as the app `caller` sees it, if it verifies and is addressed to or from `caller`.
-pub async fn open_task(up: &Upstream, caller: &AppId, task: Arc<WireTask>) -> Result<Task, OpenError> {
+pub async fn open_task(up: &Upstream, caller: &AppId, task: Arc<WireTask>) -> Result<Task<RawBody>, OpenError> {
     if &task.from != caller && !task.to.contains(caller) {
         return Err(OpenError::NotAddressed(caller.clone()));
     }
@@ -243,7 +247,7 @@ pub async fn open_task(up: &Upstream, caller: &AppId, task: Arc<WireTask>) -> Re
         return Err(OpenError::Expired);
     }
     Ok(Task {
-        body: json_body(&plaintext)?,
+        body: json_body(plaintext)?,
         id: task.id,
         from: task.from.clone(),
         to: task.to.clone(),
@@ -259,7 +263,7 @@ pub async fn open_result(
     caller: &AppId,
     task_id: Uuid,
     result: Arc<WireResult>,
-) -> Result<TaskResult, OpenError> {
+) -> Result<TaskResult<RawBody>, OpenError> {
     if result.task != task_id {
         return Err(OpenError::WrongTask { got: result.task, want: task_id });
     }
@@ -272,7 +276,7 @@ pub async fn open_result(
         return Err(OpenError::Malformed("a result envelope with ttl_ms".into()));
     }
     Ok(TaskResult {
-        body: if plaintext.is_empty() { None } else { Some(json_body(&plaintext)?) },
+        body: if plaintext.is_empty() { None } else { Some(json_body(plaintext)?) },
         from: result.from.clone(),
         to: result.to.clone(),
         task: result.task,

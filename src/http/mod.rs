@@ -35,7 +35,7 @@ use crate::{
     presence::Presence,
     wire::{
         broker::{self as bw, SessionHello, WireResult, WireTask},
-        may_sign_for, AppId, ProxyId, ReadQuery,
+        may_sign_for, to_json, AppId, BodySize, ProxyId, ReadQuery,
     },
 };
 
@@ -148,9 +148,9 @@ fn authenticate_proxy(state: &BrokerState, req: &HttpRequest) -> Result<ProxyId,
     Ok(proxy)
 }
 
-fn json_listing<T: serde::Serialize>(listing: Listing<T>) -> HttpResponse {
+fn json_listing<T: serde::Serialize + BodySize>(listing: Listing<T>) -> HttpResponse {
     let mut res = if listing.partial { HttpResponse::PartialContent() } else { HttpResponse::Ok() };
-    res.json(listing.items)
+    res.content_type("application/json").body(to_json(&listing.items))
 }
 
 async fn open_session(state: State, req: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
@@ -238,7 +238,7 @@ async fn get_task(state: State, req: HttpRequest, path: web::Path<String>) -> Re
     }
     let wait = body::parse_wait(&q, state.engine.limits().max_wait)?;
     let _waiting = state.waiting(&wait);
-    Ok(HttpResponse::Ok().json(state.engine.get(&caller, id, wait).await?))
+    Ok(HttpResponse::Ok().content_type("application/json").body(to_json(&state.engine.get(&caller, id, wait).await?)))
 }
 
 async fn put_result(

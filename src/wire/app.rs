@@ -1,21 +1,56 @@
 //! The objects apps exchange with their proxy (API.md "Objects"): plaintext bodies, any JSON.
 
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde_json::{value::RawValue, Value};
 use uuid::Uuid;
 
 use super::{AppId, DurationText, FailureStrategy, WorkStatus};
 
+/// What an app body is held as: any JSON. Apps and tools that look inside use [`Value`] (the
+/// default); the proxy, which only seals and opens bodies, keeps them as [`RawBody`].
+pub trait Body: Serialize + DeserializeOwned {
+    /// The body of a task sent without one: `null`.
+    fn absent() -> Self;
+}
+
+impl Body for Value {
+    fn absent() -> Self {
+        Value::Null
+    }
+}
+
+/// A body as the JSON text it arrived as: checked, but never parsed into a tree nor escaped
+/// again on its way through, which is most of the work for a large body.
+pub type RawBody = Box<RawValue>;
+
+impl Body for RawBody {
+    fn absent() -> Self {
+        RawValue::from_string("null".into()).expect("null is JSON")
+    }
+}
+
+/// `raw` without line breaks: JSON allows them only as whitespace between tokens, and an event
+/// stream's `data:` line must not hold one. Bodies without any (the usual case) are kept as
+/// they are.
+pub fn single_line(raw: RawBody) -> RawBody {
+    if memchr::memchr2(b'\n', b'\r', raw.get().as_bytes()).is_none() {
+        return raw;
+    }
+    let value: Value = serde_json::from_str(raw.get()).expect("raw values are JSON");
+    serde_json::value::to_raw_value(&value).expect("JSON values serialize")
+}
+
 /// A task as an app submits it (`POST /v1/tasks`); the loadtest sends it, the proxy reads it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct NewTask {
+#[serde(bound = "B: Body")]
+pub struct NewTask<B = Value> {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<Uuid>,
     pub from: AppId,
     pub to: Vec<AppId>,
     /// Any JSON; Beam clients send a (double-encoded) string.
-    #[serde(default)]
-    pub body: Value,
+    #[serde(default = "Body::absent")]
+    pub body: B,
     pub ttl: DurationText,
     #[serde(default)]
     pub failure_strategy: FailureStrategy,
@@ -25,11 +60,12 @@ pub struct NewTask {
 
 /// A task as a proxy hands it to an app; `ttl` is the remaining lifetime in whole seconds.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Task {
+#[serde(bound = "B: Body")]
+pub struct Task<B = Value> {
     pub id: Uuid,
     pub from: AppId,
     pub to: Vec<AppId>,
-    pub body: Value,
+    pub body: B,
     pub ttl: String,
     pub failure_strategy: FailureStrategy,
     pub metadata: Value,
@@ -37,13 +73,14 @@ pub struct Task {
 
 /// A result, in both directions. `body` may be omitted for `claimed`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct TaskResult {
+#[serde(bound = "B: Body")]
+pub struct TaskResult<B = Value> {
     pub from: AppId,
     pub to: Vec<AppId>,
     pub task: Uuid,
     pub status: WorkStatus,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub body: Option<Value>,
+    pub body: Option<B>,
     #[serde(default)]
     pub metadata: Value,
 }

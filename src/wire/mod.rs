@@ -11,6 +11,64 @@ use serde::{Deserialize, Serialize};
 pub use duration::{parse_duration, DurationError, DurationText};
 pub use ids::{may_sign_for, AppId, IdError, ProxyId};
 
+/// How many bytes a message's body takes as JSON, so that writing the message can size its
+/// buffer once instead of copying a large body again each time the buffer grows.
+pub trait BodySize {
+    fn body_size(&self) -> usize;
+}
+
+impl BodySize for broker::WireTask {
+    fn body_size(&self) -> usize {
+        self.body.get().len()
+    }
+}
+
+impl BodySize for broker::WireResult {
+    fn body_size(&self) -> usize {
+        self.body.as_ref().map_or(0, |b| b.get().len())
+    }
+}
+
+impl BodySize for app::Task<app::RawBody> {
+    fn body_size(&self) -> usize {
+        self.body.get().len()
+    }
+}
+
+impl BodySize for app::TaskResult<app::RawBody> {
+    fn body_size(&self) -> usize {
+        self.body.as_ref().map_or(0, |b| b.get().len())
+    }
+}
+
+impl<T: BodySize> BodySize for std::sync::Arc<T> {
+    fn body_size(&self) -> usize {
+        (**self).body_size()
+    }
+}
+
+impl<T: BodySize> BodySize for [T] {
+    fn body_size(&self) -> usize {
+        self.iter().map(|m| m.body_size() + MESSAGE_OVERHEAD).sum()
+    }
+}
+
+impl<T: BodySize> BodySize for Vec<T> {
+    fn body_size(&self) -> usize {
+        self.as_slice().body_size()
+    }
+}
+
+/// Room for a message's fields besides its body (ids, recipients, metadata) when sizing a buffer.
+pub const MESSAGE_OVERHEAD: usize = 1024;
+
+/// A message as JSON in a buffer sized for it up front (see [`BodySize`]).
+pub fn to_json<T: Serialize + BodySize + ?Sized>(message: &T) -> bytes::Bytes {
+    let mut out = Vec::with_capacity(message.body_size() + MESSAGE_OVERHEAD);
+    serde_json::to_writer(&mut out, message).expect("messages serialize");
+    bytes::Bytes::from(out)
+}
+
 /// Every error answer except `424`: `{"error": "..."}`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ErrorBody {
