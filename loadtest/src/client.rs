@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use photon::wire::{
-    app::{NewTask, Task, TaskResult},
+    app::{Body, NewTask, Task, TaskResult},
     AppId, DurationText, FailureStrategy, WorkStatus,
 };
 use reqwest::{header, Client, RequestBuilder, Response};
@@ -58,12 +58,12 @@ impl App {
     }
 
     /// `POST /v1/tasks` with a new id; returns it.
-    pub async fn create(&self, to: &AppId, body: &Value, ttl: &str) -> Result<Uuid, Failure> {
+    pub async fn create<B: Body + Clone>(&self, to: &AppId, body: &B, ttl: &str) -> Result<Uuid, Failure> {
         self.create_for(std::slice::from_ref(to), body, ttl).await
     }
 
     /// `POST /v1/tasks` to several recipients.
-    pub async fn create_for(&self, to: &[AppId], body: &Value, ttl: &str) -> Result<Uuid, Failure> {
+    pub async fn create_for<B: Body + Clone>(&self, to: &[AppId], body: &B, ttl: &str) -> Result<Uuid, Failure> {
         let id = Uuid::new_v4();
         let task = NewTask {
             id: Some(id),
@@ -80,12 +80,12 @@ impl App {
     }
 
     /// `PUT` a `succeeded` result for `task` to its creator.
-    pub async fn answer(&self, task: &Task, body: &Value) -> Result<(), Failure> {
+    pub async fn answer<B: Body + Clone>(&self, task: &Task, body: &B) -> Result<(), Failure> {
         self.put_result(task.id, &task.from, body).await
     }
 
     /// `PUT` a `succeeded` result (new or replacing this app's earlier one) for `task`, to `creator`.
-    pub async fn put_result(&self, task: Uuid, creator: &AppId, body: &Value) -> Result<(), Failure> {
+    pub async fn put_result<B: Body + Clone>(&self, task: Uuid, creator: &AppId, body: &B) -> Result<(), Failure> {
         let result = TaskResult {
             from: self.id.clone(),
             to: vec![creator.clone()],
