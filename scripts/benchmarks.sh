@@ -3,12 +3,12 @@
 # network the loadtest starts itself (release binaries, free loopback ports), appending one JSON
 # line per run to $OUT, then writes the HTML report beside it.
 #
-#   scripts/benchmarks.sh                 # all targets, 3 runs each (about 15 minutes on 2 cores)
+#   scripts/benchmarks.sh                 # all targets, 3 runs each (about 12 minutes on 2 cores)
 #   RUNS=1 scripts/benchmarks.sh sse      # one target, once
 #
-# 10,000 streams need about 20,000 file descriptors in the proxy (one per app connection and
-# one per broker stream): the script raises the soft limit to the hard one, and warns if
-# that is too low, the run reports how many opened.
+# 10,000 streams need a little over 10,000 file descriptors in the proxy (one per app
+# connection; they share one broker stream) and as many in the loadtest: the script raises the
+# soft limit to the hard one, and warns if that is too low; the run reports how many opened.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -43,8 +43,8 @@ for TARGET in create roundtrip1 roundtrip64 large sse waiters streams expiry fan
     sse)         run sse sse -c 50 -n 4000 -d 20s ;;
     waiters)     run waiters waiters -c 1000 -n 5 -d 60s ;;
     streams)
-      if [ "$(ulimit -n)" -lt 21000 ]; then
-        echo "streams: the proxy needs ulimit -n ≥ 21000 (have $(ulimit -n)); some streams will fail to open" >&2
+      if [ "$(ulimit -n)" -lt 10500 ]; then
+        echo "streams: needs ulimit -n ≥ 10500 (have $(ulimit -n)); some streams will fail to open" >&2
       fi
       run streams sse -c 10000 -n 1 -d 60s ;;
     expiry)      run expiry expiry -c 16 -n 50000 --ttl 5s -d 60s ;;

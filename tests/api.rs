@@ -241,22 +241,11 @@ async fn bodies_arrive_as_sent_and_streams_stay_one_line_each() {
     assert_eq!(todo.next_event(SECS(10)).await.unwrap().json()["body"], want);
 
     // A result sent pretty-printed reaches both a lone stream and one sharing a hub intact.
-    let streams = [
-        Sse::new(
-            net.get(APP1, &format!("/v1/tasks/{id}/results"))
-                .header(header::ACCEPT, "text/event-stream")
-                .send()
-                .await
-                .unwrap(),
-        ),
-        Sse::new(
-            net.get(APP1, &format!("/v1/tasks/{id}/results"))
-                .header(header::ACCEPT, "text/event-stream")
-                .send()
-                .await
-                .unwrap(),
-        ),
-    ];
+    let results_stream = || async {
+        let req = net.get(APP1, &format!("/v1/tasks/{id}/results")).header(header::ACCEPT, "text/event-stream");
+        Sse::new(req.send().await.unwrap())
+    };
+    let streams = [results_stream().await, results_stream().await];
     let result = format!(r#"{{"from":"{APP2}","to":["{APP1}"],"task":"{id}","status":"succeeded","body":{body}}}"#);
     let res = net
         .put(APP2, &format!("/v1/tasks/{id}/results/{APP2}"))

@@ -7,11 +7,6 @@ use clap::Parser;
 use photon::{crypto::ca, wire::ProxyId};
 use photon_proxy::config::{app_keys_from_env, Cli, Command};
 
-/// mimalloc instead of glibc malloc: a sixth of the proxy's time under many small requests
-/// went to glibc's free-list upkeep (see docs/BENCHMARKS.md).
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     photon::ops::init_tracing(cli.serve.ops.log_format);
