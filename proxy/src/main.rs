@@ -9,6 +9,7 @@ use photon_proxy::config::{app_keys_from_env, Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    photon::ops::memory::keep_large_buffers();
     photon::ops::init_tracing(cli.serve.ops.log_format);
     let outcome = match &cli.command {
         Some(Command::Keygen { proxy_id, out }) => keygen(proxy_id, out),
