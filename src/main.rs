@@ -11,7 +11,6 @@ use photon::{
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    photon::ops::memory::keep_large_buffers();
     photon::ops::init_tracing(cli.serve.ops.log_format);
     let outcome = match cli.command {
         Some(Command::Ca { action }) => run_ca(action),
