@@ -17,7 +17,10 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    sync::Arc,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
     time::Duration,
 };
 
@@ -65,6 +68,8 @@ struct Entry {
 #[derive(Default)]
 pub struct Hubs {
     entries: Mutex<HashMap<Key, Entry>>,
+    /// Hubs whose broker stream is open now.
+    open: AtomicUsize,
 }
 
 impl Hubs {
@@ -87,13 +92,15 @@ impl Hubs {
 
     /// Hubs open now.
     pub fn open(&self) -> usize {
-        self.entries.lock().values().filter(|e| e.hub.as_ref().is_some_and(|s| s.initialized())).count()
+        self.open.load(Ordering::Relaxed)
     }
 
-    /// Forgets `key`'s slot if it is `slot` (the hub ended, or never opened and nobody else
-    /// is about to try).
+    /// Forgets `key`'s slot if it is `slot` (the hub ended).
     fn forget(&self, key: &Key, slot: &Arc<Slot>) {
-        let mut entries = self.entries.lock();
+        Self::forget_in(&mut self.entries.lock(), key, slot);
+    }
+
+    fn forget_in(entries: &mut HashMap<Key, Entry>, key: &Key, slot: &Arc<Slot>) {
         if let Some(entry) = entries.get_mut(key) {
             if entry.hub.as_ref().is_some_and(|s| Arc::ptr_eq(s, slot)) {
                 entry.hub = None;
@@ -106,13 +113,10 @@ impl Hubs {
 
     /// After a failed opening: forgets the slot unless other readers hold it (they try again).
     fn abandon(&self, key: &Key, slot: &Arc<Slot>) {
-        let held_by_others = {
-            let _entries = self.entries.lock();
-            // The map's reference and ours; clones are only taken under this lock.
-            Arc::strong_count(slot) > 2
-        };
-        if !held_by_others && !slot.initialized() {
-            self.forget(key, slot);
+        let mut entries = self.entries.lock();
+        // The map's reference and ours; clones are only taken under this lock.
+        if Arc::strong_count(slot) <= 2 && !slot.initialized() {
+            Self::forget_in(&mut entries, key, slot);
         }
     }
 }
@@ -312,6 +316,7 @@ async fn open(state: &Arc<ProxyState>, key: Key, slot: Arc<Slot>) -> Result<Arc<
     }
     let (tx, _) = broadcast::channel(CAPACITY);
     let hub = Arc::new(Hub { state: Mutex::new(HubState::default()), tx, idle: Notify::new() });
+    state.hubs.open.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(app = %key.0, task = %key.1, "result hub opened");
     actix_web::rt::spawn(pump(state.clone(), key, slot, hub.clone(), res));
     Ok(hub)
@@ -332,6 +337,7 @@ async fn pump(state: Arc<ProxyState>, key: Key, slot: Arc<Slot>, hub: Arc<Hub>, 
         }
     }
     state.hubs.forget(&key, &slot);
+    state.hubs.open.fetch_sub(1, Ordering::Relaxed);
     tracing::debug!(app = %key.0, task = %key.1, "result hub closed");
 }
 
