@@ -85,9 +85,15 @@ impl Hubs {
             entry.direct = 1;
             return Route::Direct(DirectGuard { hubs: self.clone(), key });
         }
-        let slot = Arc::new(Slot::new());
-        entry.hub = Some(slot.clone());
-        Route::Shared(slot)
+        Route::Shared(entry.hub.insert(Arc::new(Slot::new())).clone())
+    }
+
+    /// The key's hub, or a new one to open: for a reader that found its hub closed and must
+    /// not go direct (it is on the hub path already).
+    fn slot(&self, app: &AppId, task: Uuid) -> Arc<Slot> {
+        let mut entries = self.entries.lock();
+        let entry = entries.entry((app.clone(), task)).or_default();
+        entry.hub.get_or_insert_with(|| Arc::new(Slot::new())).clone()
     }
 
     /// Hubs open now.
@@ -299,10 +305,7 @@ async fn join(
             return Ok(joined);
         }
         // It closed meanwhile: take (or make) the key's next hub.
-        slot = match state.hubs.route(app, task) {
-            Route::Shared(next) => next,
-            Route::Direct(_) => unreachable!("a reader never gets here without a hub in its key"),
-        };
+        slot = state.hubs.slot(app, task);
     }
 }
 
@@ -587,4 +590,30 @@ pub async fn wait(
     let partial = wait.count.is_some_and(|c| hub.n_answers < c);
     let mut answer = if partial { HttpResponse::PartialContent() } else { HttpResponse::Ok() };
     Ok(Waited::Answer(answer.content_type("application/json").body(hub.listing())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_reader_goes_direct_the_next_share_and_a_rejoin_never_goes_direct() {
+        let hubs = Arc::new(Hubs::default());
+        let (app, task) = (AppId::parse("app1.proxy1.broker").unwrap(), Uuid::new_v4());
+        let first = hubs.route(&app, task);
+        assert!(matches!(first, Route::Direct(_)));
+        let (Route::Shared(a), Route::Shared(b)) = (hubs.route(&app, task), hubs.route(&app, task)) else {
+            panic!("readers beside a direct one share a hub");
+        };
+        assert!(Arc::ptr_eq(&a, &b));
+        // The hub ends and the direct reader leaves: nothing is kept for the key.
+        hubs.forget(&(app.clone(), task), &a);
+        drop(first);
+        assert!(hubs.entries.lock().is_empty());
+        // A reader that found its hub closed gets a new one to open, not a direct route, and
+        // later readers join that one.
+        let again = hubs.slot(&app, task);
+        assert!(!Arc::ptr_eq(&again, &a));
+        assert!(matches!(hubs.route(&app, task), Route::Shared(s) if Arc::ptr_eq(&s, &again)));
+    }
 }
