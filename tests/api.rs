@@ -257,6 +257,15 @@ async fn bodies_arrive_as_sent_and_streams_stay_one_line_each() {
     for mut s in streams {
         assert_eq!(s.next_event(SECS(10)).await.unwrap().json()["body"], want);
     }
+    // A number no float holds, on lines of its own: kept digit for digit, nothing breaks.
+    let huge = uuid::Uuid::new_v4().to_string();
+    let sent =
+        format!(r#"{{"id":"{huge}","from":"{APP1}","to":["{APP2}"],"ttl":"1m","body":[{}1e400{}]}}"#, '\n', '\n');
+    let res = net.post(APP1, "/v1/tasks").header(header::CONTENT_TYPE, "application/json").body(sent).send().await;
+    assert_eq!(res.unwrap().status(), 201);
+    let got = net.get(APP2, &format!("/v1/tasks/{huge}")).send().await.unwrap().text().await.unwrap();
+    assert!(got.contains(r#""body":[ 1e400 ]"#), "{got}");
+
     // Without a body: a task's is null, a result has none.
     let bare = uuid::Uuid::new_v4().to_string();
     let sent = format!(r#"{{"id":"{bare}","from":"{APP1}","to":["{APP2}"],"ttl":"1m"}}"#);
