@@ -58,7 +58,7 @@ fn wants_events(req: &HttpRequest) -> bool {
     req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("text/event-stream"))
 }
 
-fn query_string(q: &ReadQuery) -> String {
+pub(crate) fn query_string(q: &ReadQuery) -> String {
     serde_urlencoded::to_string(q).expect("query fields serialize")
 }
 
@@ -227,7 +227,7 @@ async fn create_task(state: State, req: HttpRequest, payload: web::Payload) -> R
         metadata: new.metadata,
         body: Arc::from(serde_json::value::to_raw_value(&Value::Null).expect("null serializes")),
     };
-    seal::seal_task(&state.upstream, &mut wire, &single_line(new.body)).await?;
+    seal::seal_task(&state.upstream, &mut wire, single_line(new.body)).await?;
     let bytes = to_json(&wire);
     let res = state.upstream.send(Method::POST, "/v1/tasks", &caller, bytes, Some(UPSTREAM_SLACK)).await?;
     if res.status() != StatusCode::CREATED {
@@ -296,8 +296,7 @@ async fn put_result(
         status: result.status,
         metadata: result.metadata,
     };
-    let sealed = result.body.map(single_line);
-    seal::seal_result(&state.upstream, &mut wire, sealed.as_deref()).await?;
+    seal::seal_result(&state.upstream, &mut wire, result.body.map(single_line)).await?;
     let bytes = to_json(&wire);
     let path = format!("/v1/tasks/{id}/results/{}", wire.from);
     let res = state.upstream.send(Method::PUT, &path, &caller, bytes, Some(UPSTREAM_SLACK)).await?;
@@ -321,11 +320,12 @@ async fn get_results(state: State, req: HttpRequest, path: web::Path<String>) ->
     // ones beside it share a hub (see `hub`).
     let mut direct = None;
     if (events || waits) && q.wait_count != Some(0) {
+        // Bad input is refused before a route is taken (a taken hub slot expects its reader).
         let wait = body::parse_wait(&q, state.config.max_wait)?;
+        let last = if events { body::last_event_id(&req, &q)? } else { 0 };
         match state.hubs.route(&caller, id) {
             Route::Direct(guard) => direct = Some(guard),
             Route::Shared(slot) if events => {
-                let last = body::last_event_id(&req, &q)?;
                 return hub::stream(&state, slot, &caller, id, last, wait).await;
             }
             Route::Shared(slot) => match hub::wait(&state, slot, &caller, id, wait).await? {

@@ -312,7 +312,7 @@ async fn join(
 /// Opens the broker stream and starts the hub's pump.
 async fn open(state: &Arc<ProxyState>, key: Key, slot: Arc<Slot>) -> Result<Arc<Hub>, ApiError> {
     let q = ReadQuery { stream: Some(1), last_event_id: Some(0), ..Default::default() };
-    let path = format!("/v1/tasks/{}/results?{}", key.1, serde_urlencoded::to_string(&q).expect("queries serialize"));
+    let path = format!("/v1/tasks/{}/results?{}", key.1, crate::http::query_string(&q));
     let res = state.upstream.send(Method::GET, &path, &key.0, Bytes::new(), None).await?;
     if !res.status().is_success() {
         return Err(crate::http::relayed(res).await);
@@ -372,7 +372,9 @@ async fn read_stream(state: &ProxyState, key: &Key, hub: &Hub, res: reqwest::Res
                 let opened = crate::http::open_result(state, &key.0, key.1, result).await.ok().map(|r| {
                     let json = photon::wire::to_json(&r);
                     let frame = frame("new_result", Some(seq), &json);
-                    (json, frame)
+                    // Listings take the JSON from the frame's data: one copy of the body, not two.
+                    let data_end = frame.len() - 2;
+                    (frame.slice(data_end - json.len()..data_end), frame)
                 });
                 let item = Arc::new(Item { seq, from, answers, opened });
                 let mut hub_state = hub.state.lock();

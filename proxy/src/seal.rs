@@ -164,12 +164,17 @@ fn seal_with(
     Arc::from(env.to_raw())
 }
 
+/// A body's JSON text as bytes, without copying it.
+fn text_bytes(body: RawBody) -> Vec<u8> {
+    Box::<str>::from(body).into_boxed_bytes().into_vec()
+}
+
 /// Seals `body` (its JSON text as the app sent it) into `task.body` (`task` holds every other
 /// field already; `to` deduplicated).
-pub async fn seal_task(up: &Upstream, task: &mut WireTask, body: &RawValue) -> Result<(), ApiError> {
+pub async fn seal_task(up: &Upstream, task: &mut WireTask, body: RawBody) -> Result<(), ApiError> {
     dedup(&mut task.to);
     let peers = recipients(up, &task.to).await?;
-    let plaintext = body.get().as_bytes().to_vec();
+    let plaintext = text_bytes(body);
     let sender = up.keys.own().kid;
     task.body = if plaintext.len() <= INLINE_LIMIT {
         seal_with(&task_subject(task), sender, Some(task.ttl_ms), &peers, &plaintext)
@@ -182,11 +187,11 @@ pub async fn seal_task(up: &Upstream, task: &mut WireTask, body: &RawValue) -> R
 
 /// Seals `body` (an absent body is sealed too, so every field stays covered) into
 /// `result.body`.
-pub async fn seal_result(up: &Upstream, result: &mut WireResult, body: Option<&RawValue>) -> Result<(), ApiError> {
+pub async fn seal_result(up: &Upstream, result: &mut WireResult, body: Option<RawBody>) -> Result<(), ApiError> {
     dedup(&mut result.to);
     let peers = recipients(up, &result.to).await?;
     // An absent body seals as empty bytes, which is no JSON text.
-    let plaintext = body.map(|b| b.get().as_bytes().to_vec()).unwrap_or_default();
+    let plaintext = body.map(text_bytes).unwrap_or_default();
     let sender = up.keys.own().kid;
     result.body = Some(if plaintext.len() <= INLINE_LIMIT {
         seal_with(&result_subject(result), sender, None, &peers, &plaintext)
