@@ -267,21 +267,26 @@ impl Answering {
 
 /// The worker: takes every task addressed to it and answers it once. Its own failures are
 /// counted under `worker_<status>`; the creator's round trip then times out.
+///
+/// By long-poll it works like a Beam worker: it answers the batch it got (all at once), then
+/// asks again. Asking while its answers are still on their way would only be handed the same
+/// tasks again (`filter=todo` lists a task until the app's result is stored), which cost every
+/// large round trip a second delivery of its body.
 async fn work(worker: Arc<App>, plan: Plan, mut stop: tokio::sync::watch::Receiver<bool>, rec: Arc<Recorder>) {
     let body = plan.raw_body();
-    // Long-polls can hand out a task again until its answer is stored: answer each once.
+    // A long-poll can still hand out a task again (a failed answer, a slow one): answer each once.
     let seen = Arc::new(Mutex::new(HashSet::new()));
     let answer = |task: photon::wire::app::Task| {
         let (worker, body, rec, seen) = (worker.clone(), body.clone(), rec.clone(), seen.clone());
         if !seen.lock().insert(task.id) {
-            return;
+            return None;
         }
-        tokio::spawn(async move {
+        Some(tokio::spawn(async move {
             if let Err(e) = worker.answer(&task, &*body).await {
                 rec.error(format!("worker_{e}"));
                 seen.lock().remove(&task.id);
             }
-        });
+        }))
     };
     let mut stream = None;
     loop {
@@ -308,7 +313,15 @@ async fn work(worker: Arc<App>, plan: Plan, mut stop: tokio::sync::watch::Receiv
         };
         tokio::select! {
             got = next => match got {
-                Ok(tasks) => tasks.into_iter().for_each(answer),
+                Ok(tasks) => {
+                    let answers: Vec<_> = tasks.into_iter().filter_map(answer).collect();
+                    if plan.via == Via::LongPoll {
+                        tokio::select! {
+                            _ = futures_util::future::join_all(answers) => {}
+                            _ = stop.changed() => return,
+                        }
+                    }
+                }
                 Err(e) => {
                     rec.error(format!("worker_{e}"));
                     stream = None;
