@@ -62,6 +62,34 @@ async fn captured_request_replayed_is_refused() {
     let auth = s.sign("GET", path, APP2, b"");
     let res = signed(APP2, &auth).await.unwrap();
     assert_eq!(res.status(), 403);
+
+    // The MAC covers the body, small or large (the broker hashes a large one beside parsing it):
+    // a body changed after signing is refused as such, even when it is not JSON either; a signed
+    // body that is not JSON is a 400.
+    let post = |body: Vec<u8>, auth: session::RequestAuth| {
+        net.http
+            .post(format!("{}/v1/tasks", net.broker))
+            .header(bw::APP_HEADER, APP1)
+            .header(bw::SESSION_HEADER, &auth.session)
+            .header(bw::SEQ_HEADER, auth.seq)
+            .header(bw::TS_HEADER, auth.ts)
+            .header(bw::MAC_HEADER, &auth.mac)
+            .body(body)
+            .send()
+    };
+    for size in [100, 600 * 1024] {
+        let body = vec![b'x'; size];
+        let auth = s.sign("POST", "/v1/tasks", APP1, &body);
+        let mut changed = body.clone();
+        changed[size / 2] = b'y';
+        let res = post(changed, auth).await.unwrap();
+        assert_eq!(res.status(), 401, "{size} bytes changed after signing");
+        assert!(json_of(res).await["error"].as_str().unwrap().contains("MAC"), "{size} bytes");
+        let auth = s.sign("POST", "/v1/tasks", APP1, &body);
+        let res = post(body, auth).await.unwrap();
+        assert_eq!(res.status(), 400, "{size} bytes of signed non-JSON");
+        assert!(json_of(res).await["error"].as_str().unwrap().contains("invalid JSON"), "{size} bytes");
+    }
 }
 
 #[tokio::test]

@@ -30,7 +30,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 use zeroize::Zeroize;
 
-use super::{b64, put_lp};
+use super::{b64, decode_bulk, encode_bulk, put_lp};
 use crate::wire::{
     broker::{Envelope, SealAlg, WrappedKey},
     AppId, FailureStrategy, ProxyId, WorkStatus,
@@ -259,7 +259,7 @@ pub fn seal(
         slot.w = b64().encode(wrapped);
     }
     content_key.zeroize();
-    env.ct = b64().encode(ct);
+    env.ct = encode_bulk(&ct);
     env
 }
 
@@ -281,7 +281,7 @@ fn decode_nonce(env: &Envelope) -> Result<[u8; NONCE_LEN], SealError> {
 pub fn open(env: &Envelope, subject: &Subject<'_>, wrap: &WrappedKey, key: &PairKey) -> Result<Vec<u8>, SealError> {
     let nonce_bytes = decode_nonce(env)?;
     let nonce = XNonce::from_slice(&nonce_bytes);
-    let ct = b64().decode(&env.ct).map_err(|_| SealError::Malformed("ciphertext encoding"))?;
+    let ct = decode_bulk(&env.ct).ok_or(SealError::Malformed("ciphertext encoding"))?;
     if ct.len() < TAG_LEN {
         return Err(SealError::Malformed("ciphertext shorter than its tag"));
     }
@@ -317,7 +317,7 @@ pub fn reseal_as_recipient(
     let nonce_bytes = decode_nonce(env)?;
     let nonce = XNonce::from_slice(&nonce_bytes);
     let header = header(subject, &env.sk, env.ts, env.ttl_ms, &env.n, &env.keys);
-    let ct = b64().decode(&env.ct).map_err(|_| SealError::Malformed("ciphertext encoding"))?;
+    let ct = decode_bulk(&env.ct).ok_or(SealError::Malformed("ciphertext encoding"))?;
     let wrapped = b64().decode(&wrap_for(env, me)?.w).map_err(|_| SealError::Malformed("wrapped key encoding"))?;
     let content_key: [u8; KEY_LEN] = XChaCha20Poly1305::new(&key.0.into())
         .decrypt(nonce, Payload { msg: &wrapped, aad: &binding(&header, &ct) })
@@ -327,7 +327,7 @@ pub fn reseal_as_recipient(
     let forged = XChaCha20Poly1305::new(&content_key.into())
         .encrypt(nonce, Payload { msg: plaintext, aad: &header })
         .map_err(|_| SealError::Forged)?;
-    Ok(Envelope { ct: b64().encode(forged), ..env.clone() })
+    Ok(Envelope { ct: encode_bulk(&forged), ..env.clone() })
 }
 
 #[cfg(test)]

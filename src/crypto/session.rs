@@ -112,6 +112,21 @@ fn derive_key(eph: EphemeralSecret, peer: &PublicKey, nonce: &str, accept_t: &[u
     key
 }
 
+/// The SHA-256 of a request body, which its MAC covers. The broker may compute it beside
+/// parsing the body (see `http::body::digest_beside`).
+pub type BodyDigest = [u8; 32];
+
+/// The [`BodyDigest`] of an empty body (every GET), the SHA-256 of nothing.
+pub const EMPTY_BODY: BodyDigest = [
+    0xe3, 0xb0, 0xc4, 0x42, 0x98, 0xfc, 0x1c, 0x14, 0x9a, 0xfb, 0xf4, 0xc8, 0x99, 0x6f, 0xb9, 0x24, 0x27, 0xae, 0x41,
+    0xe4, 0x64, 0x9b, 0x93, 0x4c, 0xa4, 0x95, 0x99, 0x1b, 0x78, 0x52, 0xb8, 0x55,
+];
+
+/// The [`BodyDigest`] of `body`.
+pub fn body_digest(body: &[u8]) -> BodyDigest {
+    Sha256::digest(body).into()
+}
+
 fn request_mac(
     key: &[u8; 32],
     method: &str,
@@ -119,7 +134,7 @@ fn request_mac(
     app: &str,
     seq: u64,
     ts: u64,
-    body: &[u8],
+    body: &BodyDigest,
 ) -> HmacSha256 {
     let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes any key length");
     let mut head = b"photon-request-v1".to_vec();
@@ -129,7 +144,7 @@ fn request_mac(
     head.extend_from_slice(&seq.to_be_bytes());
     head.extend_from_slice(&ts.to_be_bytes());
     mac.update(&head);
-    mac.update(&Sha256::digest(body));
+    mac.update(body);
     mac
 }
 
@@ -205,7 +220,8 @@ impl ClientSession {
     pub fn sign(&self, method: &str, path_and_query: &str, app: &str, body: &[u8]) -> RequestAuth {
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         let ts = unix_millis();
-        let mac = request_mac(&self.key, method, path_and_query, app, seq, ts, body).finalize().into_bytes();
+        let mac =
+            request_mac(&self.key, method, path_and_query, app, seq, ts, &body_digest(body)).finalize().into_bytes();
         RequestAuth { session: self.id.clone(), seq, ts, mac: b64().encode(mac) }
     }
 
@@ -328,7 +344,7 @@ impl SessionStore {
         Ok((accept, cert))
     }
 
-    /// Authenticates one request; returns the proxy it came from.
+    /// Authenticates one request, given its body's [`BodyDigest`]; returns the proxy it came from.
     #[allow(clippy::too_many_arguments)]
     pub fn verify(
         &self,
@@ -339,7 +355,7 @@ impl SessionStore {
         method: &str,
         path_and_query: &str,
         app: &str,
-        body: &[u8],
+        body: &BodyDigest,
     ) -> Result<ProxyId, AuthError> {
         let session = self.sessions.get(session).map(|s| s.clone()).ok_or(AuthError::UnknownSession)?;
         if Instant::now() >= session.expires_at {
@@ -481,7 +497,7 @@ mod tests {
 
         let auth = session.sign("POST", "/v1/tasks", "app1.proxy1.broker", b"{}");
         let verify = |a: &RequestAuth, method: &str, path: &str, app: &str, body: &[u8]| {
-            store.verify(&a.session, a.seq, a.ts, &a.mac, method, path, app, body)
+            store.verify(&a.session, a.seq, a.ts, &a.mac, method, path, app, &body_digest(body))
         };
         assert_eq!(verify(&auth, "POST", "/v1/tasks", "app1.proxy1.broker", b"{}").unwrap().as_str(), "proxy1.broker");
         // The same request again is a replay.
@@ -496,9 +512,14 @@ mod tests {
         forged.seq += 1000;
         assert!(matches!(verify(&forged, "GET", "/", "a.proxy1.broker", b""), Err(AuthError::BadMac)));
         assert!(matches!(
-            store.verify("nope", 1, unix_millis(), "AAAA", "GET", "/", "a.b.c", b""),
+            store.verify("nope", 1, unix_millis(), "AAAA", "GET", "/", "a.b.c", &body_digest(b"")),
             Err(AuthError::UnknownSession)
         ));
+    }
+
+    #[test]
+    fn empty_body_digest() {
+        assert_eq!(EMPTY_BODY, body_digest(b""));
     }
 
     /// Ephemeral keys that are not P-256 points are a clear error, never a panic.

@@ -29,7 +29,7 @@ use crate::{
     config::Secret,
     crypto::{
         directory::CertDirectory,
-        session::{AuthError, SessionStore},
+        session::{AuthError, BodyDigest, SessionStore, EMPTY_BODY},
     },
     ops::{metrics::LevelGuard, requests::Observer, Level, Shutdown},
     presence::Presence,
@@ -96,9 +96,15 @@ pub async fn no_such_endpoint() -> Result<HttpResponse, ApiError> {
     Err(ApiError::NotFound("no such endpoint".into()))
 }
 
-/// Checks a request's session MAC (`app_text` as signed) and that the sending instance is the
-/// one online for its proxy; returns the proxy. Refusals are counted by reason.
-fn verify_request(state: &BrokerState, req: &HttpRequest, app_text: &str, body: &[u8]) -> Result<ProxyId, ApiError> {
+/// Checks a request's session MAC (`app_text` as signed, `body` the body's digest) and that the
+/// sending instance is the one online for its proxy; returns the proxy. Refusals are counted by
+/// reason.
+fn verify_request(
+    state: &BrokerState,
+    req: &HttpRequest,
+    app_text: &str,
+    body: &BodyDigest,
+) -> Result<ProxyId, ApiError> {
     let verified = (|| {
         let h = |name: &'static str| header_text(req, name).ok_or(AuthError::Header(name));
         let seq = h(bw::SEQ_HEADER)?.parse().map_err(|_| AuthError::Header(bw::SEQ_HEADER))?;
@@ -127,7 +133,7 @@ fn refused(state: &BrokerState, e: AuthError) -> ApiError {
 }
 
 /// The app a request acts for, after the proxy's session and right to act for it are checked.
-fn authenticate(state: &BrokerState, req: &HttpRequest, body: &[u8]) -> Result<AppId, ApiError> {
+fn authenticate(state: &BrokerState, req: &HttpRequest, body: &BodyDigest) -> Result<AppId, ApiError> {
     let app_text = header_text(req, bw::APP_HEADER).ok_or_else(|| refused(state, AuthError::Header(bw::APP_HEADER)))?;
     let proxy = verify_request(state, req, app_text, body)?;
     let app = AppId::parse(app_text).map_err(|e| ApiError::BadRequest(e.to_string()))?;
@@ -141,7 +147,7 @@ fn authenticate(state: &BrokerState, req: &HttpRequest, body: &[u8]) -> Result<A
 /// A request a proxy makes as itself (its control connection): `x-photon-app` is its own id.
 fn authenticate_proxy(state: &BrokerState, req: &HttpRequest) -> Result<ProxyId, ApiError> {
     let claimed = header_text(req, bw::APP_HEADER).ok_or_else(|| refused(state, AuthError::Header(bw::APP_HEADER)))?;
-    let proxy = verify_request(state, req, claimed, b"")?;
+    let proxy = verify_request(state, req, claimed, &EMPTY_BODY)?;
     if proxy.as_str() != claimed {
         return Err(ApiError::Forbidden(format!("proxy {proxy} may not act as {claimed}")));
     }
@@ -191,8 +197,9 @@ fn check_recipients(state: &BrokerState, to: &[AppId]) -> Result<(), ApiError> {
 
 async fn create_task(state: State, req: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
     let body = body::read_limited(&req, payload, state.max_body).await?;
-    let caller = authenticate(&state, &req, &body)?;
-    let task: WireTask = body::parse_json(&body)?;
+    let (digest, task) = body::digest_beside(&body, body::parse_json::<WireTask>).await;
+    let caller = authenticate(&state, &req, &digest)?;
+    let task = task?;
     if task.from != caller {
         return Err(ApiError::Forbidden(format!("from is {}, but the caller is {caller}", task.from)));
     }
@@ -203,7 +210,7 @@ async fn create_task(state: State, req: HttpRequest, payload: web::Payload) -> R
 }
 
 async fn list_tasks(state: State, req: HttpRequest) -> Result<HttpResponse, ApiError> {
-    let caller = authenticate(&state, &req, b"")?;
+    let caller = authenticate(&state, &req, &EMPTY_BODY)?;
     let q: ReadQuery = body::parse_query(&req)?;
     if q.filter.is_some() && !q.todo() {
         return Err(ApiError::BadRequest("filter must be \"todo\" if given".into()));
@@ -230,7 +237,7 @@ async fn list_tasks(state: State, req: HttpRequest) -> Result<HttpResponse, ApiE
 }
 
 async fn get_task(state: State, req: HttpRequest, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
-    let caller = authenticate(&state, &req, b"")?;
+    let caller = authenticate(&state, &req, &EMPTY_BODY)?;
     let id = parse_task_id(&path)?;
     let q: ReadQuery = body::parse_query(&req)?;
     if q.wait_count.is_some_and(|c| c != 1) {
@@ -248,10 +255,11 @@ async fn put_result(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let body = body::read_limited(&req, payload, state.max_body).await?;
-    let caller = authenticate(&state, &req, &body)?;
+    let (digest, result) = body::digest_beside(&body, body::parse_json::<WireResult>).await;
+    let caller = authenticate(&state, &req, &digest)?;
     let (task_text, app_text) = path.into_inner();
     let id = parse_task_id(&task_text)?;
-    let result: WireResult = body::parse_json(&body)?;
+    let result = result?;
     if result.task != id || result.from.as_str() != app_text {
         return Err(ApiError::BadRequest(
             "the task id and app id in the path must match the result's task and from".into(),
@@ -272,7 +280,7 @@ async fn put_result(
 }
 
 async fn get_results(state: State, req: HttpRequest, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
-    let caller = authenticate(&state, &req, b"")?;
+    let caller = authenticate(&state, &req, &EMPTY_BODY)?;
     let id = parse_task_id(&path)?;
     let q: ReadQuery = body::parse_query(&req)?;
     let wait = body::parse_wait(&q, state.engine.limits().max_wait)?;
