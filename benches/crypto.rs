@@ -1,6 +1,7 @@
 //! Sealing and opening cost (SECURITY.md's budget): a 100 B and a 1 MiB body for 1 and 100
-//! recipient proxies, plus the one-time pairwise key derivation per peer. Figures and the
-//! command are in docs/BENCHMARKS.md.
+//! recipient proxies, plus the one-time pairwise key derivation per peer. And the passes a 1 MiB
+//! body's round trip is made of, one by one (`1 MiB pass/…`), which bound how fast that round
+//! trip can be. Figures and the command are in docs/BENCHMARKS.md.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use p256::{PublicKey, SecretKey};
@@ -82,6 +83,34 @@ fn bench(c: &mut Criterion) {
         }
     }
     open_group.finish();
+    passes(c);
+}
+
+/// The passes over a 1 MiB body that a round trip makes, each alone: the AEAD (sealing and
+/// opening each make one), SHA-256 of the ciphertext (binding) and of the 1.4 MB broker body
+/// (request MAC), base64 both ways, checking JSON text, and one copy.
+fn passes(c: &mut Criterion) {
+    use chacha20poly1305::{aead::Aead, KeyInit, XChaCha20Poly1305, XNonce};
+    use sha2::{Digest, Sha256};
+
+    let body = vec![b'x'; 1 << 20];
+    let wire = vec![b'x'; (1 << 20) * 4 / 3];
+    let json = format!("\"{}\"", "x".repeat((1 << 20) - 2));
+    let b64 = base64_simd::STANDARD.encode_to_string(&body);
+    let aead = XChaCha20Poly1305::new(&[7u8; 32].into());
+    let nonce = XNonce::from_slice(&[1u8; 24]);
+    let mut g = c.benchmark_group("1 MiB pass");
+    g.throughput(Throughput::Bytes(1 << 20));
+    g.bench_function("XChaCha20-Poly1305 seal", |b| b.iter(|| aead.encrypt(nonce, body.as_slice()).unwrap()));
+    g.bench_function("SHA-256", |b| b.iter(|| Sha256::digest(&body)));
+    g.bench_function("SHA-256 of 1.33 MiB (base64 in JSON)", |b| b.iter(|| Sha256::digest(&wire)));
+    g.bench_function("base64 encode (SIMD)", |b| b.iter(|| base64_simd::STANDARD.encode_to_string(&body)));
+    g.bench_function("base64 decode (SIMD)", |b| b.iter(|| base64_simd::STANDARD.decode_to_vec(&b64).unwrap()));
+    g.bench_function("JSON check (serde_json RawValue)", |b| {
+        b.iter(|| serde_json::from_str::<&serde_json::value::RawValue>(&json).unwrap().get().len())
+    });
+    g.bench_function("copy of 1.33 MiB", |b| b.iter(|| wire.clone()));
+    g.finish();
 }
 
 fn task<'a>(id: uuid::Uuid, from: &'a AppId, to: &'a [AppId], metadata: &'a serde_json::Value) -> Subject<'a> {
