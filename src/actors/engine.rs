@@ -223,10 +223,12 @@ impl Engine {
             self.inboxes.deliver(app, record.clone());
         }
         self.outboxes.deliver(&record.task.from, record.clone());
-        self.expiry
-            .send(Track { task_id: id, expires_at: record.expires_at })
-            .await
-            .map_err(|_| EngineError::Unavailable)?;
+        // Not awaited: the expiry actor runs on another thread, and a round trip to it on every
+        // create costs two thread wake-ups. It only stops with the System.
+        if !self.expiry.connected() {
+            return Err(EngineError::Unavailable);
+        }
+        self.expiry.do_send(Track { task_id: id, expires_at: record.expires_at });
         if let Some((_, waiters)) = self.id_waiters.remove(&id) {
             for tx in waiters {
                 let _ = tx.send(());
@@ -236,13 +238,19 @@ impl Engine {
         Ok(id)
     }
 
+    /// Starts the task's actor on the arbiter of the thread creating it (an HTTP worker's), so
+    /// that the requests that worker serves reach the actor without waking another thread;
+    /// outside any arbiter, on the engine's own ones in turn.
     fn spawn(&self, record: Arc<TaskRecord>) -> TaskHandle {
-        let i = self.next_arbiter.fetch_add(1, Ordering::Relaxed) % self.arbiters.len();
         let (registry, inboxes, outboxes) = (self.registry.clone(), self.inboxes.clone(), self.outboxes.clone());
         let actor_record = record.clone();
-        let addr = TaskActor::start_in_arbiter(&self.arbiters[i], move |_| {
-            TaskActor::new(actor_record, registry, inboxes, outboxes)
-        });
+        let actor = move |_: &mut Context<TaskActor>| TaskActor::new(actor_record, registry, inboxes, outboxes);
+        let addr = if Arbiter::try_current().is_some() {
+            TaskActor::create(actor)
+        } else {
+            let i = self.next_arbiter.fetch_add(1, Ordering::Relaxed) % self.arbiters.len();
+            TaskActor::start_in_arbiter(&self.arbiters[i], actor)
+        };
         TaskHandle { record, addr }
     }
 

@@ -6,7 +6,7 @@
 //! or wait touches only the caller's own mailbox.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
@@ -45,11 +45,6 @@ pub enum ListWait {
     Waiting(oneshot::Receiver<Vec<Arc<TaskRecord>>>),
 }
 
-struct Entry {
-    task: Arc<TaskRecord>,
-    todo: bool,
-}
-
 struct Waiter {
     filter: ListFilter,
     want: usize,
@@ -58,9 +53,11 @@ struct Waiter {
 
 #[derive(Default)]
 struct Mailbox {
-    by_seq: BTreeMap<u64, Entry>,
+    by_seq: BTreeMap<u64, Arc<TaskRecord>>,
     seq_of: HashMap<Uuid, u64>,
-    n_todo: usize,
+    /// The sequence numbers of the tasks still to do, so that a to-do listing or count costs
+    /// what is to do, not every answered task that has yet to expire.
+    todo: BTreeSet<u64>,
     waiters: Vec<Waiter>,
     /// `new_task` streams (todo tasks only). Bounded channels: a stream that falls behind by
     /// more than its capacity is dropped; its client resumes with `Last-Event-ID`.
@@ -68,29 +65,36 @@ struct Mailbox {
 }
 
 impl Mailbox {
-    fn matches(entry: &Entry, f: &ListFilter) -> bool {
-        (!f.todo || entry.todo)
-            && f.from.as_ref().is_none_or(|from| &entry.task.task.from == from)
-            && f.to.as_ref().is_none_or(|to| entry.task.task.to.contains(to))
+    /// The tasks `f` asks for, in order: from the to-do set when it wants those only.
+    fn matching<'a>(&'a self, f: &'a ListFilter) -> Box<dyn Iterator<Item = &'a Arc<TaskRecord>> + 'a> {
+        let wanted = |task: &&Arc<TaskRecord>| {
+            f.from.as_ref().is_none_or(|from| &task.task.from == from)
+                && f.to.as_ref().is_none_or(|to| task.task.to.contains(to))
+        };
+        if f.todo {
+            Box::new(self.todo.iter().map(|seq| &self.by_seq[seq]).filter(wanted))
+        } else {
+            Box::new(self.by_seq.values().filter(wanted))
+        }
     }
 
     fn count(&self, f: &ListFilter) -> usize {
         match f {
-            ListFilter { todo: true, from: None, to: None } => self.n_todo,
+            ListFilter { todo: true, from: None, to: None } => self.todo.len(),
             ListFilter { todo: false, from: None, to: None } => self.by_seq.len(),
-            _ => self.by_seq.values().filter(|e| Self::matches(e, f)).count(),
+            _ => self.matching(f).count(),
         }
     }
 
     fn list(&self, f: &ListFilter) -> Vec<Arc<TaskRecord>> {
-        self.by_seq.values().filter(|e| Self::matches(e, f)).map(|e| e.task.clone()).collect()
+        self.matching(f).cloned().collect()
     }
 
     fn insert(&mut self, seq: u64, task: Arc<TaskRecord>) {
         let id = task.task.id;
-        self.by_seq.insert(seq, Entry { task: task.clone(), todo: true });
+        self.by_seq.insert(seq, task.clone());
         self.seq_of.insert(id, seq);
-        self.n_todo += 1;
+        self.todo.insert(seq);
         self.streams.retain(|tx| tx.try_send(Delivered { seq, task: task.clone() }).is_ok());
         self.wake();
     }
@@ -160,12 +164,8 @@ impl Mailboxes {
     /// The app has answered the task for good (`claimed`, `succeeded`, `permfailed`).
     pub fn settle(&self, app: &AppId, task_id: Uuid) {
         self.with(app, |b| {
-            if let Some(seq) = b.seq_of.get(&task_id) {
-                let entry = b.by_seq.get_mut(seq).expect("seq_of and by_seq agree");
-                if entry.todo {
-                    entry.todo = false;
-                    b.n_todo -= 1;
-                }
+            if let Some(seq) = b.seq_of.get(&task_id).copied() {
+                b.todo.remove(&seq);
             }
         });
     }
@@ -178,11 +178,11 @@ impl Mailboxes {
             let Some(old) = b.seq_of.get(&task_id).copied() else {
                 return;
             };
-            if b.by_seq[&old].todo {
+            if b.todo.contains(&old) {
                 return;
             }
-            let entry = b.by_seq.remove(&old).expect("seq_of and by_seq agree");
-            b.insert(seq, entry.task);
+            let task = b.by_seq.remove(&old).expect("seq_of and by_seq agree");
+            b.insert(seq, task);
         });
     }
 
@@ -192,13 +192,12 @@ impl Mailboxes {
         let task_id = record.task.id;
         let idle = self.with(app, |b| {
             let Some(seq) = b.seq_of.get(&task_id).copied() else { return b.is_idle() };
-            if !Arc::ptr_eq(&b.by_seq[&seq].task, record) {
+            if !Arc::ptr_eq(&b.by_seq[&seq], record) {
                 return b.is_idle();
             }
             b.seq_of.remove(&task_id);
-            if b.by_seq.remove(&seq).is_some_and(|e| e.todo) {
-                b.n_todo -= 1;
-            }
+            b.by_seq.remove(&seq);
+            b.todo.remove(&seq);
             b.is_idle()
         });
         if idle == Some(true) {
@@ -230,10 +229,9 @@ impl Mailboxes {
     pub fn subscribe(&self, app: &AppId, last_seq: u64, tx: mpsc::Sender<Delivered>) -> Vec<Delivered> {
         self.with_or_make(app, |b| {
             let snapshot = b
-                .by_seq
+                .todo
                 .range(last_seq.saturating_add(1)..)
-                .filter(|(_, e)| e.todo)
-                .map(|(seq, e)| Delivered { seq: *seq, task: e.task.clone() })
+                .map(|seq| Delivered { seq: *seq, task: b.by_seq[seq].clone() })
                 .collect();
             b.streams.retain(|s| !s.is_closed());
             b.streams.push(tx);
@@ -248,5 +246,79 @@ impl Mailboxes {
 
     pub fn is_empty(&self) -> bool {
         self.boxes.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{broker::WireTask, FailureStrategy};
+
+    fn record(to: &AppId) -> Arc<TaskRecord> {
+        let task = WireTask {
+            id: Uuid::new_v4(),
+            from: AppId::parse("app1.proxy1.broker").unwrap(),
+            to: vec![to.clone()],
+            ttl_ms: 60_000,
+            failure_strategy: FailureStrategy::Discard,
+            metadata: serde_json::Value::Null,
+            body: Arc::from(serde_json::value::to_raw_value("x").unwrap()),
+        };
+        Arc::new(TaskRecord { task, expires_at: tokio::time::Instant::now() + std::time::Duration::from_secs(60) })
+    }
+
+    fn ids<'a>(tasks: impl IntoIterator<Item = &'a Arc<TaskRecord>>) -> Vec<Uuid> {
+        tasks.into_iter().map(|t| t.task.id).collect()
+    }
+
+    fn listed(boxes: &Mailboxes, app: &AppId, filter: ListFilter) -> Vec<Uuid> {
+        match boxes.list_or_wait(app, filter, None) {
+            ListWait::Ready(tasks) => ids(&tasks),
+            ListWait::Waiting(_) => unreachable!("no wait asked"),
+        }
+    }
+
+    /// The to-do set follows settle, reopen and remove; listings keep arrival order.
+    #[test]
+    fn todo_follows_answers() {
+        let boxes = Mailboxes::new(Arc::new(AtomicU64::new(0)));
+        let app = AppId::parse("app2.proxy2.broker").unwrap();
+        let (a, b, c) = (record(&app), record(&app), record(&app));
+        for t in [&a, &b, &c] {
+            boxes.deliver(&app, t.clone());
+        }
+        let todo = || listed(&boxes, &app, ListFilter { todo: true, ..ListFilter::default() });
+        let all = || listed(&boxes, &app, ListFilter::default());
+        assert_eq!(todo(), ids([&a, &b, &c]));
+
+        boxes.settle(&app, a.task.id);
+        boxes.settle(&app, c.task.id);
+        assert_eq!(todo(), ids([&b]));
+        assert_eq!(all(), ids([&a, &b, &c]), "answered tasks stay listed until they expire");
+        // A to-do count that is short makes a waiter; one more to-do task wakes it.
+        let ListWait::Waiting(mut waiter) =
+            boxes.list_or_wait(&app, ListFilter { todo: true, ..ListFilter::default() }, Some(2))
+        else {
+            panic!("one task is to do, two were wanted")
+        };
+        // tempfailed: `a` is to do again, after `b`, with a new sequence number.
+        boxes.reopen(&app, a.task.id);
+        assert_eq!(ids(&waiter.try_recv().unwrap()), ids([&b, &a]));
+        assert_eq!(todo(), ids([&b, &a]));
+        assert_eq!(all(), ids([&b, &c, &a]));
+        // Reopening a task that is still to do changes nothing.
+        boxes.reopen(&app, b.task.id);
+        assert_eq!(todo(), ids([&b, &a]));
+
+        // A stream resuming after `b` gets the to-do tasks after it only.
+        let (tx, _rx) = mpsc::channel(4);
+        let b_seq = boxes.subscribe(&app, 0, tx.clone())[0].seq;
+        let after_b: Vec<Uuid> = boxes.subscribe(&app, b_seq, tx).iter().map(|d| d.task.task.id).collect();
+        assert_eq!(after_b, ids([&a]));
+
+        for t in [&a, &b, &c] {
+            boxes.remove(&app, t);
+        }
+        assert!(todo().is_empty() && all().is_empty());
     }
 }
