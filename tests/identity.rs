@@ -42,14 +42,7 @@ async fn captured_request_replayed_is_refused() {
 
     let path = "/v1/tasks?filter=todo";
     let signed = |app: &str, auth: &session::RequestAuth| {
-        net.http
-            .get(format!("{}{path}", net.broker))
-            .header(bw::APP_HEADER, app)
-            .header(bw::SESSION_HEADER, &auth.session)
-            .header(bw::SEQ_HEADER, auth.seq)
-            .header(bw::TS_HEADER, auth.ts)
-            .header(bw::MAC_HEADER, &auth.mac)
-            .send()
+        with_auth(net.http.get(format!("{}{path}", net.broker)), app, auth).send()
     };
     let auth = s.sign("GET", path, APP1, b"");
     let send = || signed(APP1, &auth);
@@ -67,15 +60,7 @@ async fn captured_request_replayed_is_refused() {
     // a body changed after signing is refused as such, even when it is not JSON either; a signed
     // body that is not JSON is a 400.
     let post = |body: Vec<u8>, auth: session::RequestAuth| {
-        net.http
-            .post(format!("{}/v1/tasks", net.broker))
-            .header(bw::APP_HEADER, APP1)
-            .header(bw::SESSION_HEADER, &auth.session)
-            .header(bw::SEQ_HEADER, auth.seq)
-            .header(bw::TS_HEADER, auth.ts)
-            .header(bw::MAC_HEADER, &auth.mac)
-            .body(body)
-            .send()
+        with_auth(net.http.post(format!("{}/v1/tasks", net.broker)), APP1, &auth).body(body).send()
     };
     for size in [100, 600 * 1024] {
         let body = vec![b'x'; size];
@@ -90,6 +75,15 @@ async fn captured_request_replayed_is_refused() {
         assert_eq!(res.status(), 400, "{size} bytes of signed non-JSON");
         assert!(json_of(res).await["error"].as_str().unwrap().contains("invalid JSON"), "{size} bytes");
     }
+}
+
+/// `req` with the session headers of `auth`, acting for `app`.
+fn with_auth(req: reqwest::RequestBuilder, app: &str, auth: &session::RequestAuth) -> reqwest::RequestBuilder {
+    req.header(bw::APP_HEADER, app)
+        .header(bw::SESSION_HEADER, &auth.session)
+        .header(bw::SEQ_HEADER, auth.seq)
+        .header(bw::TS_HEADER, auth.ts)
+        .header(bw::MAC_HEADER, &auth.mac)
 }
 
 #[tokio::test]
