@@ -32,12 +32,13 @@ run() { # name, then the loadtest's arguments
 
 want() { [ $# -eq 0 ] || [[ " $* " == *" $TARGET "* ]]; }
 
-for TARGET in create roundtrip1 roundtrip64 large sse waiters streams expiry fanout soak; do
+for TARGET in create roundtrip1 roundtrip64 roundtrip_sse large sse waiters streams expiry fanout soak; do
   want "$@" || continue
   case $TARGET in
     create)      run create create -c 64 -n 100000 -d 10s ;;
     roundtrip1)  run roundtrip1 roundtrip -c 1 -n 10000 -d 10s ;;
     roundtrip64) run roundtrip64 roundtrip -c 64 -n 100000 -d 10s ;;
+    roundtrip_sse) run roundtrip_sse roundtrip --via sse -c 1 -n 10000 -d 10s ;;
     large)       run large large -c 1 -n 300 -d 20s
                  run large10 large -c 1 -n 30 -d 20s --body-bytes 10485760 ;;
     sse)         run sse sse -c 50 -n 4000 -d 20s ;;

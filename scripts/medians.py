@@ -13,7 +13,7 @@ import sys
 def key(run):
     p, s = run["params"], run["scenario"]
     if s == "roundtrip":
-        return f"roundtrip{p['clients']}"
+        return f"roundtrip{p['clients']}" + ("_sse" if p.get("via") == "sse" else "")
     if s == "large":
         return f"large{p['body_bytes'] >> 20}MiB"
     if s == "sse" and p["count"] == 1:

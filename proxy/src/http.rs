@@ -391,8 +391,8 @@ async fn to_sse(ev: StreamEvent, pos: &mut StreamPos) -> (Option<sse::Event>, bo
     }
 }
 
-/// A broker stream's lines (newline-delimited JSON), keep-alives skipped. Ends when the
-/// stream does, breaks off, or sends a line over [`MAX_LINE`]. `next` is cancel-safe.
+/// A broker stream's events (newline-delimited JSON), keep-alives skipped. Ends when the
+/// stream does, breaks off, or sends a line over [`MAX_LINE`]. `next_event` is cancel-safe.
 pub(crate) struct Lines {
     body: futures_util::stream::BoxStream<'static, reqwest::Result<Bytes>>,
     buf: BytesMut,
@@ -405,9 +405,19 @@ impl Lines {
         Self { body: res.bytes_stream().boxed(), buf: BytesMut::new(), scanned: 0 }
     }
 
-    pub(crate) async fn next(&mut self) -> Option<BytesMut> {
+    /// The next event, skipping (and logging) lines that are not one.
+    pub(crate) async fn next_event(&mut self) -> Option<StreamEvent> {
         loop {
-            while let Some(pos) = self.buf[self.scanned..].iter().position(|b| *b == b'\n') {
+            match serde_json::from_slice::<StreamEvent>(&self.next().await?) {
+                Ok(event) => return Some(event),
+                Err(e) => tracing::warn!(error = %e, "malformed stream line from the broker"),
+            }
+        }
+    }
+
+    async fn next(&mut self) -> Option<BytesMut> {
+        loop {
+            while let Some(pos) = memchr::memchr(b'\n', &self.buf[self.scanned..]) {
                 let mut line = self.buf.split_to(self.scanned + pos + 1);
                 self.scanned = 0;
                 line.truncate(line.len() - 1);
@@ -446,9 +456,9 @@ fn relay_events(
         let mut lines = Lines::new(res);
         let mut stream = StreamPos { state, caller, task_id, wait_count, n_tasks: 0 };
         loop {
-            let line = tokio::select! {
-                line = lines.next() => match line {
-                    Some(line) => line,
+            let ev = tokio::select! {
+                ev = lines.next_event() => match ev {
+                    Some(ev) => ev,
                     None => break,
                 },
                 _ = shutdown.started() => {
@@ -457,13 +467,7 @@ fn relay_events(
                 }
                 _ = tx.closed() => return,
             };
-            let (event, end) = match serde_json::from_slice::<StreamEvent>(&line) {
-                Ok(ev) => to_sse(ev, &mut stream).await,
-                Err(e) => {
-                    tracing::warn!(error = %e, "malformed stream line from the broker");
-                    continue;
-                }
-            };
+            let (event, end) = to_sse(ev, &mut stream).await;
             if let Some(event) = event {
                 if tx.send(event).await.is_err() {
                     return;

@@ -358,14 +358,7 @@ async fn idle(hub: &Hub) {
 
 async fn read_stream(state: &ProxyState, key: &Key, hub: &Hub, res: reqwest::Response) -> End {
     let mut lines = crate::http::Lines::new(res);
-    while let Some(line) = lines.next().await {
-        let ev = match serde_json::from_slice::<StreamEvent>(&line) {
-            Ok(ev) => ev,
-            Err(e) => {
-                tracing::warn!(error = %e, "malformed stream line from the broker");
-                continue;
-            }
-        };
+    while let Some(ev) = lines.next_event().await {
         let event = match ev {
             StreamEvent::NewResult { seq, n_answers, result } => {
                 let (answers, from) = (result.status.is_answer(), result.from.clone());

@@ -108,6 +108,17 @@ pub fn http_server<S: Send + Sync + 'static>(
             }))
             .configure(routes)
     })
+    // Events and long-poll answers go out in several small writes (an SSE event's chunk
+    // framing, then its lines); with Nagle's algorithm each write after the first waits for the
+    // peer's ACK, which a stream reader delays by up to 40 ms. Measured: a round trip whose
+    // worker and creator listen by SSE took 44 ms instead of about 1.
+    .on_connect(|conn, _| {
+        if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY on a connection");
+            }
+        }
+    })
     .workers(workers)
     .disable_signals()
     .shutdown_timeout(grace_secs(grace))
