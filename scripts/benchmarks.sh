@@ -3,7 +3,7 @@
 # network the loadtest starts itself (release binaries, free loopback ports), appending one JSON
 # line per run to $OUT, then writes the HTML report beside it.
 #
-#   scripts/benchmarks.sh                 # all targets, 3 runs each (about 12 minutes on 2 cores)
+#   scripts/benchmarks.sh                 # all targets, 3 runs each (about 9 minutes on 2 cores)
 #   RUNS=1 scripts/benchmarks.sh sse      # one target, once
 #
 # 10,000 streams need a little over 10,000 file descriptors in the proxy (one per app
