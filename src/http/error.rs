@@ -42,6 +42,9 @@ pub enum ApiError {
     Duplicate(String),
     #[error("{0}")]
     BadGateway(String),
+    /// A bug: the handler panicked (the worker keeps serving; see `ops::requests::observe`).
+    #[error("{0}")]
+    Internal(String),
     #[error("{0}")]
     GatewayTimeout(String),
     /// An error answer from the broker, passed on to the app as it came.
@@ -88,6 +91,7 @@ impl ResponseError for ApiError {
             Self::MonitoringAuth => StatusCode::UNAUTHORIZED,
             Self::Duplicate(_) => StatusCode::CONFLICT,
             Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::Relayed { status, .. } => *status,
         }

@@ -1,9 +1,12 @@
 //! Request observation for broker and proxy (an actix `from_fn` middleware): one debug log line
 //! per request (method, endpoint, path, status, time to the answer's head; never headers,
 //! queries or bodies), the metrics `requests` and `request.duration_ms` by endpoint and status,
-//! and the bytes each request and answer carried (streams included).
+//! and the bytes each request and answer carried (streams included). A handler that panics is
+//! answered 500 instead of taking its worker thread (and every connection and task actor on it)
+//! down.
 
 use std::{
+    panic::AssertUnwindSafe,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
@@ -17,7 +20,7 @@ use actix_web::{
     HttpMessage,
 };
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 
 use super::metrics::{Metrics, Total};
 
@@ -82,7 +85,17 @@ pub async fn observe(
             Box::pin(payload);
         req.set_payload(actix_web::dev::Payload::from(boxed));
     }
-    let res = next.call(req).await?;
+    let res = match AssertUnwindSafe(next.call(req)).catch_unwind().await {
+        Ok(res) => res?,
+        // The panic hook has printed the message; the state a handler touches is behind
+        // non-poisoning locks or in actors, so the worker can go on serving. (The request is
+        // gone with the handler: the error becomes the answer, unobserved.)
+        Err(_) => {
+            tracing::error!("a request handler panicked; answered 500");
+            let e = crate::http::ApiError::Internal("internal error (a bug); the request was not completed".into());
+            return Err(e.into());
+        }
+    };
     if !counting && !tracing::enabled!(tracing::Level::DEBUG) {
         return Ok(res);
     }
@@ -139,7 +152,42 @@ impl MessageBody for Counted {
 
 #[cfg(test)]
 mod tests {
-    use super::endpoint;
+    use super::*;
+
+    /// A panicking handler is answered 500 and the service goes on answering.
+    #[actix_web::test]
+    async fn a_panicking_handler_is_a_500_not_a_dead_worker() {
+        use actix_web::{test, web, App};
+        let observer = Arc::new(Observer::default());
+        let app = test::init_service(
+            App::new()
+                .wrap(actix_web::middleware::from_fn(move |req, next| observe(observer.clone(), req, next)))
+                .route(
+                    "/panic",
+                    web::get().to(|| async {
+                        if true {
+                            panic!("deliberately");
+                        }
+                        "unreached"
+                    }),
+                )
+                .route("/ok", web::get().to(|| async { "fine" })),
+        )
+        .await;
+        for _ in 0..2 {
+            // The server turns a service error into its response, as this does.
+            let err = test::try_call_service(&app, test::TestRequest::get().uri("/panic").to_request())
+                .await
+                .expect_err("the panic is an error answer");
+            let res = err.error_response();
+            assert_eq!(res.status(), 500);
+            let body: serde_json::Value =
+                serde_json::from_slice(&actix_web::body::to_bytes(res.into_body()).await.unwrap()).unwrap();
+            assert!(body["error"].as_str().unwrap().contains("internal error"));
+            let res = test::call_service(&app, test::TestRequest::get().uri("/ok").to_request()).await;
+            assert_eq!(res.status(), 200);
+        }
+    }
 
     #[test]
     fn endpoints_are_named_by_method_and_pattern() {
