@@ -10,11 +10,11 @@ use bytes::{Bytes, BytesMut};
 use futures_util::future::join_all;
 use futures_util::StreamExt;
 use photon::{
-    http::{body, parse_task_id, ApiError},
+    http::{body, json_answer, parse_task_id, ApiError},
     wire::{
         app::{single_line, NewTask, RawBody, Task, TaskResult},
         broker::{StreamEvent, WireResult, WireTask},
-        parse_duration, to_json, AppId, BodySize, ReadQuery,
+        parse_duration, to_json, AppId, ReadQuery,
     },
 };
 use reqwest::{Method, StatusCode};
@@ -80,14 +80,6 @@ async fn read_json<T: serde::de::DeserializeOwned>(res: reqwest::Response) -> Re
 fn long_poll_timeout(state: &ProxyState, q: &ReadQuery) -> Duration {
     let wait = q.wait_time.as_deref().and_then(|t| parse_duration(t, state.config.max_wait).ok());
     wait.unwrap_or(state.config.max_wait) + UPSTREAM_SLACK
-}
-
-/// A JSON answer to an app, its buffer sized for the bodies in it.
-fn json_answer<T: serde::Serialize + BodySize + ?Sized>(
-    status: actix_web::http::StatusCode,
-    message: &T,
-) -> HttpResponse {
-    HttpResponse::build(status).content_type("application/json").body(to_json(message))
 }
 
 fn status_of(res: &reqwest::Response) -> actix_web::http::StatusCode {

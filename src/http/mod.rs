@@ -14,7 +14,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use actix_web::{http::header, web, HttpRequest, HttpResponse};
+use actix_web::{
+    http::{header, StatusCode},
+    web, HttpRequest, HttpResponse,
+};
 
 pub use body::parse_task_id;
 pub use error::ApiError;
@@ -154,9 +157,14 @@ fn authenticate_proxy(state: &BrokerState, req: &HttpRequest) -> Result<ProxyId,
     Ok(proxy)
 }
 
+/// A JSON answer, written into a buffer sized once for the bodies in it (`wire::to_json`).
+/// Broker and proxy answer every JSON message through it.
+pub fn json_answer<T: serde::Serialize + BodySize + ?Sized>(status: StatusCode, message: &T) -> HttpResponse {
+    HttpResponse::build(status).content_type("application/json").body(to_json(message))
+}
+
 fn json_listing<T: serde::Serialize + BodySize>(listing: Listing<T>) -> HttpResponse {
-    let mut res = if listing.partial { HttpResponse::PartialContent() } else { HttpResponse::Ok() };
-    res.content_type("application/json").body(to_json(&listing.items))
+    json_answer(if listing.partial { StatusCode::PARTIAL_CONTENT } else { StatusCode::OK }, &listing.items)
 }
 
 async fn open_session(state: State, req: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
@@ -245,7 +253,7 @@ async fn get_task(state: State, req: HttpRequest, path: web::Path<String>) -> Re
     }
     let wait = body::parse_wait(&q, state.engine.limits().max_wait)?;
     let _waiting = state.waiting(&wait);
-    Ok(HttpResponse::Ok().content_type("application/json").body(to_json(&state.engine.get(&caller, id, wait).await?)))
+    Ok(json_answer(StatusCode::OK, &state.engine.get(&caller, id, wait).await?))
 }
 
 async fn put_result(
