@@ -26,13 +26,25 @@ use photon::{
         AppId, ErrorBody, ProxyId,
     },
 };
-use reqwest::{Method, StatusCode};
+use reqwest::{
+    header::{HeaderName, HeaderValue, CONTENT_TYPE},
+    Method, StatusCode, Url,
+};
 
 use crate::keyring::{Keyring, Own, Peer, PeerError};
 
 /// After a fetched certificate did not carry the key a message names, that peer is not asked
 /// for again for this long (a flood of messages naming unknown keys can't flood the broker).
 const REFETCH_AFTER: Duration = Duration::from_secs(1);
+
+// The session headers, named once (`.header("x-…", …)` would parse each name per request).
+const APP: HeaderName = HeaderName::from_static(bw::APP_HEADER);
+const INSTANCE: HeaderName = HeaderName::from_static(bw::INSTANCE_HEADER);
+const SESSION: HeaderName = HeaderName::from_static(bw::SESSION_HEADER);
+const SEQ: HeaderName = HeaderName::from_static(bw::SEQ_HEADER);
+const TS: HeaderName = HeaderName::from_static(bw::TS_HEADER);
+const MAC: HeaderName = HeaderName::from_static(bw::MAC_HEADER);
+const JSON: HeaderValue = HeaderValue::from_static("application/json");
 
 /// Why talking to the broker failed.
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +115,9 @@ pub struct OwnFiles {
 pub struct Upstream {
     http: reqwest::Client,
     base: String,
+    /// `base` parsed once: a signed request's URL is a copy with its path and query set, so the
+    /// host (IDNA included) is not parsed again for every request.
+    base_url: Url,
     broker_id: String,
     files: OwnFiles,
     pub keys: Keyring,
@@ -112,7 +127,7 @@ pub struct Upstream {
     /// When each peer's certificate was last fetched because of an unknown key id.
     refetched: dashmap::DashMap<ProxyId, Instant>,
     /// This process, as the broker tells instances of one proxy apart (random per start).
-    instance: String,
+    instance: HeaderValue,
     /// Where `upstream.duration_ms` and `upstream.errors` go (off until set).
     pub metrics: photon::ops::Metrics,
 }
@@ -129,23 +144,28 @@ impl Upstream {
         root: RootCert,
         max_age: Duration,
     ) -> Result<Self, UpstreamError> {
+        let base_url = Url::parse(broker_url).map_err(|e| UpstreamError::Unreachable(format!("{broker_url}: {e}")))?;
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(60))
+            // A signed request must not be sent twice (its sequence number is spent), and with
+            // no retries reqwest does not copy every request in case it needs one.
+            .retry(reqwest::retry::never().max_retries_per_request(0))
             .build()
             .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
         let own = load_own(&http, broker_url, proxy_id, &files, &root).await?;
         Ok(Self {
             http,
             base: broker_url.to_owned(),
+            base_url,
             broker_id: broker_id.to_owned(),
             files,
             keys: Keyring::new(proxy_id.clone(), root, own, max_age),
             session: RwLock::new(None),
             handshake: tokio::sync::Mutex::new(()),
             refetched: dashmap::DashMap::new(),
-            instance: uuid::Uuid::new_v4().to_string(),
+            instance: HeaderValue::try_from(uuid::Uuid::new_v4().to_string()).expect("a UUID is a header value"),
             metrics: photon::ops::Metrics::off(),
         })
     }
@@ -314,8 +334,7 @@ impl Upstream {
         body: Bytes,
         timeout: Option<Duration>,
     ) -> Result<reqwest::Response, UpstreamError> {
-        let url = reqwest::Url::parse(&format!("{}{path_and_query}", self.base))
-            .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
+        let url = broker_url(&self.base_url, path_and_query);
         let signed_path = match url.query() {
             Some(q) => format!("{}?{q}", url.path()),
             None => url.path().to_owned(),
@@ -326,14 +345,14 @@ impl Upstream {
             let mut req = self
                 .http
                 .request(method.clone(), url.clone())
-                .header(bw::APP_HEADER, app)
-                .header(bw::INSTANCE_HEADER, &self.instance)
-                .header(bw::SESSION_HEADER, &auth.session)
-                .header(bw::SEQ_HEADER, auth.seq)
-                .header(bw::TS_HEADER, auth.ts)
-                .header(bw::MAC_HEADER, &auth.mac);
+                .header(APP, app)
+                .header(INSTANCE, self.instance.clone())
+                .header(SESSION, &auth.session)
+                .header(SEQ, auth.seq)
+                .header(TS, auth.ts)
+                .header(MAC, &auth.mac);
             if !body.is_empty() {
-                req = req.header(reqwest::header::CONTENT_TYPE, "application/json").body(body.clone());
+                req = req.header(CONTENT_TYPE, JSON).body(body.clone());
             }
             if let Some(t) = timeout {
                 req = req.timeout(t);
@@ -355,6 +374,22 @@ impl Upstream {
         }
         Err(UpstreamError::Refused("session renewal failed".into()))
     }
+}
+
+/// The broker URL of `path_and_query` (which starts with `/`), after `base`'s own path: the same
+/// URL as parsing `{base}{path_and_query}`, without parsing the scheme and host again.
+fn broker_url(base: &Url, path_and_query: &str) -> Url {
+    let (path, query) = match path_and_query.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (path_and_query, None),
+    };
+    let mut url = base.clone();
+    match base.path().trim_end_matches('/') {
+        "" => url.set_path(path),
+        prefix => url.set_path(&format!("{prefix}{path}")),
+    }
+    url.set_query(query);
+    url
 }
 
 /// Reads this proxy's key and certificate (from `CERT_FILE`, or from the broker) and checks the
@@ -389,4 +424,33 @@ async fn load_own(
     }
     let identity = Identity::new(&key_pem, cert_pem, &cert)?;
     Ok(Own::new(identity, cert))
+}
+
+#[cfg(test)]
+mod tests {
+    use reqwest::Url;
+
+    use super::broker_url;
+
+    #[test]
+    fn broker_urls_are_the_parsed_concatenation() {
+        let bases = ["http://broker:8080", "https://broker.example/", "http://127.0.0.1:1/beam", "http://[::1]:9/a/b/"];
+        let paths = [
+            "/v1/tasks",
+            "/v1/tasks?filter=todo&wait_count=1&wait_time=10000ms",
+            "/v1/tasks/2c1a7e4e-3f7f-4d8b-9b1e-1d6f0c7a9e11/results/app1.proxy2.broker",
+            "/v1/tasks?from=app1.proxy1.broker&x=a%20b&y=ä",
+            "/v1/odd path/%41?q=1?2",
+        ];
+        for base in bases {
+            for path in paths {
+                let parsed = Url::parse(&format!("{}{path}", base.trim_end_matches('/'))).unwrap();
+                assert_eq!(broker_url(&Url::parse(base).unwrap(), path), parsed, "{base} + {path}");
+            }
+        }
+        // Unlike the parser, a `#` is not taken for the start of a fragment: nothing after it
+        // is dropped from what is signed and sent.
+        let url = broker_url(&Url::parse("http://broker:8080").unwrap(), "/v1/tasks?from=a#b");
+        assert_eq!((url.query(), url.fragment()), (Some("from=a%23b"), None));
+    }
 }
