@@ -134,3 +134,20 @@ async fn expiry_wakes_waiters_with_410_and_frees_the_task() {
     let res = net.post(APP1, "/v1/tasks").json(&task(&id, APP1, &[APP2], json!(2), "1m")).send().await.unwrap();
     assert_eq!(res.status(), 201);
 }
+
+/// Deadlines reach the expiry actor in batches (only a create that finds none pending wakes
+/// it): a burst of concurrent creates with mixed TTLs must still all expire, each at its own.
+#[tokio::test]
+async fn a_burst_of_creates_all_expire() {
+    let net = Net::start();
+    let ttls = ["1s", "3s"];
+    let created =
+        futures_util::future::join_all((0..151).map(|i| net.create(APP1, &[APP2], json!(i), ttls[i % ttls.len()])))
+            .await;
+    assert_eq!(net.broker_tasks().await, created.len() as u64);
+    // The 1 s tasks go first; the 3 s ones are still there.
+    eventually("the 1 s tasks expire", || async { net.broker_tasks().await == 75 }).await;
+    eventually("every task expires", || async { net.broker_tasks().await == 0 }).await;
+    let todo = json_of(net.get(APP2, "/v1/tasks?filter=todo").send().await.unwrap()).await;
+    assert_eq!(todo, json!([]));
+}

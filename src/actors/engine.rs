@@ -19,7 +19,7 @@ use tokio::{
 use uuid::Uuid;
 
 use super::{
-    expiry::{ExpiryActor, Track},
+    expiry::Expiry,
     mailbox::{Delivered, ListFilter, ListWait, Mailboxes},
     task::{
         self, PutOutcome, ReadOutcome, ReadResults, ResultEvent, Subscribe, TaskActor, TaskError, TaskEvent,
@@ -103,7 +103,7 @@ pub struct Engine {
     outboxes: Arc<Mailboxes>,
     /// Get-by-id waiters for tasks that don't exist yet, woken by `create`.
     id_waiters: DashMap<Uuid, Vec<oneshot::Sender<()>>>,
-    expiry: Addr<ExpiryActor>,
+    expiry: Expiry,
     arbiters: Vec<ArbiterHandle>,
     next_arbiter: AtomicUsize,
     /// Raised on shutdown: every wait ends at once, answering with what it has.
@@ -132,7 +132,7 @@ impl Engine {
         let registry = Arc::new(Registry::new());
         let seq = Arc::new(AtomicU64::new(0));
         let n_expired = Arc::new(Total::default());
-        let expiry = ExpiryActor::new(registry.clone(), n_expired.clone()).start();
+        let expiry = Expiry::start(registry.clone(), n_expired.clone());
         let arbiters = (0..n_arbiters.max(1))
             .map(|_| {
                 let arbiter = Arbiter::new();
@@ -225,10 +225,9 @@ impl Engine {
         self.outboxes.deliver(&record.task.from, record.clone());
         // Not awaited: the expiry actor runs on another thread, and a round trip to it on every
         // create costs two thread wake-ups. It only stops with the System.
-        if !self.expiry.connected() {
+        if !self.expiry.track(id, record.expires_at) {
             return Err(EngineError::Unavailable);
         }
-        self.expiry.do_send(Track { task_id: id, expires_at: record.expires_at });
         if let Some((_, waiters)) = self.id_waiters.remove(&id) {
             for tx in waiters {
                 let _ = tx.send(());

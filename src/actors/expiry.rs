@@ -2,10 +2,16 @@
 //! then takes each due task out of the registry and tells its actor to `Expire` (which wakes
 //! its waiters with `410`, ends its streams with `deleted_task` and frees it). After sweeps
 //! that freed many tasks it has the allocator give the memory back ([`release_free_memory`]).
+//!
+//! New deadlines reach it through an [`Expiry`] handle in batches: a create appends to a shared
+//! list, and only the create that finds the list empty wakes the actor's thread (`Drain`),
+//! which takes the list in [`GATHER`] later. One message and wake-up per create cost the broker
+//! about a tenth of its CPU under load; now it is at most two wake-ups per `GATHER`.
 
 use std::{cmp::Reverse, collections::BinaryHeap, sync::Arc, time::Duration};
 
 use actix::prelude::*;
+use parking_lot::Mutex;
 use tokio::time::Instant;
 use uuid::Uuid;
 
@@ -15,17 +21,58 @@ use crate::ops::{
     metrics::Total,
 };
 
-/// Track a task until `expires_at`.
+/// How long a `Drain` waits before taking the pending deadlines in, gathering the creates of
+/// that time into one batch. A task can expire this much later than its deadline.
+const GATHER: Duration = Duration::from_millis(10);
+
+/// Deadlines handed to the actor and not yet taken in.
+type Pending = Arc<Mutex<Vec<(Instant, Uuid)>>>;
+
+/// Takes the pending deadlines in. Sent by the [`Expiry::track`] that found the list empty, so
+/// every deadline is followed by a `Drain` that has not run yet when it is appended.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Track {
-    pub task_id: Uuid,
-    pub expires_at: Instant,
+struct Drain;
+
+/// The engine's side of the expiry actor.
+pub struct Expiry {
+    pending: Pending,
+    addr: Addr<ExpiryActor>,
+}
+
+impl Expiry {
+    /// Starts the actor on the current arbiter.
+    pub fn start(registry: Arc<Registry>, n_expired: Arc<Total>) -> Self {
+        let pending = Pending::default();
+        let addr = ExpiryActor::new(registry, n_expired, pending.clone()).start();
+        Self { pending, addr }
+    }
+
+    /// Tracks a task until `expires_at`; false if the actor is gone (the System is stopping).
+    pub fn track(&self, task_id: Uuid, expires_at: Instant) -> bool {
+        if !self.addr.connected() {
+            return false;
+        }
+        let first = {
+            let mut pending = self.pending.lock();
+            pending.push((expires_at, task_id));
+            pending.len() == 1
+        };
+        if first {
+            self.addr.do_send(Drain);
+        }
+        true
+    }
 }
 
 pub struct ExpiryActor {
     registry: Arc<Registry>,
     queue: BinaryHeap<Reverse<(Instant, Uuid)>>,
+    pending: Pending,
+    /// Swapped with `pending` on each drain, so neither list allocates again.
+    taken: Vec<(Instant, Uuid)>,
+    /// A drain is scheduled.
+    draining: bool,
     /// When the pending wake-up fires, and its handle.
     wakeup: Option<(Instant, SpawnHandle)>,
     /// Counts the tasks expired, for metrics.
@@ -37,10 +84,13 @@ pub struct ExpiryActor {
 }
 
 impl ExpiryActor {
-    pub fn new(registry: Arc<Registry>, n_expired: Arc<Total>) -> Self {
+    fn new(registry: Arc<Registry>, n_expired: Arc<Total>, pending: Pending) -> Self {
         Self {
             registry,
             queue: BinaryHeap::new(),
+            pending,
+            taken: Vec::new(),
+            draining: false,
             wakeup: None,
             n_expired,
             untrimmed: 0,
@@ -116,20 +166,23 @@ impl ExpiryActor {
 
 impl Actor for ExpiryActor {
     type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Context<Self>) {
-        // Senders wait (backpressure) while this many `Track`s are queued.
-        ctx.set_mailbox_capacity(4096);
-    }
 }
 
-impl Handler<Track> for ExpiryActor {
+impl Handler<Drain> for ExpiryActor {
     type Result = ();
 
-    fn handle(&mut self, msg: Track, ctx: &mut Context<Self>) {
-        // Tasks due within the same millisecond share a wake-up.
-        let at = msg.expires_at + Duration::from_millis(1);
-        self.queue.push(Reverse((at, msg.task_id)));
-        self.schedule(ctx);
+    fn handle(&mut self, _: Drain, ctx: &mut Context<Self>) {
+        if self.draining {
+            return;
+        }
+        self.draining = true;
+        ctx.run_later(GATHER, |act, ctx| {
+            act.draining = false;
+            std::mem::swap(&mut *act.pending.lock(), &mut act.taken);
+            // Tasks due within the same millisecond share a wake-up.
+            let late = Duration::from_millis(1);
+            act.queue.extend(act.taken.drain(..).map(|(at, id)| Reverse((at + late, id))));
+            act.schedule(ctx);
+        });
     }
 }
