@@ -21,6 +21,7 @@ pub mod crypto;
 pub mod http;
 pub mod ops;
 pub mod presence;
+pub mod urls;
 pub mod wire;
 
 use std::{net::TcpListener, sync::Arc, time::Duration};

@@ -5,11 +5,17 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use photon::wire::{
-    app::{Body, NewTask, Task, TaskResult},
-    AppId, DurationText, FailureStrategy, WorkStatus,
+use photon::{
+    urls::{self, Url},
+    wire::{
+        app::{Body, NewTask, Task, TaskResult},
+        AppId, DurationText, FailureStrategy, WorkStatus,
+    },
 };
-use reqwest::{header, Client, RequestBuilder, Response};
+use reqwest::{
+    header::{self, HeaderValue},
+    Client, RequestBuilder, Response,
+};
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -34,18 +40,27 @@ pub struct App {
     http: Client,
     pub endpoint: Endpoint,
     pub id: AppId,
-    auth: String,
+    /// `endpoint.url`, parsed once (see [`photon::urls`]).
+    base: Url,
+    auth: HeaderValue,
 }
 
 impl App {
     pub fn new(http: Client, endpoint: Endpoint) -> Result<Self, String> {
         let id = AppId::parse(&endpoint.app).map_err(|e| format!("app id {:?}: {e}", endpoint.app))?;
-        let auth = format!("ApiKey {} {}", endpoint.app, endpoint.key);
-        Ok(Self { http, endpoint, id, auth })
+        let base = Url::parse(&endpoint.url).map_err(|e| format!("proxy URL {:?}: {e}", endpoint.url))?;
+        let mut auth = HeaderValue::try_from(format!("ApiKey {} {}", endpoint.app, endpoint.key))
+            .map_err(|_| format!("the API key of {} is not a valid header value", endpoint.app))?;
+        auth.set_sensitive(true);
+        Ok(Self { http, endpoint, id, base, auth })
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> RequestBuilder {
+        self.http.request(method, urls::at(&self.base, path)).header(header::AUTHORIZATION, self.auth.clone())
     }
 
     fn get(&self, path: &str) -> RequestBuilder {
-        self.http.get(format!("{}{path}", self.endpoint.url)).header(header::AUTHORIZATION, &self.auth)
+        self.request(reqwest::Method::GET, path)
     }
 
     async fn expect(req: RequestBuilder, ok: &[u16]) -> Result<Response, Failure> {
@@ -74,7 +89,7 @@ impl App {
             failure_strategy: FailureStrategy::default(),
             metadata: Value::Null,
         };
-        let req = self.http.post(format!("{}/v1/tasks", self.endpoint.url)).header(header::AUTHORIZATION, &self.auth);
+        let req = self.request(reqwest::Method::POST, "/v1/tasks");
         Self::expect(req.json(&task), &[201]).await?;
         Ok(id)
     }
@@ -94,8 +109,7 @@ impl App {
             body: Some(body.clone()),
             metadata: Value::Null,
         };
-        let url = format!("{}/v1/tasks/{task}/results/{}", self.endpoint.url, self.id);
-        let req = self.http.put(url).header(header::AUTHORIZATION, &self.auth).json(&result);
+        let req = self.request(reqwest::Method::PUT, &format!("/v1/tasks/{task}/results/{}", self.id)).json(&result);
         Self::expect(req, &[201, 204]).await.map(drop)
     }
 

@@ -111,6 +111,8 @@ async fn execute(out: Option<PathBuf>, quiet: bool, run: Run) -> anyhow::Result<
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(run.plan.clients.max(16))
         .tcp_nodelay(true)
+        // A failed request is counted as failed, not quietly sent again.
+        .retry(reqwest::retry::never().max_retries_per_request(0))
         .build()
         .context("HTTP client")?;
     let app = |e| App::new(http.clone(), e).map(Arc::new).map_err(anyhow::Error::msg);

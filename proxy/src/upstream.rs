@@ -21,6 +21,7 @@ use photon::{
         unix_millis, CryptoError, RootCert,
     },
     http::{error::REAUTH_HEADER, ApiError},
+    urls::Url,
     wire::{
         broker::{self as bw, SessionAccept},
         AppId, ErrorBody, ProxyId,
@@ -28,7 +29,7 @@ use photon::{
 };
 use reqwest::{
     header::{HeaderName, HeaderValue, CONTENT_TYPE},
-    Method, StatusCode, Url,
+    Method, StatusCode,
 };
 
 use crate::keyring::{Keyring, Own, Peer, PeerError};
@@ -334,7 +335,7 @@ impl Upstream {
         body: Bytes,
         timeout: Option<Duration>,
     ) -> Result<reqwest::Response, UpstreamError> {
-        let url = broker_url(&self.base_url, path_and_query);
+        let url = photon::urls::at(&self.base_url, path_and_query);
         let signed_path = match url.query() {
             Some(q) => format!("{}?{q}", url.path()),
             None => url.path().to_owned(),
@@ -376,22 +377,6 @@ impl Upstream {
     }
 }
 
-/// The broker URL of `path_and_query` (which starts with `/`), after `base`'s own path: the same
-/// URL as parsing `{base}{path_and_query}`, without parsing the scheme and host again.
-fn broker_url(base: &Url, path_and_query: &str) -> Url {
-    let (path, query) = match path_and_query.split_once('?') {
-        Some((path, query)) => (path, Some(query)),
-        None => (path_and_query, None),
-    };
-    let mut url = base.clone();
-    match base.path().trim_end_matches('/') {
-        "" => url.set_path(path),
-        prefix => url.set_path(&format!("{prefix}{path}")),
-    }
-    url.set_query(query);
-    url
-}
-
 /// Reads this proxy's key and certificate (from `CERT_FILE`, or from the broker) and checks the
 /// certificate against the root, its CN against `proxy_id` and its key against the private key.
 async fn load_own(
@@ -424,33 +409,4 @@ async fn load_own(
     }
     let identity = Identity::new(&key_pem, cert_pem, &cert)?;
     Ok(Own::new(identity, cert))
-}
-
-#[cfg(test)]
-mod tests {
-    use reqwest::Url;
-
-    use super::broker_url;
-
-    #[test]
-    fn broker_urls_are_the_parsed_concatenation() {
-        let bases = ["http://broker:8080", "https://broker.example/", "http://127.0.0.1:1/beam", "http://[::1]:9/a/b/"];
-        let paths = [
-            "/v1/tasks",
-            "/v1/tasks?filter=todo&wait_count=1&wait_time=10000ms",
-            "/v1/tasks/2c1a7e4e-3f7f-4d8b-9b1e-1d6f0c7a9e11/results/app1.proxy2.broker",
-            "/v1/tasks?from=app1.proxy1.broker&x=a%20b&y=ä",
-            "/v1/odd path/%41?q=1?2",
-        ];
-        for base in bases {
-            for path in paths {
-                let parsed = Url::parse(&format!("{}{path}", base.trim_end_matches('/'))).unwrap();
-                assert_eq!(broker_url(&Url::parse(base).unwrap(), path), parsed, "{base} + {path}");
-            }
-        }
-        // Unlike the parser, a `#` is not taken for the start of a fragment: nothing after it
-        // is dropped from what is signed and sent.
-        let url = broker_url(&Url::parse("http://broker:8080").unwrap(), "/v1/tasks?from=a#b");
-        assert_eq!((url.query(), url.fragment()), (Some("from=a%23b"), None));
-    }
 }
