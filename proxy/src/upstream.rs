@@ -31,6 +31,7 @@ use reqwest::{
     header::{HeaderName, HeaderValue, CONTENT_TYPE},
     Method, StatusCode,
 };
+use thread_local::ThreadLocal;
 
 use crate::keyring::{Keyring, Own, Peer, PeerError};
 
@@ -114,7 +115,11 @@ pub struct OwnFiles {
 }
 
 pub struct Upstream {
-    http: reqwest::Client,
+    /// One client per thread. reqwest drives each pooled connection on the runtime that opened
+    /// it, and every HTTP worker is its own runtime: with one shared client, most requests went
+    /// through another worker's thread and back (two cross-thread wake-ups per exchange). Each
+    /// thread now keeps its own pool of connections to the broker.
+    http: ThreadLocal<reqwest::Client>,
     base: String,
     /// `base` parsed once: a signed request's URL is a copy with its path and query set, so the
     /// host (IDNA included) is not parsed again for every request.
@@ -146,16 +151,8 @@ impl Upstream {
         max_age: Duration,
     ) -> Result<Self, UpstreamError> {
         let base_url = Url::parse(broker_url).map_err(|e| UpstreamError::Unreachable(format!("{broker_url}: {e}")))?;
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(60))
-            // A signed request must not be sent twice (its sequence number is spent), and with
-            // no retries reqwest does not copy every request in case it needs one.
-            .retry(reqwest::retry::never().max_retries_per_request(0))
-            .build()
-            .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
-        let own = load_own(&http, broker_url, proxy_id, &files, &root).await?;
+        let http = ThreadLocal::new();
+        let own = load_own(http.get_or_try(client)?, broker_url, proxy_id, &files, &root).await?;
         Ok(Self {
             http,
             base: broker_url.to_owned(),
@@ -171,9 +168,14 @@ impl Upstream {
         })
     }
 
+    /// This thread's client, built on its first request.
+    fn http(&self) -> Result<&reqwest::Client, UpstreamError> {
+        self.http.get_or_try(client)
+    }
+
     /// GETs an unauthenticated broker resource (certificates, the revocation list).
     async fn fetch(&self, path: &str) -> Result<Option<String>, UpstreamError> {
-        let res = self.http.get(format!("{}{path}", self.base)).timeout(Duration::from_secs(10)).send().await?;
+        let res = self.http()?.get(format!("{}{path}", self.base)).timeout(Duration::from_secs(10)).send().await?;
         match res.status() {
             StatusCode::OK => Ok(Some(res.text().await?)),
             StatusCode::NOT_FOUND => Ok(None),
@@ -229,7 +231,11 @@ impl Upstream {
             Err(e) => tracing::warn!(error = %e, "cannot fetch the revocation list"),
         }
         let me = self.keys.me().clone();
-        match load_own(&self.http, &self.base, &me, &self.files, self.keys.root()).await {
+        let own = match self.http() {
+            Ok(http) => load_own(http, &self.base, &me, &self.files, self.keys.root()).await,
+            Err(e) => Err(e),
+        };
+        match own {
             Ok(own) if *own.cert.pem != *self.keys.own().cert.pem => {
                 tracing::info!(serial = %own.cert.serial, "own certificate renewed; using it from now on");
                 self.keys.rotate(own);
@@ -261,7 +267,7 @@ impl Upstream {
         let identity = self.keys.own().identity.clone();
         let pending = session::client_hello(&identity, &self.broker_id);
         let res = self
-            .http
+            .http()?
             .post(format!("{}/v1/session", self.base))
             .json(&pending.hello)
             .timeout(Duration::from_secs(10))
@@ -344,7 +350,7 @@ impl Upstream {
             let session = self.session().await?;
             let auth = session.sign(method.as_str(), &signed_path, app, &body);
             let mut req = self
-                .http
+                .http()?
                 .request(method.clone(), url.clone())
                 .header(APP, app)
                 .header(INSTANCE, self.instance.clone())
@@ -375,6 +381,19 @@ impl Upstream {
         }
         Err(UpstreamError::Refused("session renewal failed".into()))
     }
+}
+
+/// A client for the broker.
+fn client() -> Result<reqwest::Client, UpstreamError> {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .tcp_nodelay(true)
+        .pool_idle_timeout(Duration::from_secs(60))
+        // A signed request must not be sent twice (its sequence number is spent), and with no
+        // retries reqwest does not copy every request in case it needs one.
+        .retry(reqwest::retry::never().max_retries_per_request(0))
+        .build()
+        .map_err(|e| UpstreamError::Unreachable(e.to_string()))
 }
 
 /// Reads this proxy's key and certificate (from `CERT_FILE`, or from the broker) and checks the
