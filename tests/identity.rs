@@ -22,6 +22,26 @@ async fn broker_refuses_requests_without_a_session() {
     }
 }
 
+/// Paths and methods the broker does not serve are 404 "no such endpoint" before any
+/// authentication, inside the task routes' scope as outside it.
+#[tokio::test]
+async fn broker_answers_unknown_endpoints_404() {
+    let net = Net::start();
+    let id = uuid::Uuid::new_v4();
+    let requests = [
+        (reqwest::Method::DELETE, "/v1/tasks".to_owned()),
+        (reqwest::Method::PUT, format!("/v1/tasks/{id}")),
+        (reqwest::Method::GET, format!("/v1/tasks/{id}/results/{APP2}/more")),
+        (reqwest::Method::GET, "/v1/tasks/".to_owned()),
+        (reqwest::Method::GET, "/v1/nope".to_owned()),
+    ];
+    for (method, path) in requests {
+        let res = net.http.request(method.clone(), format!("{}{path}", net.broker)).send().await.unwrap();
+        assert_eq!(res.status(), 404, "{method} {path}");
+        assert_eq!(json_of(res).await["error"], "no such endpoint", "{method} {path}");
+    }
+}
+
 #[tokio::test]
 async fn captured_request_replayed_is_refused() {
     let net = Net::start();

@@ -77,21 +77,27 @@ impl BrokerState {
 type State = web::Data<Arc<BrokerState>>;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/v1/health", web::get().to(ops::health))
-        .route("/v1/health", web::head().to(ops::health))
-        .route("/v1/health/proxies", web::get().to(ops::proxies))
-        .route("/v1/health/proxies/{proxy_id}", web::get().to(ops::proxy))
-        .route("/v1/control", web::get().to(ops::control))
-        .route("/v1/control", web::delete().to(ops::leave))
-        .route("/v1/session", web::post().to(open_session))
-        .route("/v1/certs/{proxy_id}", web::get().to(get_cert))
-        .route("/v1/crl", web::get().to(get_crl))
-        .route("/v1/tasks", web::post().to(create_task))
-        .route("/v1/tasks", web::get().to(list_tasks))
-        .route("/v1/tasks/{id}", web::get().to(get_task))
-        .route("/v1/tasks/{id}/results", web::get().to(get_results))
-        .route("/v1/tasks/{id}/results/{app_id}", web::put().to(put_result))
-        .default_service(web::to(no_such_endpoint));
+    // Task routes first, in their own scope: they are nearly every request, and actix-router
+    // tries each dynamic pattern in turn with a regex, so task requests skip the others, and
+    // the most frequent pattern (results) is tried first.
+    cfg.service(
+        web::scope("/v1/tasks")
+            .route("", web::post().to(create_task))
+            .route("", web::get().to(list_tasks))
+            .route("/{id}/results", web::get().to(get_results))
+            .route("/{id}/results/{app_id}", web::put().to(put_result))
+            .route("/{id}", web::get().to(get_task)),
+    )
+    .route("/v1/health", web::get().to(ops::health))
+    .route("/v1/health", web::head().to(ops::health))
+    .route("/v1/health/proxies", web::get().to(ops::proxies))
+    .route("/v1/health/proxies/{proxy_id}", web::get().to(ops::proxy))
+    .route("/v1/control", web::get().to(ops::control))
+    .route("/v1/control", web::delete().to(ops::leave))
+    .route("/v1/session", web::post().to(open_session))
+    .route("/v1/certs/{proxy_id}", web::get().to(get_cert))
+    .route("/v1/crl", web::get().to(get_crl))
+    .default_service(web::to(no_such_endpoint));
 }
 
 /// The answer to any path the API does not have (broker and proxy).
