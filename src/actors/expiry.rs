@@ -28,8 +28,9 @@ const GATHER: Duration = Duration::from_millis(10);
 /// Deadlines handed to the actor and not yet taken in.
 type Pending = Arc<Mutex<Vec<(Instant, Uuid)>>>;
 
-/// Takes the pending deadlines in. Sent by the [`Expiry::track`] that found the list empty, so
-/// every deadline is followed by a `Drain` that has not run yet when it is appended.
+/// Has the actor take the pending deadlines in, [`GATHER`] later. Sent by the [`Expiry::track`]
+/// that found the list empty: the list is emptied only by that take-in, so whenever a deadline
+/// is appended, a take-in that has not yet run is scheduled or on its way.
 #[derive(Message)]
 #[rtype(result = "()")]
 struct Drain;
