@@ -57,6 +57,8 @@ pub enum EngineError {
     Gone,
     #[error("the broker is shutting down or overloaded; retry")]
     Unavailable,
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl From<TaskError> for EngineError {
@@ -64,6 +66,7 @@ impl From<TaskError> for EngineError {
         match e {
             TaskError::NotRecipient(_) | TaskError::NotCreator => Self::Forbidden(e.to_string()),
             TaskError::Expired => Self::NotFound,
+            TaskError::Failed => Self::Internal(e.to_string()),
         }
     }
 }

@@ -2,7 +2,11 @@
 //! subscribers — long-poll waiters and result streams — and tells them about every new or
 //! replaced result at once, in order, each with the task's next sequence number.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::HashMap,
+    panic::{catch_unwind, AssertUnwindSafe},
+    sync::Arc,
+};
 
 use actix::prelude::*;
 use tokio::sync::{mpsc, oneshot};
@@ -22,6 +26,10 @@ pub enum TaskError {
     NotCreator,
     #[error("the task has expired")]
     Expired,
+    /// A handler panicked (a bug): the task was ended rather than the thread it shares with an
+    /// HTTP worker and other tasks.
+    #[error("the broker failed handling this task and ended it; its log says why")]
+    Failed,
 }
 
 /// What happened to a submitted result.
@@ -136,6 +144,26 @@ impl TaskActor {
         }
     }
 
+    /// Runs a handler's body. A panic in it is a bug, but it must not unwind into the arbiter:
+    /// that thread is an HTTP worker's and hosts other tasks' actors, and actix-server would
+    /// restart it without them. So the panic is logged, this task's actor stops (its waiters
+    /// and streams end, it leaves the registry), and the caller gets [`TaskError::Failed`].
+    fn guarded<R>(
+        &mut self,
+        ctx: &mut Context<Self>,
+        what: &'static str,
+        body: impl FnOnce(&mut Self, &mut Context<Self>) -> Result<R, TaskError>,
+    ) -> Result<R, TaskError> {
+        match catch_unwind(AssertUnwindSafe(|| body(self, ctx))) {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                tracing::error!(task = %self.record.task.id, message = what, "a task actor's handler panicked; the task is ended");
+                ctx.stop();
+                Err(TaskError::Failed)
+            }
+        }
+    }
+
     fn creator(&self) -> &AppId {
         &self.record.task.from
     }
@@ -204,7 +232,13 @@ impl Actor for TaskActor {
 impl Handler<PutResult> for TaskActor {
     type Result = Result<PutOutcome, TaskError>;
 
-    fn handle(&mut self, PutResult(result): PutResult, _ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, PutResult(result): PutResult, ctx: &mut Context<Self>) -> Self::Result {
+        self.guarded(ctx, "PutResult", |act, _| act.put(result))
+    }
+}
+
+impl TaskActor {
+    fn put(&mut self, result: WireResult) -> Result<PutOutcome, TaskError> {
         if !self.record.task.to.contains(&result.from) {
             return Err(TaskError::NotRecipient(result.from));
         }
@@ -239,7 +273,13 @@ impl Handler<PutResult> for TaskActor {
 impl Handler<ReadResults> for TaskActor {
     type Result = Result<ReadOutcome, TaskError>;
 
-    fn handle(&mut self, msg: ReadResults, _ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: ReadResults, ctx: &mut Context<Self>) -> Self::Result {
+        self.guarded(ctx, "ReadResults", |act, _| act.read(msg))
+    }
+}
+
+impl TaskActor {
+    fn read(&mut self, msg: ReadResults) -> Result<ReadOutcome, TaskError> {
         if &msg.caller != self.creator() {
             return Err(TaskError::NotCreator);
         }
@@ -260,7 +300,13 @@ impl Handler<ReadResults> for TaskActor {
 impl Handler<Subscribe> for TaskActor {
     type Result = Result<Vec<ResultEvent>, TaskError>;
 
-    fn handle(&mut self, msg: Subscribe, _ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: Subscribe, ctx: &mut Context<Self>) -> Self::Result {
+        self.guarded(ctx, "Subscribe", |act, _| act.subscribe(msg))
+    }
+}
+
+impl TaskActor {
+    fn subscribe(&mut self, msg: Subscribe) -> Result<Vec<ResultEvent>, TaskError> {
         if &msg.caller != self.creator() {
             return Err(TaskError::NotCreator);
         }
@@ -287,13 +333,85 @@ impl Handler<Expire> for TaskActor {
     type Result = ();
 
     fn handle(&mut self, _: Expire, ctx: &mut Context<Self>) {
-        for w in self.waiters.drain(..) {
-            let _ = w.tx.send(WaitOutcome::Gone);
+        let _ = self.guarded(ctx, "Expire", |act, ctx| {
+            for w in act.waiters.drain(..) {
+                let _ = w.tx.send(WaitOutcome::Gone);
+            }
+            for s in act.streams.drain(..) {
+                let _ = s.try_send(TaskEvent::Deleted);
+            }
+            tracing::debug!(task = %act.record.task.id, "task expired");
+            ctx.stop();
+            Ok(())
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{sync::atomic::AtomicU64, time::Duration};
+
+    use serde_json::Value;
+    use tokio::time::Instant;
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::{
+        actors::TaskHandle,
+        wire::{broker::WireTask, FailureStrategy},
+    };
+
+    /// Only in tests: a handler with a bug.
+    #[derive(Message)]
+    #[rtype(result = "Result<(), TaskError>")]
+    struct Panic;
+
+    impl Handler<Panic> for TaskActor {
+        type Result = Result<(), TaskError>;
+
+        fn handle(&mut self, _: Panic, ctx: &mut Context<Self>) -> Self::Result {
+            self.guarded(ctx, "Panic", |_, _| panic!("a bug in a handler"))
         }
-        for s in self.streams.drain(..) {
-            let _ = s.try_send(TaskEvent::Deleted);
-        }
-        tracing::debug!(task = %self.record.task.id, "task expired");
-        ctx.stop();
+    }
+
+    fn app(name: &str) -> AppId {
+        AppId::parse(name).unwrap()
+    }
+
+    /// A task actor started on the current arbiter, registered as the engine would.
+    fn start(registry: &Arc<Registry>, mailboxes: &Arc<Mailboxes>) -> (Uuid, Addr<TaskActor>) {
+        let task = WireTask {
+            id: Uuid::new_v4(),
+            from: app("app1.proxy1.broker"),
+            to: vec![app("app2.proxy2.broker")],
+            ttl_ms: 60_000,
+            failure_strategy: FailureStrategy::default(),
+            metadata: Value::Null,
+            body: serde_json::value::to_raw_value("sealed").unwrap().into(),
+        };
+        let record = Arc::new(TaskRecord { task, expires_at: Instant::now() + Duration::from_secs(60) });
+        let actor = TaskActor::new(record.clone(), registry.clone(), mailboxes.clone(), mailboxes.clone());
+        let addr = actor.start();
+        registry.insert(record.task.id, TaskHandle { record: record.clone(), addr: addr.clone() });
+        (record.task.id, addr)
+    }
+
+    #[test]
+    fn a_panicking_handler_ends_its_task_not_the_thread() {
+        actix::System::new().block_on(async {
+            let registry = Arc::new(Registry::new());
+            let mailboxes = Arc::new(Mailboxes::new(Arc::new(AtomicU64::new(0))));
+            let (broken, a) = start(&registry, &mailboxes);
+            let (fine, b) = start(&registry, &mailboxes);
+            let read = || ReadResults { caller: app("app1.proxy1.broker"), wait_count: None };
+
+            assert_eq!(a.send(Panic).await.unwrap(), Err(TaskError::Failed));
+            // That task's actor is gone, and so is its registry entry; the other task's actor,
+            // on the same thread, still answers.
+            assert!(a.send(read()).await.is_err());
+            assert!(registry.get(&broken).is_none());
+            assert!(matches!(b.send(read()).await.unwrap(), Ok(ReadOutcome::Ready(r)) if r.is_empty()));
+            assert!(registry.get(&fine).is_some());
+        });
     }
 }

@@ -62,6 +62,7 @@ impl From<EngineError> for ApiError {
             EngineError::Conflict(_) => Self::Conflict(msg),
             EngineError::Gone => Self::Gone(msg),
             EngineError::Unavailable => Self::Unavailable(msg),
+            EngineError::Internal(_) => Self::Internal(msg),
         }
     }
 }
