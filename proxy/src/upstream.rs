@@ -21,7 +21,7 @@ use photon::{
         unix_millis, CryptoError, RootCert,
     },
     http::{error::REAUTH_HEADER, ApiError},
-    urls::Url,
+    urls::{self, Url},
     wire::{
         broker::{self as bw, SessionAccept},
         AppId, ErrorBody, ProxyId,
@@ -120,10 +120,9 @@ pub struct Upstream {
     /// through another worker's thread and back (two cross-thread wake-ups per exchange). Each
     /// thread now keeps its own pool of connections to the broker.
     http: ThreadLocal<reqwest::Client>,
-    base: String,
-    /// `base` parsed once: a signed request's URL is a copy with its path and query set, so the
-    /// host (IDNA included) is not parsed again for every request.
-    base_url: Url,
+    /// The broker's URL, parsed once: each request's URL is a copy with its path and query set
+    /// ([`photon::urls::at`]), so the host (IDNA included) is not parsed again every time.
+    base: Url,
     broker_id: String,
     files: OwnFiles,
     pub keys: Keyring,
@@ -150,13 +149,12 @@ impl Upstream {
         root: RootCert,
         max_age: Duration,
     ) -> Result<Self, UpstreamError> {
-        let base_url = Url::parse(broker_url).map_err(|e| UpstreamError::Unreachable(format!("{broker_url}: {e}")))?;
+        let base = Url::parse(broker_url).map_err(|e| UpstreamError::Unreachable(format!("{broker_url}: {e}")))?;
         let http = ThreadLocal::new();
-        let own = load_own(http.get_or_try(client)?, broker_url, proxy_id, &files, &root).await?;
+        let own = load_own(http.get_or_try(client)?, &base, proxy_id, &files, &root).await?;
         Ok(Self {
             http,
-            base: broker_url.to_owned(),
-            base_url,
+            base,
             broker_id: broker_id.to_owned(),
             files,
             keys: Keyring::new(proxy_id.clone(), root, own, max_age),
@@ -175,7 +173,7 @@ impl Upstream {
 
     /// GETs an unauthenticated broker resource (certificates, the revocation list).
     async fn fetch(&self, path: &str) -> Result<Option<String>, UpstreamError> {
-        let res = self.http()?.get(format!("{}{path}", self.base)).timeout(Duration::from_secs(10)).send().await?;
+        let res = self.http()?.get(urls::at(&self.base, path)).timeout(Duration::from_secs(10)).send().await?;
         match res.status() {
             StatusCode::OK => Ok(Some(res.text().await?)),
             StatusCode::NOT_FOUND => Ok(None),
@@ -268,7 +266,7 @@ impl Upstream {
         let pending = session::client_hello(&identity, &self.broker_id);
         let res = self
             .http()?
-            .post(format!("{}/v1/session", self.base))
+            .post(urls::at(&self.base, "/v1/session"))
             .json(&pending.hello)
             .timeout(Duration::from_secs(10))
             .send()
@@ -341,7 +339,7 @@ impl Upstream {
         body: Bytes,
         timeout: Option<Duration>,
     ) -> Result<reqwest::Response, UpstreamError> {
-        let url = photon::urls::at(&self.base_url, path_and_query);
+        let url = urls::at(&self.base, path_and_query);
         let signed_path = match url.query() {
             Some(q) => format!("{}?{q}", url.path()),
             None => url.path().to_owned(),
@@ -400,7 +398,7 @@ fn client() -> Result<reqwest::Client, UpstreamError> {
 /// certificate against the root, its CN against `proxy_id` and its key against the private key.
 async fn load_own(
     http: &reqwest::Client,
-    broker_url: &str,
+    broker: &Url,
     proxy_id: &ProxyId,
     files: &OwnFiles,
     root: &RootCert,
@@ -409,7 +407,7 @@ async fn load_own(
     let cert_pem = match &files.cert_file {
         Some(path) => ca::read_to_string(path)?,
         None => {
-            let url = format!("{broker_url}/v1/certs/{proxy_id}");
+            let url = urls::at(broker, &format!("/v1/certs/{proxy_id}"));
             let res = http.get(url).timeout(Duration::from_secs(10)).send().await?;
             if !res.status().is_success() {
                 return Err(UpstreamError::Refused(format!(

@@ -242,8 +242,9 @@ impl Engine {
 
     /// Starts the task's actor on the arbiter of the thread creating it (an HTTP worker's), so
     /// that the requests that worker serves reach the actor without waking another thread;
-    /// outside any arbiter, on the engine's own ones in turn. (A panicking handler does not
-    /// take the worker, and so these actors, down: `ops::requests::observe` answers it 500.)
+    /// outside any arbiter, on the engine's own ones in turn. (A panic does not take the
+    /// worker, and so these actors, down: `ops::requests::observe` answers a request handler's
+    /// with 500, and `TaskActor::guarded` ends only the task whose handler panicked.)
     fn spawn(&self, record: Arc<TaskRecord>) -> TaskHandle {
         let (registry, inboxes, outboxes) = (self.registry.clone(), self.inboxes.clone(), self.outboxes.clone());
         let actor_record = record.clone();
