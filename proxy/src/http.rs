@@ -217,7 +217,7 @@ async fn create_task(state: State, req: HttpRequest, payload: web::Payload) -> R
         ttl_ms: ttl.as_millis() as u64,
         failure_strategy: new.failure_strategy,
         metadata: new.metadata,
-        body: Arc::from(serde_json::value::to_raw_value(&Value::Null).expect("null serializes")),
+        body: Arc::new(serde_json::value::to_raw_value(&Value::Null).expect("null serializes")),
     };
     seal::seal_task(&state.upstream, &mut wire, single_line(new.body)).await?;
     let bytes = to_json(&wire);

@@ -20,7 +20,7 @@ use photon::{
     http::ApiError,
     wire::{
         app::{single_line, RawBody, Task, TaskResult},
-        broker::{Envelope, WireResult, WireTask},
+        broker::{Envelope, SealedBody, WireResult, WireTask},
         AppId, ProxyId,
     },
 };
@@ -157,11 +157,11 @@ fn seal_with(
     ttl_ms: Option<u64>,
     peers: &[Arc<Peer>],
     plaintext: &[u8],
-) -> Arc<RawValue> {
+) -> SealedBody {
     let rs: Vec<Recipient<'_>> =
         peers.iter().map(|p| Recipient { proxy: &p.proxy, kid: p.kid, key: &p.to_peer }).collect();
     let env = e2e::seal(subject, sender, unix_millis(), ttl_ms, &rs, plaintext);
-    Arc::from(env.to_raw())
+    Arc::new(env.to_raw())
 }
 
 /// A body's JSON text as bytes, without copying it.
@@ -276,7 +276,7 @@ pub async fn open_result(
         return Err(OpenError::NotAddressed(caller.clone()));
     }
     let (env, plaintext) =
-        open_envelope(up, result.clone(), result.body.as_deref(), &result.from, result_subject).await?;
+        open_envelope(up, result.clone(), result.body.as_deref().map(|b| &**b), &result.from, result_subject).await?;
     if env.ttl_ms.is_some() {
         return Err(OpenError::Malformed("a result envelope with ttl_ms".into()));
     }

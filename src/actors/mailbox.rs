@@ -262,7 +262,7 @@ mod tests {
             ttl_ms: 60_000,
             failure_strategy: FailureStrategy::Discard,
             metadata: serde_json::Value::Null,
-            body: Arc::from(serde_json::value::to_raw_value("x").unwrap()),
+            body: Arc::new(serde_json::value::to_raw_value("x").unwrap()),
         };
         Arc::new(TaskRecord { task, expires_at: tokio::time::Instant::now() + std::time::Duration::from_secs(60) })
     }

