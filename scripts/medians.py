@@ -40,7 +40,9 @@ def figures(run):
             p50=lat.get("p50"),
         )
     if s == "waiters":
-        out.update(woken_all_ms=max(f["woken_all_ms"]), rounds=f["woken_all_ms"], p50=lat.get("p50"))
+        rounds = f["woken_all_ms"]
+        out.update(woken_all_ms=max(rounds), median_round_ms=statistics.median(rounds), rounds=rounds,
+                   warmup_ms=f.get("warmup_woken_all_ms"), p50=lat.get("p50"))
     if s == "expiry":
         out.update(
             baseline=f["baseline_kib"], loaded=f["loaded_kib"], after_2s=f["after_2s_kib"],
@@ -58,7 +60,7 @@ def main():
         print(f"== {k} ({len(rs)} runs)")
         for r in rs:
             print("  ", json.dumps(r))
-        for metric in ("per_s", "p50", "p99", "events_per_s", "woken_all_ms", "proxy_kib_per_stream",
+        for metric in ("per_s", "p50", "p99", "events_per_s", "woken_all_ms", "median_round_ms", "proxy_kib_per_stream",
                        "broker_kib_per_stream", "streams", "after_2s", "baseline", "loaded", "returned_pct"):
             vals = [r[metric] for r in rs if r.get(metric) is not None]
             if vals:

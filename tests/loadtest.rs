@@ -106,6 +106,8 @@ async fn waiters_are_all_woken_and_fanout_waits_for_every_recipient() {
     let s = summary(&ctx);
     assert_eq!((s.ok, s.errors.len()), (60, 0), "{s:?}");
     assert_eq!(s.figures["woken_all_ms"].as_array().unwrap().len(), 2);
+    // The warm-up round ran, and neither its waiters nor its figure count among the rounds.
+    assert!(s.figures["warmup_woken_all_ms"].as_f64().is_some(), "{s:?}");
 
     // Fanout to app2 at proxy2 and app3 at proxy1: each task has two answers.
     let mut fan = self::ctx(&net, 2, 6, Via::LongPoll);

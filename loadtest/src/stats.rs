@@ -67,6 +67,17 @@ impl Recorder {
         self.failed.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// `n` failures of one kind at once (errors of a set-up phase kept apart from the run's).
+    pub fn errors_of(&self, what: &str, n: u64) {
+        *self.errors.lock().entry(what.to_owned()).or_default() += n;
+        self.failed.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Failures so far, by kind.
+    pub fn errors(&self) -> BTreeMap<String, u64> {
+        self.errors.lock().clone()
+    }
+
     /// A figure particular to the scenario, e.g. `events_lost` or `woken_max_ms`.
     pub fn figure(&self, name: &str, value: impl Into<serde_json::Value>) {
         self.figures.lock().insert(name.to_owned(), value.into());
