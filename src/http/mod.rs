@@ -171,7 +171,7 @@ pub fn json_answer<T: serde::Serialize + BodySize + ?Sized>(status: StatusCode, 
     let mut answer = HttpResponse::build(status);
     answer.content_type("application/json");
     if json.len() > body::SLICE {
-        answer.body(body::Sliced::new(json))
+        answer.body(body::Sliced(json))
     } else {
         answer.body(json)
     }
