@@ -10,6 +10,7 @@ use photon::{
 };
 
 fn main() -> ExitCode {
+    photon::ops::memory::small_thread_caches();
     let cli = Cli::parse();
     photon::ops::init_tracing(cli.serve.ops.log_format);
     let outcome = match cli.command {

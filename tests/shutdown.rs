@@ -108,6 +108,20 @@ async fn sigterm_finishes_requests_ends_streams_and_resumes_after_restart() {
     let http = reqwest::Client::new();
     healthy(&http, &url1).await;
     healthy(&http, &url2).await;
+    // The broker restarted itself as it began, with glibc's small per-thread caches, as the
+    // same process: the signals below reach the pid it was spawned with.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let environ = std::fs::read(format!("/proc/{}/environ", broker.id())).unwrap();
+        let tunable = format!(
+            "GLIBC_TUNABLES={}",
+            photon::ops::memory::tunables_with_small_tcache(None).unwrap().to_str().unwrap()
+        );
+        assert!(
+            environ.split(|b| *b == 0).any(|v| v == tunable.as_bytes()),
+            "{tunable} not in the broker's environment"
+        );
+    }
     let auth = |app: &str| format!("ApiKey {app} {KEY}");
 
     // A task from app1 to app2, with one result so far.
