@@ -87,6 +87,10 @@ async fn healthy(http: &reqwest::Client, base: &str) {
 /// Kills whatever is still running when the test ends, pass or fail.
 struct Processes(Vec<Child>);
 
+/// Where each process is in the test's `Processes`.
+const BROKER: usize = 0;
+const PROXY1: usize = 1;
+
 impl Drop for Processes {
     fn drop(&mut self) {
         for c in &mut self.0 {
@@ -102,9 +106,12 @@ async fn sigterm_finishes_requests_ends_streams_and_resumes_after_restart() {
     let (b, p1, p2) = (free_addr(), free_addr(), free_addr());
     let broker_url = format!("http://{b}");
     let (url1, url2) = (format!("http://{p1}"), format!("http://{p2}"));
-    let mut broker = start_broker(&pki, &b);
-    let mut proxy1 = start_proxy(&pki, "proxy1", "app1", &p1, &broker_url);
-    let proxy2 = start_proxy(&pki, "proxy2", "app2", &p2, &broker_url);
+    // Killed when the test ends, pass or fail.
+    let mut procs = Processes(vec![
+        start_broker(&pki, &b),
+        start_proxy(&pki, "proxy1", "app1", &p1, &broker_url),
+        start_proxy(&pki, "proxy2", "app2", &p2, &broker_url),
+    ]);
     let http = reqwest::Client::new();
     healthy(&http, &url1).await;
     healthy(&http, &url2).await;
@@ -112,7 +119,7 @@ async fn sigterm_finishes_requests_ends_streams_and_resumes_after_restart() {
     // same process: the signals below reach the pid it was spawned with.
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        let environ = std::fs::read(format!("/proc/{}/environ", broker.id())).unwrap();
+        let environ = std::fs::read(format!("/proc/{}/environ", procs.0[BROKER].id())).unwrap();
         let tunable = format!(
             "GLIBC_TUNABLES={}",
             photon::ops::memory::tunables_with_small_tcache(None).unwrap().to_str().unwrap()
@@ -152,7 +159,7 @@ async fn sigterm_finishes_requests_ends_streams_and_resumes_after_restart() {
     );
     tokio::time::sleep(Duration::from_millis(300)).await; // the long-poll is waiting at the broker
 
-    sigterm(&proxy1);
+    sigterm(&procs.0[PROXY1]);
     // The long-poll answers at once, complete: the one (claimed) result, 206 as it is short.
     let answer = tokio::time::timeout(GRACE, long_poll).await.expect("the long-poll answers").unwrap().unwrap();
     assert_eq!(answer.status(), 206);
@@ -165,7 +172,7 @@ async fn sigterm_finishes_requests_ends_streams_and_resumes_after_restart() {
     }
     assert!(tail.iter().any(|e| e.event == "comment" && e.data.contains("shutting down")), "{tail:?}");
     assert!(tail.iter().all(|e| e.event == "comment"), "nothing else after the last result: {tail:?}");
-    let (status, took) = exits(&mut proxy1).await;
+    let (status, took) = exits(&mut procs.0[PROXY1]).await;
     assert!(status.success(), "proxy1 exited with {status}");
     eprintln!("proxy1 exited {status} after {took:?}");
 
@@ -173,8 +180,7 @@ async fn sigterm_finishes_requests_ends_streams_and_resumes_after_restart() {
     assert_eq!(put("succeeded", "second").await.unwrap().status(), 204);
 
     // proxy1 comes back on the same port; its stream client resumes after the last id it saw.
-    let proxy1 = start_proxy(&pki, "proxy1", "app1", &p1, &broker_url);
-    let mut procs = Processes(vec![proxy1, proxy2]);
+    procs.0[PROXY1] = start_proxy(&pki, "proxy1", "app1", &p1, &broker_url);
     healthy(&http, &url1).await;
     let resumed = http
         .get(&results)
@@ -212,7 +218,7 @@ async fn sigterm_finishes_requests_ends_streams_and_resumes_after_restart() {
         http.get(format!("{results}?wait_count=2&wait_time=60s")).header("authorization", auth(APP1)).send(),
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
-    sigterm(&broker);
+    sigterm(&procs.0[BROKER]);
     let answer = tokio::time::timeout(GRACE, waiting).await.expect("the long-poll answers").unwrap().unwrap();
     assert_eq!(answer.status(), 206, "answered with what there was");
     assert_eq!(answer.json::<Value>().await.unwrap().as_array().unwrap().len(), 1);
@@ -221,7 +227,7 @@ async fn sigterm_finishes_requests_ends_streams_and_resumes_after_restart() {
         tail.push(ev);
     }
     assert!(tail.iter().any(|e| e.event == "comment" && e.data.contains("broker is shutting down")), "{tail:?}");
-    let (status, took) = exits(&mut broker).await;
+    let (status, took) = exits(&mut procs.0[BROKER]).await;
     assert!(status.success(), "the broker exited with {status}");
     eprintln!("broker exited {status} after {took:?}");
     // The proxies stay up and say why they are unhealthy.
@@ -230,11 +236,11 @@ async fn sigterm_finishes_requests_ends_streams_and_resumes_after_restart() {
         res.status() == 503
     })
     .await;
-    for p in &mut procs.0 {
+    for p in &mut procs.0[PROXY1..] {
         assert!(p.try_wait().unwrap().is_none(), "a proxy outlives its broker");
     }
     // The broker comes back (empty: tasks live in memory): the proxies reconnect by themselves.
-    procs.0.push(start_broker(&pki, &b));
+    procs.0[BROKER] = start_broker(&pki, &b);
     healthy(&http, &url1).await;
     healthy(&http, &url2).await;
     drop(procs);
