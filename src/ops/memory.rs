@@ -79,7 +79,8 @@ pub fn tunables_with_small_tcache(current: Option<&OsStr>) -> Option<OsString> {
 /// next allocations, and `malloc_trim` can't give back the pages they sit in. After a burst of
 /// tasks expired, those chunks lie all over the pages the tasks used, and kept 1.5-1.9 MiB of
 /// them resident (heaptrack: only 90 KiB were live). With 2 per size the broker is back at its
-/// baseline within 0.2-0.7 s, and its CPU per create measured the same (docs/BENCHMARKS.md).
+/// baseline within a second (0.4-0.9 s measured), at the same CPU per request
+/// (docs/BENCHMARKS.md).
 /// glibc reads the tunable only as the process starts, so it has to be in the environment
 /// then. Returns when nothing needs doing; if the restart fails, the broker goes on as it is.
 pub fn small_thread_caches() {
