@@ -10,7 +10,6 @@ use photon::{
 };
 
 fn main() -> ExitCode {
-    photon::ops::memory::small_thread_caches();
     let cli = Cli::parse();
     photon::ops::init_tracing(cli.serve.ops.log_format);
     let outcome = match cli.command {
@@ -27,6 +26,8 @@ fn main() -> ExitCode {
 }
 
 fn serve(cli: &Cli) -> Result<(), String> {
+    // Before any thread or socket exists: this may exec the broker again.
+    photon::ops::memory::small_thread_caches();
     let config = cli.serve.validate()?;
     let listener = TcpListener::bind(cli.serve.bind_addr)
         .map_err(|e| format!("cannot listen on {} (BIND_ADDR): {e}", cli.serve.bind_addr))?;

@@ -229,11 +229,8 @@ impl Upstream {
             Err(e) => tracing::warn!(error = %e, "cannot fetch the revocation list"),
         }
         let me = self.keys.me().clone();
-        let own = match self.http() {
-            Ok(http) => load_own(http, &self.base, &me, &self.files, self.keys.root()).await,
-            Err(e) => Err(e),
-        };
-        match own {
+        let own = async { load_own(self.http()?, &self.base, &me, &self.files, self.keys.root()).await };
+        match own.await {
             Ok(own) if *own.cert.pem != *self.keys.own().cert.pem => {
                 tracing::info!(serial = %own.cert.serial, "own certificate renewed; using it from now on");
                 self.keys.rotate(own);

@@ -73,16 +73,18 @@ pub fn tunables_with_small_tcache(current: Option<&OsStr>) -> Option<OsString> {
 
 /// Makes sure the broker runs with small per-thread caches in glibc's allocator: if
 /// `GLIBC_TUNABLES` does not set `tcache_count` yet, this process starts itself again (same pid,
-/// same arguments and environment) with it set to [`TCACHE_COUNT`]. Call it first in `main`.
+/// same arguments and environment) with it set to [`TCACHE_COUNT`]. Call it before the broker
+/// starts any thread or opens any socket.
 ///
 /// Why: each thread keeps up to 7 freed chunks of every small size (up to 1 KiB) for its own
 /// next allocations, and `malloc_trim` can't give back the pages they sit in. After a burst of
 /// tasks expired, those chunks lie all over the pages the tasks used, and kept 1.5-1.9 MiB of
 /// them resident (heaptrack: only 90 KiB were live). With 2 per size the broker is back at its
 /// baseline within a second (0.4-0.9 s measured), at the same CPU per request
-/// (docs/BENCHMARKS.md).
-/// glibc reads the tunable only as the process starts, so it has to be in the environment
-/// then. Returns when nothing needs doing; if the restart fails, the broker goes on as it is.
+/// (docs/BENCHMARKS.md). glibc reads the tunable only as the process starts, so it has to be
+/// in the environment then.
+///
+/// Returns when nothing needs doing; if the restart fails, the broker goes on as it is.
 pub fn small_thread_caches() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
