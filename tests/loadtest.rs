@@ -8,21 +8,26 @@ use std::{sync::Arc, time::Duration};
 
 use common::*;
 use photon_loadtest::{
-    client::App,
+    client::{App, ClientKind},
     scenario::{self, Ctx, Plan, Via},
     stats::{Recorder, Summary},
     target::Endpoint,
 };
 
-fn app(url: &str, app: &str, key: &str) -> Arc<App> {
-    Arc::new(App::new(reqwest::Client::new(), Endpoint { url: url.into(), app: app.into(), key: key.into() }).unwrap())
+fn app(url: &str, app: &str, key: &str, client: ClientKind) -> Arc<App> {
+    let endpoint = Endpoint { url: url.into(), app: app.into(), key: key.into() };
+    Arc::new(App::new(reqwest::Client::new(), endpoint, client, 16).unwrap())
 }
 
 /// The creator app1 at proxy1, the worker app2 at proxy2, and the broker's health to settle on.
 fn ctx(net: &Net, clients: usize, count: u64, via: Via) -> Ctx {
+    ctx_with(net, clients, count, via, ClientKind::Lean)
+}
+
+fn ctx_with(net: &Net, clients: usize, count: u64, via: Via, client: ClientKind) -> Ctx {
     Ctx {
-        creator: app(&net.proxy1, APP1, KEY),
-        workers: vec![app(&net.proxy2, APP2, KEY)],
+        creator: app(&net.proxy1, APP1, KEY, client),
+        workers: vec![app(&net.proxy2, APP2, KEY, client)],
         plan: Plan {
             clients,
             count,
@@ -32,6 +37,7 @@ fn ctx(net: &Net, clients: usize, count: u64, via: Via) -> Ctx {
             ttl: "5m".into(),
             rate: 100.0,
             recipients: 1,
+            client,
         },
         rec: Arc::new(Recorder::new()),
         broker_url: Some(net.broker.clone()),
@@ -58,11 +64,13 @@ async fn create_makes_exactly_count_tasks() {
 #[tokio::test]
 async fn roundtrips_by_long_poll_and_by_events() {
     let net = Net::start();
-    for via in [Via::LongPoll, Via::Sse] {
-        let ctx = ctx(&net, 3, 15, via);
+    for (via, client) in
+        [(Via::LongPoll, ClientKind::Lean), (Via::Sse, ClientKind::Lean), (Via::LongPoll, ClientKind::Reqwest)]
+    {
+        let ctx = ctx_with(&net, 3, 15, via, client);
         scenario::roundtrip(&ctx, false).await;
         let summary = summary(&ctx);
-        assert_eq!((summary.ok, summary.errors.clone()), (15, Default::default()), "{via:?}: {summary:?}");
+        assert_eq!((summary.ok, summary.errors.clone()), (15, Default::default()), "{via:?} {client:?}: {summary:?}");
     }
     // Soak: 10 round trips at 50 per second take about 0.2 s to start.
     let mut soak = ctx(&net, 1, 10, Via::LongPoll);
@@ -79,7 +87,7 @@ async fn roundtrips_by_long_poll_and_by_events() {
 async fn failures_are_counted_by_status() {
     let net = Net::start();
     let mut ctx = ctx(&net, 2, 6, Via::LongPoll);
-    ctx.creator = app(&net.proxy1, APP1, "wrong");
+    ctx.creator = app(&net.proxy1, APP1, "wrong", ClientKind::Lean);
     scenario::create(&ctx).await;
     let summary = summary(&ctx);
     assert_eq!(summary.ok, 0);
@@ -111,7 +119,7 @@ async fn waiters_are_all_woken_and_fanout_waits_for_every_recipient() {
 
     // Fanout to app2 at proxy2 and app3 at proxy1: each task has two answers.
     let mut fan = self::ctx(&net, 2, 6, Via::LongPoll);
-    fan.workers.push(app(&net.proxy1, APP3, KEY));
+    fan.workers.push(app(&net.proxy1, APP3, KEY, ClientKind::Lean));
     scenario::roundtrip(&fan, true).await;
     let s = summary(&fan);
     assert_eq!((s.ok, s.errors.len()), (6, 0), "{s:?}");

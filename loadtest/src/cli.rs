@@ -9,6 +9,7 @@ use std::{path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::{
+    client::ClientKind,
     scenario::{Plan, Via},
     target::{Endpoint, Target},
 };
@@ -139,6 +140,11 @@ pub struct RunArgs {
     /// next to this executable.
     #[arg(long)]
     pub bin_dir: Option<PathBuf>,
+    /// The HTTP client of the apps' plain requests (event streams always use reqwest): the
+    /// loadtest's own (lean on CPU, so it takes less from what it measures on a shared machine;
+    /// plain http:// and direct connections only), or reqwest (TLS, and HTTP_PROXY etc.).
+    #[arg(long, value_enum, default_value_t = ClientKind::Lean)]
+    pub client: ClientKind,
     /// Allow targets that are not on this machine.
     #[arg(long)]
     pub allow_remote: bool,
@@ -243,6 +249,7 @@ impl RunArgs {
                 ttl,
                 rate: self.rate,
                 recipients,
+                client: self.client,
             },
             network,
         })
@@ -290,7 +297,10 @@ mod tests {
         assert_eq!(target, Target::dev());
         assert_eq!(broker_url.as_deref(), Some("http://127.0.0.1:8080"));
         assert_eq!(pids, vec![("broker".to_string(), 42)]);
-        assert_eq!(run.plan.recipients, 1);
+        assert_eq!((run.plan.recipients, run.plan.client), (1, ClientKind::Lean));
+        let reqwest = parse(&[&["create", "--client", "reqwest"][..], &GIVEN].concat()).unwrap();
+        assert_eq!(reqwest.plan.client, ClientKind::Reqwest);
+        assert!(parse(&["create", "--client", "curl"]).unwrap_err().contains("--client"));
     }
 
     #[test]

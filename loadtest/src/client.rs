@@ -1,9 +1,13 @@
 //! One app talking to its proxy, as a Beam app would: create tasks, put results, read them by
 //! long-poll or Server-Sent Events. Failures come back as the short name the run counts them
 //! under (the HTTP status, or `connect`, `timeout`, `lost`, `malformed`).
+//!
+//! Plain requests go through [`http1`](crate::http1) (see there why) to an `http://` proxy, or
+//! through reqwest for `https://`, when asked (`--client reqwest`), and for event streams.
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::StreamExt;
 use photon::{
     urls::{self, Url},
@@ -14,12 +18,13 @@ use photon::{
 };
 use reqwest::{
     header::{self, HeaderValue},
-    Client, RequestBuilder, Response,
+    Client, Method, RequestBuilder, Response,
 };
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::target::Endpoint;
+use crate::{http1, target::Endpoint};
 
 /// Why an operation failed, as counted.
 pub type Failure = String;
@@ -36,31 +41,85 @@ fn failure(e: reqwest::Error) -> Failure {
     }
 }
 
+/// The HTTP client of the apps' plain requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientKind {
+    /// The loadtest's own HTTP/1.1 client: lean on CPU, plain `http://` only, connects directly
+    /// (no forward proxy). `https://` targets use reqwest.
+    Lean,
+    /// reqwest: TLS, and `HTTP_PROXY`/`HTTPS_PROXY`/`NO_PROXY` from the environment.
+    Reqwest,
+}
+
 pub struct App {
     http: Client,
+    /// The lean client's connections, when it serves this app.
+    lean: Option<http1::Pool>,
     pub endpoint: Endpoint,
     pub id: AppId,
     /// `endpoint.url`, parsed once (see [`photon::urls`]).
     base: Url,
     auth: HeaderValue,
+    /// `authorization: …`, the line the lean client sends.
+    auth_line: String,
 }
 
 impl App {
-    pub fn new(http: Client, endpoint: Endpoint) -> Result<Self, String> {
+    /// The app at `endpoint`; its plain requests go through `kind` (keeping up to `max_idle`
+    /// idle connections when that is the lean client), its event streams through `http`.
+    pub fn new(http: Client, endpoint: Endpoint, kind: ClientKind, max_idle: usize) -> Result<Self, String> {
         let id = AppId::parse(&endpoint.app).map_err(|e| format!("app id {:?}: {e}", endpoint.app))?;
         let base = Url::parse(&endpoint.url).map_err(|e| format!("proxy URL {:?}: {e}", endpoint.url))?;
-        let mut auth = HeaderValue::try_from(format!("ApiKey {} {}", endpoint.app, endpoint.key))
+        let credentials = format!("ApiKey {} {}", endpoint.app, endpoint.key);
+        let mut auth = HeaderValue::try_from(&credentials)
             .map_err(|_| format!("the API key of {} is not a valid header value", endpoint.app))?;
         auth.set_sensitive(true);
-        Ok(Self { http, endpoint, id, base, auth })
+        let lean = match (kind, base.scheme(), base.host_str()) {
+            (ClientKind::Lean, "http", Some(host)) => {
+                Some(http1::Pool::new(&format!("{host}:{}", base.port_or_known_default().unwrap_or(80)), max_idle))
+            }
+            _ => None,
+        };
+        Ok(Self { http, lean, endpoint, id, base, auth, auth_line: format!("authorization: {credentials}") })
     }
 
-    fn request(&self, method: reqwest::Method, path: &str) -> RequestBuilder {
+    fn request(&self, method: Method, path: &str) -> RequestBuilder {
         self.http.request(method, urls::at(&self.base, path)).header(header::AUTHORIZATION, self.auth.clone())
     }
 
     fn get(&self, path: &str) -> RequestBuilder {
-        self.request(reqwest::Method::GET, path)
+        self.request(Method::GET, path)
+    }
+
+    /// A plain request (`body` as JSON when given) whose status must be one of `ok`; its body.
+    async fn call(&self, method: Method, path: &str, body: Option<Vec<u8>>, ok: &[u16]) -> Result<Bytes, Failure> {
+        let Some(pool) = &self.lean else {
+            let mut req = self.request(method, path);
+            if let Some(body) = body {
+                req = req.header(header::CONTENT_TYPE, "application/json").body(body);
+            }
+            return Self::expect(req, ok).await?.bytes().await.map_err(failure);
+        };
+        let target = match self.base.path().trim_end_matches('/') {
+            "" => path.to_owned(),
+            prefix => format!("{prefix}{path}"),
+        };
+        let answer = pool
+            .send(method.as_str(), &target, &[&self.auth_line], body.as_deref())
+            .await
+            .map_err(|e| e.name().to_owned())?;
+        if ok.contains(&answer.status) {
+            Ok(answer.body)
+        } else {
+            Err(answer.status.to_string())
+        }
+    }
+
+    /// [`call`](Self::call), its answer read as JSON.
+    async fn call_json<T: DeserializeOwned>(&self, path: &str, ok: &[u16]) -> Result<T, Failure> {
+        let body = self.call(Method::GET, path, None, ok).await?;
+        serde_json::from_slice(&body).map_err(|_| "malformed".into())
     }
 
     async fn expect(req: RequestBuilder, ok: &[u16]) -> Result<Response, Failure> {
@@ -89,8 +148,7 @@ impl App {
             failure_strategy: FailureStrategy::default(),
             metadata: Value::Null,
         };
-        let req = self.request(reqwest::Method::POST, "/v1/tasks");
-        Self::expect(req.json(&task), &[201]).await?;
+        self.call(Method::POST, "/v1/tasks", Some(json(&task)?), &[201]).await?;
         Ok(id)
     }
 
@@ -109,14 +167,14 @@ impl App {
             body: Some(body.clone()),
             metadata: Value::Null,
         };
-        let req = self.request(reqwest::Method::PUT, &format!("/v1/tasks/{task}/results/{}", self.id)).json(&result);
-        Self::expect(req, &[201, 204]).await.map(drop)
+        let path = format!("/v1/tasks/{task}/results/{}", self.id);
+        self.call(Method::PUT, &path, Some(json(&result)?), &[201, 204]).await.map(drop)
     }
 
     /// The worker's to-do list, waiting up to `wait` for at least one task.
     pub async fn todo(&self, wait: Duration) -> Result<Vec<Task>, Failure> {
         let path = format!("/v1/tasks?filter=todo&wait_count=1&wait_time={}ms", wait.as_millis());
-        Self::expect(self.get(&path), &[200, 206]).await?.json().await.map_err(failure)
+        self.call_json(&path, &[200, 206]).await
     }
 
     /// The worker's `new_task` event stream.
@@ -133,7 +191,7 @@ impl App {
     /// Waits (long-poll) until `task` has `count` results; fewer (206) is a failure.
     pub async fn results(&self, task: Uuid, count: usize, wait: Duration) -> Result<Vec<TaskResult>, Failure> {
         let path = format!("/v1/tasks/{task}/results?wait_count={count}&wait_time={}ms", wait.as_millis());
-        Self::expect(self.get(&path), &[200]).await?.json().await.map_err(failure)
+        self.call_json(&path, &[200]).await
     }
 
     /// Waits (event stream) for the first result of `task`.
@@ -167,6 +225,10 @@ impl App {
         }
         Ok(Events::new(Self::expect(req, &[200]).await?))
     }
+}
+
+fn json(value: &impl serde::Serialize) -> Result<Vec<u8>, Failure> {
+    serde_json::to_vec(value).map_err(|e| format!("unserializable: {e}"))
 }
 
 /// One Server-Sent Event.

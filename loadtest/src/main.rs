@@ -115,7 +115,8 @@ async fn execute(out: Option<PathBuf>, quiet: bool, run: Run) -> anyhow::Result<
         .retry(reqwest::retry::never().max_retries_per_request(0))
         .build()
         .context("HTTP client")?;
-    let app = |e| App::new(http.clone(), e).map(Arc::new).map_err(anyhow::Error::msg);
+    let max_idle = run.plan.clients.max(16);
+    let app = |e| App::new(http.clone(), e, run.plan.client, max_idle).map(Arc::new).map_err(anyhow::Error::msg);
     let creator = app(target.creator.clone())?;
     let workers = target.workers.iter().cloned().map(app).collect::<anyhow::Result<Vec<_>>>()?;
     for url in std::iter::once(&creator).chain(&workers).map(|a| &a.endpoint.url) {

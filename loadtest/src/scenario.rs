@@ -28,7 +28,7 @@ use serde_json::Value;
 use tokio::sync::Semaphore;
 
 use crate::{
-    client::{App, Failure},
+    client::{App, ClientKind, Failure},
     memory::Sampler,
     stats::Recorder,
 };
@@ -61,6 +61,8 @@ pub struct Plan {
     pub rate: f64,
     /// Recipient apps per task (fanout).
     pub recipients: usize,
+    /// The HTTP client of the apps' plain requests.
+    pub client: ClientKind,
 }
 
 fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -646,6 +648,7 @@ mod tests {
             ttl: "5m".into(),
             rate: 1.0,
             recipients: 1,
+            client: ClientKind::Lean,
         }
     }
 

@@ -1,0 +1,452 @@
+//! A lean HTTP/1.1 client for the apps' plain requests (everything but event streams) to a
+//! plain-`http://` proxy: pooled keep-alive connections; each request is one task that writes
+//! its head and body with one `write` and parses the answer in place (`httparse`).
+//!
+//! Why not reqwest here: the loadtest shares the machine with what it measures. Through reqwest
+//! (hyper-util's pool, hyper's per-connection task and channel, a `Url` per request) the
+//! loadtest used about a quarter of both cores in `create` and `roundtrip -c 64`, and as much
+//! CPU as the proxy it measured while 1,000 `waiters` were answered (scripts/wake-profile.sh).
+//! reqwest still serves `https://` targets, forward proxies (`--client reqwest`) and event
+//! streams.
+
+use std::{io, net::SocketAddr};
+
+use bytes::{Buf, Bytes, BytesMut};
+use parking_lot::Mutex;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+/// An answer: its status and whole body.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub body: Bytes,
+}
+
+/// Why a request failed, by the name the run counts it under.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Error {
+    /// No connection could be made.
+    Connect,
+    /// The connection broke or closed before the whole answer came.
+    Lost,
+    /// The answer is not HTTP/1.1 as this client reads it.
+    Malformed,
+}
+
+impl Error {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Error::Connect => "connect",
+            Error::Lost => "lost",
+            Error::Malformed => "malformed",
+        }
+    }
+}
+
+/// Keep-alive connections to one origin.
+pub struct Pool {
+    /// `host:port`, to connect to and as the `Host` header.
+    authority: String,
+    /// The origin's address, once resolved.
+    addr: Mutex<Option<SocketAddr>>,
+    idle: Mutex<Vec<Conn>>,
+    max_idle: usize,
+}
+
+struct Conn {
+    stream: TcpStream,
+    /// Read but not yet consumed bytes.
+    buf: BytesMut,
+}
+
+/// Most header lines an answer may have.
+const MAX_HEADERS: usize = 64;
+/// Largest answer head read before giving up on it.
+const MAX_HEAD: usize = 64 * 1024;
+
+impl Pool {
+    /// A pool for `authority` (`host:port`) that keeps up to `max_idle` idle connections.
+    pub fn new(authority: &str, max_idle: usize) -> Self {
+        Self { authority: authority.to_owned(), addr: Mutex::new(None), idle: Mutex::new(Vec::new()), max_idle }
+    }
+
+    /// Sends `method target` with `headers` (each `name: value`, without line ends) and `body`
+    /// (JSON when given), and reads the whole answer. A request on an idle connection that the
+    /// server had closed meanwhile (no byte of an answer came back) is sent once more, on a new
+    /// connection; no other failure is retried.
+    pub async fn send(
+        &self,
+        method: &str,
+        target: &str,
+        headers: &[&str],
+        body: Option<&[u8]>,
+    ) -> Result<Answer, Error> {
+        let request = self.request(method, target, headers, body);
+        if let Some(mut conn) = self.reuse() {
+            match conn.exchange(&request, method).await {
+                Ok((answer, keep)) => {
+                    self.put_back(conn, keep);
+                    return Ok(answer);
+                }
+                Err(Exchange::Unanswered) => {}
+                Err(Exchange::Failed(e)) => return Err(e),
+            }
+        }
+        let mut conn = self.connect().await?;
+        match conn.exchange(&request, method).await {
+            Ok((answer, keep)) => {
+                self.put_back(conn, keep);
+                Ok(answer)
+            }
+            Err(Exchange::Unanswered) => Err(Error::Lost),
+            Err(Exchange::Failed(e)) => Err(e),
+        }
+    }
+
+    fn request(&self, method: &str, target: &str, headers: &[&str], body: Option<&[u8]>) -> Vec<u8> {
+        let body = body.unwrap_or_default();
+        let mut out = Vec::with_capacity(160 + headers.iter().map(|h| h.len() + 2).sum::<usize>() + body.len());
+        out.extend_from_slice(format!("{method} {target} HTTP/1.1\r\nhost: {}\r\n", self.authority).as_bytes());
+        for h in headers {
+            out.extend_from_slice(h.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        if !body.is_empty() || method == "POST" || method == "PUT" {
+            out.extend_from_slice(
+                format!("content-type: application/json\r\ncontent-length: {}\r\n", body.len()).as_bytes(),
+            );
+        }
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(body);
+        out
+    }
+
+    /// An idle connection the server has not closed, as far as can be seen without waiting.
+    fn reuse(&self) -> Option<Conn> {
+        loop {
+            let conn = self.idle.lock().pop()?;
+            match conn.stream.try_read(&mut [0; 1]) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Some(conn),
+                // Closed (0), or bytes nobody asked for: either way not usable.
+                _ => continue,
+            }
+        }
+    }
+
+    fn put_back(&self, conn: Conn, keep: bool) {
+        let mut idle = self.idle.lock();
+        if keep && idle.len() < self.max_idle {
+            idle.push(conn);
+        }
+    }
+
+    async fn connect(&self) -> Result<Conn, Error> {
+        let addr = *self.addr.lock();
+        let stream = match addr {
+            Some(addr) => TcpStream::connect(addr).await,
+            None => TcpStream::connect(self.authority.as_str()).await,
+        }
+        .map_err(|_| Error::Connect)?;
+        if addr.is_none() {
+            *self.addr.lock() = stream.peer_addr().ok();
+        }
+        stream.set_nodelay(true).map_err(|_| Error::Connect)?;
+        Ok(Conn { stream, buf: BytesMut::with_capacity(8 * 1024) })
+    }
+}
+
+/// How one exchange on a connection failed.
+enum Exchange {
+    /// Not one byte of an answer came: the server may have closed the connection before it
+    /// read the request.
+    Unanswered,
+    Failed(Error),
+}
+
+impl Conn {
+    /// Writes `request` and reads its answer; whether the connection can carry another.
+    async fn exchange(&mut self, request: &[u8], method: &str) -> Result<(Answer, bool), Exchange> {
+        if self.stream.write_all(request).await.is_err() {
+            return Err(Exchange::Unanswered);
+        }
+        self.buf.clear();
+        let head = loop {
+            match parse_head(&self.buf) {
+                Ok(Some(head)) if head.status >= 200 => break head,
+                // An interim answer (100 Continue …): skip it.
+                Ok(Some(head)) => self.buf.advance(head.len),
+                Ok(None) if self.buf.len() > MAX_HEAD => return Err(Exchange::Failed(Error::Malformed)),
+                Ok(None) => match self.fill().await {
+                    Ok(()) => {}
+                    Err(_) if self.buf.is_empty() => return Err(Exchange::Unanswered),
+                    Err(e) => return Err(Exchange::Failed(e)),
+                },
+                Err(e) => return Err(Exchange::Failed(e)),
+            }
+        };
+        self.buf.advance(head.len);
+        let bodiless = method == "HEAD" || head.status == 204 || head.status == 304;
+        let body = match (bodiless, head.length) {
+            (true, _) => Bytes::new(),
+            (false, Length::Fixed(n)) => self.exactly(n).await.map_err(Exchange::Failed)?,
+            (false, Length::Chunked) => self.chunked().await.map_err(Exchange::Failed)?,
+            (false, Length::UntilClose) => self.until_close().await.map_err(Exchange::Failed)?,
+        };
+        // A body that ends with the connection ends it; a bodiless answer (204) does not.
+        let keep = head.keep_alive && (bodiless || head.length != Length::UntilClose) && self.buf.is_empty();
+        Ok((Answer { status: head.status, body }, keep))
+    }
+
+    /// Reads more bytes; a closed connection is `Lost`.
+    async fn fill(&mut self) -> Result<(), Error> {
+        if self.buf.capacity() - self.buf.len() < 4096 {
+            self.buf.reserve(8 * 1024);
+        }
+        match self.stream.read_buf(&mut self.buf).await {
+            Ok(0) | Err(_) => Err(Error::Lost),
+            Ok(_) => Ok(()),
+        }
+    }
+
+    async fn exactly(&mut self, n: usize) -> Result<Bytes, Error> {
+        self.buf.reserve(n.saturating_sub(self.buf.len()));
+        while self.buf.len() < n {
+            self.fill().await?;
+        }
+        Ok(self.buf.split_to(n).freeze())
+    }
+
+    async fn until_close(&mut self) -> Result<Bytes, Error> {
+        loop {
+            match self.fill().await {
+                Ok(()) => {}
+                Err(_) => return Ok(self.buf.split().freeze()),
+            }
+        }
+    }
+
+    /// A chunked body, its trailers skipped.
+    async fn chunked(&mut self) -> Result<Bytes, Error> {
+        let mut body = BytesMut::new();
+        loop {
+            let line = self.line().await?;
+            let size = std::str::from_utf8(&line)
+                .ok()
+                .and_then(|l| usize::from_str_radix(l.split(';').next().unwrap_or_default().trim(), 16).ok())
+                .ok_or(Error::Malformed)?;
+            if size == 0 {
+                while !self.line().await?.is_empty() {}
+                return Ok(body.freeze());
+            }
+            body.extend_from_slice(&self.exactly(size).await?);
+            if !self.line().await?.is_empty() {
+                return Err(Error::Malformed);
+            }
+        }
+    }
+
+    /// One line, without its `\r\n`.
+    async fn line(&mut self) -> Result<Bytes, Error> {
+        loop {
+            if let Some(at) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                let line = self.buf.split_to(at).freeze();
+                self.buf.advance(2);
+                return Ok(line);
+            }
+            if self.buf.len() > MAX_HEAD {
+                return Err(Error::Malformed);
+            }
+            self.fill().await?;
+        }
+    }
+}
+
+/// How an answer's body ends.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+enum Length {
+    Fixed(usize),
+    Chunked,
+    UntilClose,
+}
+
+/// What the client needs of an answer's head.
+#[derive(Debug, PartialEq, Eq)]
+struct Head {
+    status: u16,
+    /// Bytes the head takes, blank line included.
+    len: usize,
+    length: Length,
+    keep_alive: bool,
+}
+
+/// The answer head at the start of `buf`; `None` while it is incomplete.
+fn parse_head(buf: &[u8]) -> Result<Option<Head>, Error> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut res = httparse::Response::new(&mut headers);
+    let len = match res.parse(buf).map_err(|_| Error::Malformed)? {
+        httparse::Status::Complete(len) => len,
+        httparse::Status::Partial => return Ok(None),
+    };
+    let status = res.code.ok_or(Error::Malformed)?;
+    let mut keep_alive = res.version == Some(1);
+    let mut length = Length::UntilClose;
+    for h in res.headers.iter() {
+        let value = || std::str::from_utf8(h.value).map(str::trim).map_err(|_| Error::Malformed);
+        if h.name.eq_ignore_ascii_case("content-length") && length == Length::UntilClose {
+            length = Length::Fixed(value()?.parse().map_err(|_| Error::Malformed)?);
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            // Chunked wins over a length (RFC 9112, 6.3).
+            if value()?.rsplit(',').next().is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked")) {
+                length = Length::Chunked;
+            }
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            let value = value()?;
+            if value.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")) {
+                keep_alive = false;
+            } else if value.split(',').any(|t| t.trim().eq_ignore_ascii_case("keep-alive")) {
+                keep_alive = true;
+            }
+        }
+    }
+    Ok(Some(Head { status, len, length, keep_alive }))
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpListener,
+    };
+
+    use super::*;
+
+    #[test]
+    fn heads() {
+        let head = |s: &str| parse_head(s.as_bytes());
+        let len = |s: &str| s.find("\r\n\r\n").unwrap() + 4;
+        assert_eq!(head("HTTP/1.1 200 OK\r\ncontent-len"), Ok(None));
+        let created = "HTTP/1.1 201 Created\r\nContent-Length: 12\r\n\r\nrest";
+        assert_eq!(
+            head(created),
+            Ok(Some(Head { status: 201, len: len(created), length: Length::Fixed(12), keep_alive: true }))
+        );
+        let chunked =
+            "HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: gzip, chunked\r\nconnection: close\r\n\r\n";
+        assert_eq!(
+            head(chunked),
+            Ok(Some(Head { status: 200, len: len(chunked), length: Length::Chunked, keep_alive: false }))
+        );
+        let old = "HTTP/1.0 200 OK\r\n\r\n";
+        assert_eq!(
+            head(old),
+            Ok(Some(Head { status: 200, len: len(old), length: Length::UntilClose, keep_alive: false }))
+        );
+        assert_eq!(head("HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n"), Err(Error::Malformed));
+        assert_eq!(head("SSH-2.0-OpenSSH\r\n\r\n"), Err(Error::Malformed));
+    }
+
+    /// A server that reads each request and answers with the next of `answers` (raw bytes), or
+    /// closes the connection unanswered for a `None`; it stops once all are used. Returns the
+    /// requests it read.
+    async fn server(answers: Vec<Option<&'static str>>) -> (String, tokio::task::JoinHandle<Vec<String>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let served = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let mut answers = answers.into_iter().peekable();
+            'conns: while answers.peek().is_some() {
+                // Bounded, so that a client that never comes back fails the test, not hangs it.
+                let accepted = tokio::time::timeout(std::time::Duration::from_secs(10), listener.accept()).await;
+                let Ok(Ok((mut s, _))) = accepted else { break };
+                loop {
+                    let mut buf = Vec::new();
+                    let mut byte = [0; 1];
+                    while !buf.ends_with(b"\r\n\r\n") {
+                        if s.read(&mut byte).await.unwrap_or(0) == 0 {
+                            continue 'conns;
+                        }
+                        buf.push(byte[0]);
+                    }
+                    let head = String::from_utf8(buf).unwrap();
+                    let length = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length: "))
+                        .map_or(0, |n| n.parse::<usize>().unwrap());
+                    let mut body = vec![0; length];
+                    s.read_exact(&mut body).await.unwrap();
+                    seen.push(format!("{head}{}", String::from_utf8(body).unwrap()));
+                    match answers.next() {
+                        Some(Some(answer)) => s.write_all(answer.as_bytes()).await.unwrap(),
+                        Some(None) => continue 'conns,
+                        None => break 'conns,
+                    }
+                }
+            }
+            seen
+        });
+        (addr, served)
+    }
+
+    #[tokio::test]
+    async fn requests_and_answers() {
+        let (addr, served) = server(vec![
+            Some("HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok"),
+            Some("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n2\r\nde\r\n0\r\nt: 1\r\n\r\n"),
+            Some("HTTP/1.1 204 No Content\r\n\r\n"),
+            // Closed without an answer on the reused connection, then on a fresh one.
+            None,
+            None,
+        ])
+        .await;
+        let pool = Pool::new(&addr, 4);
+        let a = pool.send("POST", "/v1/tasks", &["authorization: ApiKey a k"], Some(b"{}")).await.unwrap();
+        assert_eq!((a.status, &a.body[..]), (201, &b"ok"[..]));
+        let b = pool.send("GET", "/v1/tasks?x=1", &[], None).await.unwrap();
+        assert_eq!((b.status, &b.body[..]), (200, &b"abcde"[..]));
+        let c = pool.send("PUT", "/r", &[], Some(b"[1]")).await.unwrap();
+        assert_eq!((c.status, c.body.len()), (204, 0));
+        // The one connection was reused throughout; now the server closes it unanswered: the
+        // request goes out once more on a new connection, and is lost when that closes too.
+        assert_eq!(pool.send("GET", "/gone", &[], None).await.unwrap_err(), Error::Lost);
+        let seen = served.await.unwrap();
+        assert_eq!(seen.len(), 5, "{seen:?}");
+        assert!(seen[3].starts_with("GET /gone ") && seen[4].starts_with("GET /gone "));
+        assert_eq!(
+            seen[0],
+            format!(
+                "POST /v1/tasks HTTP/1.1\r\nhost: {addr}\r\nauthorization: ApiKey a k\r\n\
+                 content-type: application/json\r\ncontent-length: 2\r\n\r\n{{}}"
+            )
+        );
+        assert!(seen[1].starts_with("GET /v1/tasks?x=1 HTTP/1.1\r\n") && !seen[1].contains("content-length"));
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_while_idle_is_replaced() {
+        // The first connection is closed by the server after its answer; the second request
+        // must go out on a new one and succeed.
+        let (addr, served) = server(vec![
+            Some("HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\na"),
+            None,
+            Some("HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nb"),
+        ])
+        .await;
+        let pool = Pool::new(&addr, 4);
+        assert_eq!(&pool.send("GET", "/1", &[], None).await.unwrap().body[..], b"a");
+        // Unanswered on the reused connection, then answered on a fresh one.
+        assert_eq!(&pool.send("GET", "/2", &[], None).await.unwrap().body[..], b"b");
+        drop(pool);
+        assert_eq!(served.await.unwrap().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn nobody_listening_is_connect() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        drop(listener);
+        assert_eq!(Pool::new(&addr, 1).send("GET", "/", &[], None).await.unwrap_err(), Error::Connect);
+    }
+}
