@@ -66,6 +66,9 @@ struct Conn {
 const MAX_HEADERS: usize = 64;
 /// Largest answer head read before giving up on it.
 const MAX_HEAD: usize = 64 * 1024;
+/// Largest answer body taken: four times the largest body the loadtest sends (64 MiB), so a
+/// wrong length cannot make it allocate without bound.
+const MAX_BODY: usize = 256 * 1024 * 1024;
 
 impl Pool {
     /// A pool for `authority` (`host:port`) that keeps up to `max_idle` idle connections.
@@ -212,6 +215,9 @@ impl Conn {
     }
 
     async fn exactly(&mut self, n: usize) -> Result<Bytes, Error> {
+        if n > MAX_BODY {
+            return Err(Error::Malformed);
+        }
         self.buf.reserve(n.saturating_sub(self.buf.len()));
         while self.buf.len() < n {
             self.fill().await?;
@@ -222,6 +228,7 @@ impl Conn {
     async fn until_close(&mut self) -> Result<Bytes, Error> {
         loop {
             match self.fill().await {
+                Ok(()) if self.buf.len() > MAX_BODY => return Err(Error::Malformed),
                 Ok(()) => {}
                 Err(_) => return Ok(self.buf.split().freeze()),
             }
@@ -240,6 +247,9 @@ impl Conn {
             if size == 0 {
                 while !self.line().await?.is_empty() {}
                 return Ok(body.freeze());
+            }
+            if body.len() + size > MAX_BODY {
+                return Err(Error::Malformed);
             }
             body.extend_from_slice(&self.exactly(size).await?);
             if !self.line().await?.is_empty() {
@@ -440,6 +450,20 @@ mod tests {
         assert_eq!(&pool.send("GET", "/2", &[], None).await.unwrap().body[..], b"b");
         drop(pool);
         assert_eq!(served.await.unwrap().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn an_absurd_length_is_malformed() {
+        let (addr, served) = server(vec![
+            Some("HTTP/1.1 200 OK\r\ncontent-length: 999999999999\r\n\r\n"),
+            Some("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n"),
+        ])
+        .await;
+        let pool = Pool::new(&addr, 1);
+        assert_eq!(pool.send("GET", "/", &[], None).await.unwrap_err(), Error::Malformed);
+        assert_eq!(pool.send("GET", "/", &[], None).await.unwrap_err(), Error::Malformed);
+        drop(pool);
+        assert_eq!(served.await.unwrap().len(), 2);
     }
 
     #[tokio::test]
