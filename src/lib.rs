@@ -6,6 +6,7 @@
 //! - [`crypto`]: the built-in CA, certificate checks, the authenticated proxy session.
 //! - [`actors`]: the engine — one actor per task, the expiry actor, per-app mailboxes.
 //! - [`http`]: the broker's routes; thin handlers over [`actors::Engine`].
+//! - [`http1`]: a lean HTTP/1.1 client (the proxy's plain requests to the broker, the loadtest).
 //! - [`presence`]: which proxies hold a control connection now (monitoring, one instance per id).
 //! - [`ops`]: StatsD metrics, request logs, graceful shutdown (shared with the proxy).
 //! - [`config`]: the broker's configuration and its command line.
@@ -19,6 +20,7 @@ pub mod actors;
 pub mod config;
 pub mod crypto;
 pub mod http;
+pub mod http1;
 pub mod ops;
 pub mod presence;
 pub mod urls;

@@ -2,7 +2,7 @@
 //! long-poll or Server-Sent Events. Failures come back as the short name the run counts them
 //! under (the HTTP status, or `connect`, `timeout`, `lost`, `malformed`).
 //!
-//! Plain requests go through [`http1`](crate::http1) (see there why) to an `http://` proxy, or
+//! Plain requests go through [`photon::http1`] (see there why) to an `http://` proxy, or
 //! through reqwest for `https://`, when asked (`--client reqwest`), and for event streams.
 
 use std::time::Duration;
@@ -24,7 +24,9 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::{http1, target::Endpoint};
+use photon::http1;
+
+use crate::target::Endpoint;
 
 /// Why an operation failed, as counted.
 pub type Failure = String;
@@ -76,9 +78,11 @@ impl App {
             .map_err(|_| format!("the API key of {} is not a valid header value", endpoint.app))?;
         auth.set_sensitive(true);
         let lean = match (kind, base.scheme(), base.host_str()) {
-            (ClientKind::Lean, "http", Some(host)) => {
-                Some(http1::Pool::new(&format!("{host}:{}", base.port_or_known_default().unwrap_or(80)), max_idle))
-            }
+            (ClientKind::Lean, "http", Some(host)) => Some(http1::Pool::new(
+                &format!("{host}:{}", base.port_or_known_default().unwrap_or(80)),
+                max_idle,
+                http1::Resend::Unanswered,
+            )),
             _ => None,
         };
         Ok(Self { http, lean, endpoint, id, base, auth, auth_line: format!("authorization: {credentials}") })

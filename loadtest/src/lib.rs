@@ -3,13 +3,12 @@
 //!
 //! Crate map: [`target`] (where the apps are; loopback unless told otherwise), [`stats`]
 //! (latency histograms, error counts, throughput over time, the JSON summary), [`client`] (one
-//! app's HTTP client: tasks, results, long-polls, SSE), [`http1`] (its lean HTTP/1.1 client),
+//! app's HTTP client: tasks, results, long-polls, SSE), [`photon::http1`] (its lean HTTP/1.1 client),
 //! [`scenario`] (the scenarios, each bounded by count and time), [`cli`] (flags → a plan).
 #![forbid(unsafe_code)]
 
 pub mod cli;
 pub mod client;
-pub mod http1;
 pub mod memory;
 pub mod network;
 pub mod report;

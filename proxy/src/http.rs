@@ -27,6 +27,7 @@ use crate::{
     hub::{self, DirectGuard, Route, Waited},
     seal,
     seal::OpenError,
+    upstream::Whole,
     ProxyState,
 };
 
@@ -64,17 +65,23 @@ pub(crate) fn query_string(q: &ReadQuery) -> String {
 
 /// An error answer from the broker, passed on.
 pub(crate) async fn relayed(res: reqwest::Response) -> ApiError {
-    let status = actix_web::http::StatusCode::from_u16(res.status().as_u16())
-        .unwrap_or(actix_web::http::StatusCode::BAD_GATEWAY);
+    let status = res.status();
     match res.bytes().await {
-        Ok(body) => ApiError::Relayed { status, body },
+        Ok(body) => relayed_whole(Whole { status, body }),
         Err(e) => ApiError::BadGateway(format!("broker answer cut off: {e}")),
     }
 }
 
-async fn read_json<T: serde::de::DeserializeOwned>(res: reqwest::Response) -> Result<T, ApiError> {
-    let bytes = res.bytes().await.map_err(|e| ApiError::BadGateway(format!("broker answer cut off: {e}")))?;
-    serde_json::from_slice(&bytes).map_err(|e| ApiError::BadGateway(format!("malformed answer from the broker: {e}")))
+/// An error answer from the broker, read whole, passed on.
+fn relayed_whole(answer: Whole) -> ApiError {
+    let status = actix_web::http::StatusCode::from_u16(answer.status.as_u16())
+        .unwrap_or(actix_web::http::StatusCode::BAD_GATEWAY);
+    ApiError::Relayed { status, body: answer.body }
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(answer: &Whole) -> Result<T, ApiError> {
+    serde_json::from_slice(&answer.body)
+        .map_err(|e| ApiError::BadGateway(format!("malformed answer from the broker: {e}")))
 }
 
 fn long_poll_timeout(state: &ProxyState, q: &ReadQuery) -> Duration {
@@ -82,8 +89,8 @@ fn long_poll_timeout(state: &ProxyState, q: &ReadQuery) -> Duration {
     wait.unwrap_or(state.config.max_wait) + UPSTREAM_SLACK
 }
 
-fn status_of(res: &reqwest::Response) -> actix_web::http::StatusCode {
-    actix_web::http::StatusCode::from_u16(res.status().as_u16()).expect("reqwest statuses are valid")
+fn status_of(answer: &Whole) -> actix_web::http::StatusCode {
+    actix_web::http::StatusCode::from_u16(answer.status.as_u16()).expect("statuses from the broker client are valid")
 }
 
 /// Opens a task for `caller`; a refusal is logged and counted.
@@ -126,12 +133,7 @@ async fn open_results(
 }
 
 /// A read relayed as a (possibly long) poll; an error answer from the broker is passed on.
-async fn long_poll(
-    state: &ProxyState,
-    caller: &AppId,
-    path: &str,
-    mut q: ReadQuery,
-) -> Result<reqwest::Response, ApiError> {
+async fn long_poll(state: &ProxyState, caller: &AppId, path: &str, mut q: ReadQuery) -> Result<Whole, ApiError> {
     q.stream = None;
     let timeout = long_poll_timeout(state, &q);
     let url = format!("{path}?{}", query_string(&q));
@@ -143,12 +145,12 @@ async fn long_poll(
         _ = state.shutdown.started(), if waits => {
             q.wait_time = Some("0s".into());
             let url = format!("{path}?{}", query_string(&q));
-            state.upstream.send(Method::GET, &url, caller, Bytes::new(), Some(UPSTREAM_SLACK)).await?
+            state.upstream.call(Method::GET, &url, caller, Bytes::new(), Some(UPSTREAM_SLACK)).await?
         }
-        res = state.upstream.send(Method::GET, &url, caller, Bytes::new(), Some(timeout)) => res?,
+        res = state.upstream.call(Method::GET, &url, caller, Bytes::new(), Some(timeout)) => res?,
     };
-    if !res.status().is_success() {
-        return Err(relayed(res).await);
+    if !res.status.is_success() {
+        return Err(relayed_whole(res));
     }
     Ok(res)
 }
@@ -221,9 +223,9 @@ async fn create_task(state: State, req: HttpRequest, payload: web::Payload) -> R
     };
     seal::seal_task(&state.upstream, &mut wire, single_line(new.body)).await?;
     let bytes = to_json(&wire);
-    let res = state.upstream.send(Method::POST, "/v1/tasks", &caller, bytes, Some(UPSTREAM_SLACK)).await?;
-    if res.status() != StatusCode::CREATED {
-        return Err(relayed(res).await);
+    let res = state.upstream.call(Method::POST, "/v1/tasks", &caller, bytes, Some(UPSTREAM_SLACK)).await?;
+    if res.status != StatusCode::CREATED {
+        return Err(relayed_whole(res));
     }
     state.observer.metrics.count("tasks.created", 1, &[]);
     Ok(HttpResponse::Created().insert_header((header::LOCATION, format!("/v1/tasks/{id}"))).finish())
@@ -240,7 +242,7 @@ async fn list_tasks(state: State, req: HttpRequest) -> Result<HttpResponse, ApiE
     }
     let res = long_poll(&state, &caller, "/v1/tasks", q).await?;
     let status = status_of(&res);
-    let tasks = open_tasks(&state, &caller, read_json(res).await?).await;
+    let tasks = open_tasks(&state, &caller, read_json(&res)?).await;
     Ok(json_answer(status, &tasks))
 }
 
@@ -249,7 +251,7 @@ async fn get_task(state: State, req: HttpRequest, path: web::Path<String>) -> Re
     let id = parse_task_id(&path)?;
     let q: ReadQuery = body::parse_query(&req)?;
     let res = long_poll(&state, &caller, &format!("/v1/tasks/{id}"), q).await?;
-    let task: WireTask = read_json(res).await?;
+    let task: WireTask = read_json(&res)?;
     if task.id != id {
         let e = OpenError::WrongTask { got: task.id, want: id };
         state.refusals.count(&e);
@@ -291,11 +293,11 @@ async fn put_result(
     seal::seal_result(&state.upstream, &mut wire, result.body.map(single_line)).await?;
     let bytes = to_json(&wire);
     let path = format!("/v1/tasks/{id}/results/{}", wire.from);
-    let res = state.upstream.send(Method::PUT, &path, &caller, bytes, Some(UPSTREAM_SLACK)).await?;
-    let answer = match res.status() {
+    let res = state.upstream.call(Method::PUT, &path, &caller, bytes, Some(UPSTREAM_SLACK)).await?;
+    let answer = match res.status {
         StatusCode::CREATED => HttpResponse::Created().finish(),
         StatusCode::NO_CONTENT => HttpResponse::NoContent().finish(),
-        _ => return Err(relayed(res).await),
+        _ => return Err(relayed_whole(res)),
     };
     state.observer.metrics.count("results.stored", 1, &[]);
     Ok(answer)
@@ -332,7 +334,7 @@ async fn get_results(state: State, req: HttpRequest, path: web::Path<String>) ->
     let res = long_poll(&state, &caller, &path, q).await?;
     drop(direct);
     let status = status_of(&res);
-    let results: Vec<WireResult> = read_json(res).await?;
+    let results: Vec<WireResult> = read_json(&res)?;
     Ok(json_answer(status, &open_results(&state, &caller, id, results).await))
 }
 

@@ -21,6 +21,7 @@ use photon::{
         unix_millis, CryptoError, RootCert,
     },
     http::{error::REAUTH_HEADER, ApiError},
+    http1,
     urls::{self, Url},
     wire::{
         broker::{self as bw, SessionAccept},
@@ -120,6 +121,9 @@ pub struct Upstream {
     /// through another worker's thread and back (two cross-thread wake-ups per exchange). Each
     /// thread now keeps its own pool of connections to the broker.
     http: ThreadLocal<reqwest::Client>,
+    /// Per thread too, the lean client's connections for plain requests ([`Upstream::call`]),
+    /// when the broker is `http://` and no forward proxy is configured.
+    lean: Option<(String, ThreadLocal<http1::Pool>)>,
     /// The broker's URL, parsed once: each request's URL is a copy with its path and query set
     /// ([`photon::urls::at`]), so the host (IDNA included) is not parsed again every time.
     base: Url,
@@ -152,8 +156,10 @@ impl Upstream {
         let base = Url::parse(broker_url).map_err(|e| UpstreamError::Unreachable(format!("{broker_url}: {e}")))?;
         let http = ThreadLocal::new();
         let own = load_own(http.get_or_try(client)?, &base, proxy_id, &files, &root).await?;
+        let lean = lean_authority(&base).map(|authority| (authority, ThreadLocal::new()));
         Ok(Self {
             http,
+            lean,
             base,
             broker_id: broker_id.to_owned(),
             files,
@@ -328,6 +334,78 @@ impl Upstream {
         sent
     }
 
+    /// A plain signed request for `app`, its answer read whole: through the lean client when
+    /// the broker can be reached with it, else through reqwest. Otherwise as [`Upstream::send`]
+    /// (metrics included); a signed request is never sent twice.
+    pub async fn call(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        app: &AppId,
+        body: Bytes,
+        timeout: Option<Duration>,
+    ) -> Result<Whole, UpstreamError> {
+        let Some((authority, pools)) = &self.lean else {
+            let res = self.send(method, path_and_query, app, body, timeout).await?;
+            return Ok(Whole { status: res.status(), body: res.bytes().await? });
+        };
+        let started = Instant::now();
+        let pool = pools.get_or(|| http1::Pool::new(authority, LEAN_IDLE, http1::Resend::Never));
+        let sent = self.signed_lean(pool, &method, path_and_query, app.as_str(), &body, timeout).await;
+        if self.metrics.is_on() {
+            match &sent {
+                Ok(_) => self.metrics.time("upstream.duration_ms", started.elapsed(), &[("method", method.as_str())]),
+                Err(e) => self.metrics.count("upstream.errors", 1, &[("kind", e.kind())]),
+            }
+        }
+        sent
+    }
+
+    async fn signed_lean(
+        &self,
+        pool: &http1::Pool,
+        method: &Method,
+        path_and_query: &str,
+        app: &str,
+        body: &Bytes,
+        timeout: Option<Duration>,
+    ) -> Result<Whole, UpstreamError> {
+        let target = urls::at(&self.base, path_and_query);
+        let target = match target.query() {
+            Some(q) => format!("{}?{q}", target.path()),
+            None => target.path().to_owned(),
+        };
+        for attempt in 0..2 {
+            let session = self.session().await?;
+            let auth = session.sign(method.as_str(), &target, app, body);
+            let headers = [
+                format!("{}: {app}", bw::APP_HEADER),
+                format!("{}: {}", bw::INSTANCE_HEADER, self.instance.to_str().unwrap_or_default()),
+                format!("{}: {}", bw::SESSION_HEADER, auth.session),
+                format!("{}: {}", bw::SEQ_HEADER, auth.seq),
+                format!("{}: {}", bw::TS_HEADER, auth.ts),
+                format!("{}: {}", bw::MAC_HEADER, auth.mac),
+            ];
+            let headers = headers.each_ref().map(String::as_str);
+            let sent = pool.send(method.as_str(), &target, &headers, (!body.is_empty()).then_some(&body[..]));
+            let answer = match timeout {
+                Some(t) => tokio::time::timeout(t, sent).await.map_err(|_| UpstreamError::Timeout)?,
+                None => sent.await,
+            }
+            .map_err(|e| UpstreamError::Unreachable(format!("the broker's connection: {}", e.name())))?;
+            let status = StatusCode::from_u16(answer.status)
+                .map_err(|_| UpstreamError::Unreachable(format!("the broker answered status {}", answer.status)))?;
+            let reason = || serde_json::from_slice::<ErrorBody>(&answer.body).map(|e| e.error).unwrap_or_default();
+            match refusal(status, |name| answer.header(name).is_some(), attempt) {
+                Some(Refusal::Renew) => self.forget(&session),
+                Some(Refusal::Refused) => return Err(UpstreamError::Refused(reason())),
+                Some(Refusal::Duplicate) => return Err(UpstreamError::Duplicate(reason())),
+                None => return Ok(Whole { status, body: answer.body }),
+            }
+        }
+        Err(UpstreamError::Refused("session renewal failed".into()))
+    }
+
     async fn signed(
         &self,
         method: Method,
@@ -360,21 +438,62 @@ impl Upstream {
                 req = req.timeout(t);
             }
             let res = req.send().await?;
-            if res.status() == StatusCode::UNAUTHORIZED && res.headers().contains_key(REAUTH_HEADER) && attempt == 0 {
-                self.forget(&session);
-                continue;
+            match refusal(res.status(), |name| res.headers().contains_key(name), attempt) {
+                Some(Refusal::Renew) => self.forget(&session),
+                Some(Refusal::Refused) => {
+                    return Err(UpstreamError::Refused(
+                        res.json::<ErrorBody>().await.map(|e| e.error).unwrap_or_default(),
+                    ))
+                }
+                Some(Refusal::Duplicate) => {
+                    return Err(UpstreamError::Duplicate(
+                        res.json::<ErrorBody>().await.map(|e| e.error).unwrap_or_default(),
+                    ))
+                }
+                None => return Ok(res),
             }
-            if res.status() == StatusCode::UNAUTHORIZED {
-                let reason = res.json::<ErrorBody>().await.map(|e| e.error).unwrap_or_default();
-                return Err(UpstreamError::Refused(reason));
-            }
-            if res.status() == StatusCode::CONFLICT && res.headers().contains_key(bw::DUPLICATE_HEADER) {
-                let reason = res.json::<ErrorBody>().await.map(|e| e.error).unwrap_or_default();
-                return Err(UpstreamError::Duplicate(reason));
-            }
-            return Ok(res);
         }
         Err(UpstreamError::Refused("session renewal failed".into()))
+    }
+}
+
+/// A broker answer read whole.
+#[derive(Debug)]
+pub struct Whole {
+    pub status: StatusCode,
+    pub body: Bytes,
+}
+
+/// Idle connections to the broker the lean client keeps per thread.
+const LEAN_IDLE: usize = 256;
+
+/// `host:port` of a broker the lean client can reach: `http://`, and no forward proxy set for
+/// plain HTTP (reqwest would use one; NO_PROXY exceptions are left to reqwest too).
+fn lean_authority(base: &Url) -> Option<String> {
+    let proxied = ["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some_and(|v| !v.is_empty()));
+    match (base.scheme(), base.host_str()) {
+        ("http", Some(host)) if !proxied => Some(format!("{host}:{}", base.port_or_known_default().unwrap_or(80))),
+        _ => None,
+    }
+}
+
+/// How the broker refused a signed request, whichever client carried it.
+enum Refusal {
+    /// The session is unknown to the broker: make a new one and send again (first attempt only).
+    Renew,
+    Refused,
+    /// Another process with this proxy id is online.
+    Duplicate,
+}
+
+fn refusal(status: StatusCode, has_header: impl Fn(&str) -> bool, attempt: u32) -> Option<Refusal> {
+    match status {
+        StatusCode::UNAUTHORIZED if attempt == 0 && has_header(REAUTH_HEADER) => Some(Refusal::Renew),
+        StatusCode::UNAUTHORIZED => Some(Refusal::Refused),
+        StatusCode::CONFLICT if has_header(bw::DUPLICATE_HEADER) => Some(Refusal::Duplicate),
+        _ => None,
     }
 }
 

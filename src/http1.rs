@@ -1,13 +1,11 @@
-//! A lean HTTP/1.1 client for the apps' plain requests (everything but event streams) to a
-//! plain-`http://` proxy: pooled keep-alive connections; each request is one task that writes
-//! its head and body with one `write` and parses the answer in place (`httparse`).
+//! A lean HTTP/1.1 client for plain request/answer exchanges over `http://` with direct
+//! connections: pooled keep-alive connections; each request is written with one `write` by the
+//! task that sends it, and its answer is parsed in place (`httparse`). No TLS, no forward
+//! proxies, no streaming: those stay with reqwest.
 //!
-//! Why not reqwest here: the loadtest shares the machine with what it measures. Through reqwest
-//! (hyper-util's pool, hyper's per-connection task and channel, a `Url` per request) the
-//! loadtest used about a quarter of both cores in `create` and `roundtrip -c 64`, and as much
-//! CPU as the proxy it measured while 1,000 `waiters` were answered (scripts/wake-profile.sh).
-//! reqwest still serves `https://` targets, forward proxies (`--client reqwest`) and event
-//! streams.
+//! Used by the loadtest's apps and by the proxy for its plain requests to the broker. Through
+//! reqwest (hyper-util's pool, hyper's per-connection task and channel, a `Url` per request)
+//! the loadtest spent 65–74 µs of CPU per create it sent; through this, about 30.
 
 use std::{io, net::SocketAddr};
 
@@ -18,11 +16,34 @@ use tokio::{
     net::TcpStream,
 };
 
-/// An answer: its status and whole body.
+/// An answer: its status, head and whole body.
 #[derive(Debug)]
 pub struct Answer {
     pub status: u16,
+    /// The status line and header lines, as received.
+    head: Bytes,
     pub body: Bytes,
+}
+
+impl Answer {
+    /// The first value of header `name` (any case), if it is there and valid UTF-8.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut res = httparse::Response::new(&mut headers);
+        res.parse(&self.head).ok()?;
+        let value: &[u8] = res.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name))?.value;
+        std::str::from_utf8(value).ok()
+    }
+}
+
+/// Whether a request that got no byte of an answer on a reused connection goes out again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resend {
+    /// Once, on a new connection: the server most likely closed the idle connection before it
+    /// read the request.
+    Unanswered,
+    /// Never: the request must not be seen twice (a signed request's sequence number is spent).
+    Never,
 }
 
 /// Why a request failed, by the name the run counts it under.
@@ -54,6 +75,7 @@ pub struct Pool {
     addr: Mutex<Option<SocketAddr>>,
     idle: Mutex<Vec<Conn>>,
     max_idle: usize,
+    resend: Resend,
 }
 
 struct Conn {
@@ -72,14 +94,14 @@ const MAX_BODY: usize = 256 * 1024 * 1024;
 
 impl Pool {
     /// A pool for `authority` (`host:port`) that keeps up to `max_idle` idle connections.
-    pub fn new(authority: &str, max_idle: usize) -> Self {
-        Self { authority: authority.to_owned(), addr: Mutex::new(None), idle: Mutex::new(Vec::new()), max_idle }
+    pub fn new(authority: &str, max_idle: usize, resend: Resend) -> Self {
+        Self { authority: authority.to_owned(), addr: Mutex::new(None), idle: Mutex::new(Vec::new()), max_idle, resend }
     }
 
     /// Sends `method target` with `headers` (each `name: value`, without line ends) and `body`
-    /// (JSON when given), and reads the whole answer. A request on an idle connection that the
-    /// server had closed meanwhile (no byte of an answer came back) is sent once more, on a new
-    /// connection; no other failure is retried.
+    /// (JSON when given), and reads the whole answer. With [`Resend::Unanswered`], a request on
+    /// an idle connection that the server had closed meanwhile (no byte of an answer came back)
+    /// is sent once more, on a new connection; no other failure is retried.
     pub async fn send(
         &self,
         method: &str,
@@ -94,7 +116,8 @@ impl Pool {
                     self.put_back(conn, keep);
                     return Ok(answer);
                 }
-                Err(Exchange::Unanswered) => {}
+                Err(Exchange::Unanswered) if self.resend == Resend::Unanswered => {}
+                Err(Exchange::Unanswered) => return Err(Error::Lost),
                 Err(Exchange::Failed(e)) => return Err(e),
             }
         }
@@ -190,7 +213,7 @@ impl Conn {
                 Err(e) => return Err(Exchange::Failed(e)),
             }
         };
-        self.buf.advance(head.len);
+        let head_bytes = self.buf.split_to(head.len).freeze();
         let bodiless = method == "HEAD" || head.status == 204 || head.status == 304;
         let body = match (bodiless, head.length) {
             (true, _) => Bytes::new(),
@@ -200,7 +223,7 @@ impl Conn {
         };
         // A body that ends with the connection ends it; a bodiless answer (204) does not.
         let keep = head.keep_alive && (bodiless || head.length != Length::UntilClose) && self.buf.is_empty();
-        Ok((Answer { status: head.status, body }, keep))
+        Ok((Answer { status: head.status, head: head_bytes, body }, keep))
     }
 
     /// Reads more bytes; a closed connection is `Lost`.
@@ -411,9 +434,10 @@ mod tests {
             None,
         ])
         .await;
-        let pool = Pool::new(&addr, 4);
+        let pool = Pool::new(&addr, 4, Resend::Unanswered);
         let a = pool.send("POST", "/v1/tasks", &["authorization: ApiKey a k"], Some(b"{}")).await.unwrap();
         assert_eq!((a.status, &a.body[..]), (201, &b"ok"[..]));
+        assert_eq!((a.header("Content-Length"), a.header("x-none")), (Some("2"), None));
         let b = pool.send("GET", "/v1/tasks?x=1", &[], None).await.unwrap();
         assert_eq!((b.status, &b.body[..]), (200, &b"abcde"[..]));
         let c = pool.send("PUT", "/r", &[], Some(b"[1]")).await.unwrap();
@@ -444,12 +468,23 @@ mod tests {
             Some("HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nb"),
         ])
         .await;
-        let pool = Pool::new(&addr, 4);
+        let pool = Pool::new(&addr, 4, Resend::Unanswered);
         assert_eq!(&pool.send("GET", "/1", &[], None).await.unwrap().body[..], b"a");
         // Unanswered on the reused connection, then answered on a fresh one.
         assert_eq!(&pool.send("GET", "/2", &[], None).await.unwrap().body[..], b"b");
         drop(pool);
         assert_eq!(served.await.unwrap().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn never_resent_when_told_so() {
+        let (addr, served) = server(vec![Some("HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\na"), None]).await;
+        let pool = Pool::new(&addr, 4, Resend::Never);
+        assert_eq!(&pool.send("GET", "/1", &[], None).await.unwrap().body[..], b"a");
+        // Closed unanswered on the reused connection: lost, and the server saw it once.
+        assert_eq!(pool.send("GET", "/2", &[], None).await.unwrap_err(), Error::Lost);
+        drop(pool);
+        assert_eq!(served.await.unwrap().len(), 2);
     }
 
     #[tokio::test]
@@ -459,7 +494,7 @@ mod tests {
             Some("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n"),
         ])
         .await;
-        let pool = Pool::new(&addr, 1);
+        let pool = Pool::new(&addr, 1, Resend::Unanswered);
         assert_eq!(pool.send("GET", "/", &[], None).await.unwrap_err(), Error::Malformed);
         assert_eq!(pool.send("GET", "/", &[], None).await.unwrap_err(), Error::Malformed);
         drop(pool);
@@ -471,6 +506,9 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         drop(listener);
-        assert_eq!(Pool::new(&addr, 1).send("GET", "/", &[], None).await.unwrap_err(), Error::Connect);
+        assert_eq!(
+            Pool::new(&addr, 1, Resend::Unanswered).send("GET", "/", &[], None).await.unwrap_err(),
+            Error::Connect
+        );
     }
 }
