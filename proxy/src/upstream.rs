@@ -156,7 +156,7 @@ impl Upstream {
         let base = Url::parse(broker_url).map_err(|e| UpstreamError::Unreachable(format!("{broker_url}: {e}")))?;
         let http = ThreadLocal::new();
         let own = load_own(http.get_or_try(client)?, &base, proxy_id, &files, &root).await?;
-        let lean = lean_authority(&base).map(|authority| (authority, ThreadLocal::new()));
+        let lean = lean_authority(&base, forward_proxy_set()).map(|authority| (authority, ThreadLocal::new()));
         Ok(Self {
             http,
             lean,
@@ -467,12 +467,16 @@ pub struct Whole {
 /// Idle connections to the broker the lean client keeps per thread.
 const LEAN_IDLE: usize = 256;
 
-/// `host:port` of a broker the lean client can reach: `http://`, and no forward proxy set for
-/// plain HTTP (reqwest would use one; NO_PROXY exceptions are left to reqwest too).
-fn lean_authority(base: &Url) -> Option<String> {
-    let proxied = ["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"]
+/// Whether a forward proxy for plain HTTP is set in the environment (reqwest would use it).
+fn forward_proxy_set() -> bool {
+    ["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"]
         .iter()
-        .any(|v| std::env::var_os(v).is_some_and(|v| !v.is_empty()));
+        .any(|v| std::env::var_os(v).is_some_and(|v| !v.is_empty()))
+}
+
+/// `host:port` of a broker the lean client can reach: `http://`, and not `proxied` (NO_PROXY
+/// exceptions are left to reqwest).
+fn lean_authority(base: &Url, proxied: bool) -> Option<String> {
     match (base.scheme(), base.host_str()) {
         ("http", Some(host)) if !proxied => Some(format!("{host}:{}", base.port_or_known_default().unwrap_or(80))),
         _ => None,
@@ -542,4 +546,19 @@ async fn load_own(
     }
     let identity = Identity::new(&key_pem, cert_pem, &cert)?;
     Ok(Own::new(identity, cert))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lean_client_only_for_a_direct_plain_broker() {
+        let url = |u: &str| Url::parse(u).unwrap();
+        assert_eq!(lean_authority(&url("http://127.0.0.1:8080"), false).as_deref(), Some("127.0.0.1:8080"));
+        assert_eq!(lean_authority(&url("http://broker.example/"), false).as_deref(), Some("broker.example:80"));
+        assert_eq!(lean_authority(&url("http://[::1]:9/"), false).as_deref(), Some("[::1]:9"));
+        assert_eq!(lean_authority(&url("http://127.0.0.1:8080"), true), None);
+        assert_eq!(lean_authority(&url("https://broker.example"), false), None);
+    }
 }
