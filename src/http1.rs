@@ -96,6 +96,9 @@ struct Conn {
 /// too (actix after 5 s by default), and one that does so just as a request goes out loses it.
 const MAX_IDLE_TIME: Duration = Duration::from_secs(4);
 
+/// Longest wait for a connection (as reqwest is set up in the proxy).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Most header lines an answer may have.
 const MAX_HEADERS: usize = 64;
 /// Largest answer head read before giving up on it.
@@ -197,11 +200,16 @@ impl Pool {
 
     async fn connect(&self) -> Result<Conn, Error> {
         let addr = *self.addr.lock();
-        let stream = match addr {
-            Some(addr) => TcpStream::connect(addr).await,
-            None => TcpStream::connect(self.authority.as_str()).await,
-        }
-        .map_err(|_| Error::Connect)?;
+        let connecting = async {
+            match addr {
+                Some(addr) => TcpStream::connect(addr).await,
+                None => TcpStream::connect(self.authority.as_str()).await,
+            }
+        };
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+            .await
+            .map_err(|_| Error::Connect)?
+            .map_err(|_| Error::Connect)?;
         if addr.is_none() {
             *self.addr.lock() = stream.peer_addr().ok();
         }
