@@ -324,13 +324,7 @@ impl Upstream {
     ) -> Result<reqwest::Response, UpstreamError> {
         let started = Instant::now();
         let sent = self.signed(method.clone(), path_and_query, actor, body, timeout).await;
-        if self.metrics.is_on() {
-            let method = method.as_str();
-            match &sent {
-                Ok(_) => self.metrics.time("upstream.duration_ms", started.elapsed(), &[("method", method)]),
-                Err(e) => self.metrics.count("upstream.errors", 1, &[("kind", e.kind())]),
-            }
-        }
+        self.record(&method, started, &sent);
         sent
     }
 
@@ -352,13 +346,18 @@ impl Upstream {
         let started = Instant::now();
         let pool = pools.get_or(|| http1::Pool::new(authority, LEAN_IDLE, http1::Resend::Never));
         let sent = self.signed_lean(pool, &method, path_and_query, app.as_str(), &body, timeout).await;
+        self.record(&method, started, &sent);
+        sent
+    }
+
+    /// `upstream.duration_ms` for a request sent at `started`, or `upstream.errors`.
+    fn record<T>(&self, method: &Method, started: Instant, sent: &Result<T, UpstreamError>) {
         if self.metrics.is_on() {
-            match &sent {
+            match sent {
                 Ok(_) => self.metrics.time("upstream.duration_ms", started.elapsed(), &[("method", method.as_str())]),
                 Err(e) => self.metrics.count("upstream.errors", 1, &[("kind", e.kind())]),
             }
         }
-        sent
     }
 
     async fn signed_lean(
@@ -370,11 +369,7 @@ impl Upstream {
         body: &Bytes,
         timeout: Option<Duration>,
     ) -> Result<Whole, UpstreamError> {
-        let target = urls::at(&self.base, path_and_query);
-        let target = match target.query() {
-            Some(q) => format!("{}?{q}", target.path()),
-            None => target.path().to_owned(),
-        };
+        let (_, target) = self.signed_url(path_and_query);
         for attempt in 0..2 {
             let session = self.session().await?;
             let auth = session.sign(method.as_str(), &target, app, body);
@@ -406,6 +401,17 @@ impl Upstream {
         Err(UpstreamError::Refused("session renewal failed".into()))
     }
 
+    /// The URL of `path_and_query` at the broker, and its path and query as the MAC covers them
+    /// (after the broker URL's own path, if it has one).
+    fn signed_url(&self, path_and_query: &str) -> (Url, String) {
+        let url = urls::at(&self.base, path_and_query);
+        let signed = match url.query() {
+            Some(q) => format!("{}?{q}", url.path()),
+            None => url.path().to_owned(),
+        };
+        (url, signed)
+    }
+
     async fn signed(
         &self,
         method: Method,
@@ -414,11 +420,7 @@ impl Upstream {
         body: Bytes,
         timeout: Option<Duration>,
     ) -> Result<reqwest::Response, UpstreamError> {
-        let url = urls::at(&self.base, path_and_query);
-        let signed_path = match url.query() {
-            Some(q) => format!("{}?{q}", url.path()),
-            None => url.path().to_owned(),
-        };
+        let (url, signed_path) = self.signed_url(path_and_query);
         for attempt in 0..2 {
             let session = self.session().await?;
             let auth = session.sign(method.as_str(), &signed_path, app, &body);
