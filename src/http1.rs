@@ -10,7 +10,6 @@
 use std::{
     collections::VecDeque,
     io,
-    net::SocketAddr,
     time::{Duration, Instant},
 };
 
@@ -76,8 +75,6 @@ impl Error {
 pub struct Pool {
     /// `host:port`, to connect to and as the `Host` header.
     authority: String,
-    /// The origin's address, once resolved.
-    addr: Mutex<Option<SocketAddr>>,
     /// Idle connections, the most recently used at the back.
     idle: Mutex<VecDeque<Conn>>,
     max_idle: usize,
@@ -110,13 +107,7 @@ const MAX_BODY: usize = 256 * 1024 * 1024;
 impl Pool {
     /// A pool for `authority` (`host:port`) that keeps up to `max_idle` idle connections.
     pub fn new(authority: &str, max_idle: usize, resend: Resend) -> Self {
-        Self {
-            authority: authority.to_owned(),
-            addr: Mutex::new(None),
-            idle: Mutex::new(VecDeque::new()),
-            max_idle,
-            resend,
-        }
+        Self { authority: authority.to_owned(), idle: Mutex::new(VecDeque::new()), max_idle, resend }
     }
 
     /// Sends `method target` with `headers` (each `name: value`, without line ends) and `body`
@@ -199,20 +190,12 @@ impl Pool {
     }
 
     async fn connect(&self) -> Result<Conn, Error> {
-        let addr = *self.addr.lock();
-        let connecting = async {
-            match addr {
-                Some(addr) => TcpStream::connect(addr).await,
-                None => TcpStream::connect(self.authority.as_str()).await,
-            }
-        };
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+        // Resolved again for every new connection (an IP address is not looked up), so a name
+        // that moves to another address is followed, as reqwest does.
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(self.authority.as_str()))
             .await
             .map_err(|_| Error::Connect)?
             .map_err(|_| Error::Connect)?;
-        if addr.is_none() {
-            *self.addr.lock() = stream.peer_addr().ok();
-        }
         stream.set_nodelay(true).map_err(|_| Error::Connect)?;
         Ok(Conn { stream, idle_since: Instant::now(), buf: BytesMut::with_capacity(8 * 1024) })
     }
