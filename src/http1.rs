@@ -78,6 +78,8 @@ pub struct Pool {
     /// Idle connections, the most recently used at the back.
     idle: Mutex<VecDeque<Conn>>,
     max_idle: usize,
+    /// [`MAX_IDLE_TIME`], shorter in tests.
+    max_idle_time: Duration,
     resend: Resend,
 }
 
@@ -107,7 +109,8 @@ const MAX_BODY: usize = 256 * 1024 * 1024;
 impl Pool {
     /// A pool for `authority` (`host:port`) that keeps up to `max_idle` idle connections.
     pub fn new(authority: &str, max_idle: usize, resend: Resend) -> Self {
-        Self { authority: authority.to_owned(), idle: Mutex::new(VecDeque::new()), max_idle, resend }
+        let idle = Mutex::new(VecDeque::new());
+        Self { authority: authority.to_owned(), idle, max_idle, max_idle_time: MAX_IDLE_TIME, resend }
     }
 
     /// Sends `method target` with `headers` (each `name: value`, without line ends) and `body`
@@ -166,7 +169,7 @@ impl Pool {
     fn reuse(&self) -> Option<Conn> {
         loop {
             let conn = self.idle.lock().pop_back()?;
-            if conn.idle_since.elapsed() > MAX_IDLE_TIME {
+            if conn.idle_since.elapsed() > self.max_idle_time {
                 continue;
             }
             match conn.stream.try_read(&mut [0; 1]) {
@@ -181,7 +184,7 @@ impl Pool {
         conn.idle_since = Instant::now();
         let mut idle = self.idle.lock();
         // The oldest are at the front: close those past their time rather than keep them open.
-        while idle.front().is_some_and(|c| c.idle_since.elapsed() > MAX_IDLE_TIME) {
+        while idle.front().is_some_and(|c| c.idle_since.elapsed() > self.max_idle_time) {
             idle.pop_front();
         }
         if keep && idle.len() < self.max_idle {
@@ -400,17 +403,18 @@ mod tests {
 
     /// A server that reads each request and answers with the next of `answers` (raw bytes), or
     /// closes the connection unanswered for a `None`; it stops once all are used. Returns the
-    /// requests it read.
-    async fn server(answers: Vec<Option<&'static str>>) -> (String, tokio::task::JoinHandle<Vec<String>>) {
+    /// requests it read and how many connections it took.
+    async fn server(answers: Vec<Option<&'static str>>) -> (String, tokio::task::JoinHandle<(Vec<String>, usize)>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let served = tokio::spawn(async move {
-            let mut seen = Vec::new();
+            let (mut seen, mut conns) = (Vec::new(), 0);
             let mut answers = answers.into_iter().peekable();
             'conns: while answers.peek().is_some() {
                 // Bounded, so that a client that never comes back fails the test, not hangs it.
                 let accepted = tokio::time::timeout(std::time::Duration::from_secs(10), listener.accept()).await;
                 let Ok(Ok((mut s, _))) = accepted else { break };
+                conns += 1;
                 loop {
                     let mut buf = Vec::new();
                     let mut byte = [0; 1];
@@ -435,7 +439,7 @@ mod tests {
                     }
                 }
             }
-            seen
+            (seen, conns)
         });
         (addr, served)
     }
@@ -462,7 +466,8 @@ mod tests {
         // The one connection was reused throughout; now the server closes it unanswered: the
         // request goes out once more on a new connection, and is lost when that closes too.
         assert_eq!(pool.send("GET", "/gone", &[], None).await.unwrap_err(), Error::Lost);
-        let seen = served.await.unwrap();
+        let (seen, conns) = served.await.unwrap();
+        assert_eq!(conns, 2, "one kept alive throughout, one for the resend");
         assert_eq!(seen.len(), 5, "{seen:?}");
         assert!(seen[3].starts_with("GET /gone ") && seen[4].starts_with("GET /gone "));
         assert_eq!(
@@ -490,7 +495,22 @@ mod tests {
         // Unanswered on the reused connection, then answered on a fresh one.
         assert_eq!(&pool.send("GET", "/2", &[], None).await.unwrap().body[..], b"b");
         drop(pool);
-        assert_eq!(served.await.unwrap().len(), 3);
+        assert_eq!(served.await.unwrap().0.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_connection_idle_too_long_is_not_reused() {
+        let ok = Some("HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\na");
+        let (addr, served) = server(vec![ok, ok, ok]).await;
+        let mut pool = Pool::new(&addr, 4, Resend::Never);
+        pool.max_idle_time = Duration::from_millis(100);
+        for pause in [0, 20, 300] {
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+            pool.send("GET", "/", &[], None).await.unwrap();
+        }
+        drop(pool);
+        // The second request reused the first connection; the third came after it was too old.
+        assert_eq!(served.await.unwrap().1, 2);
     }
 
     #[tokio::test]
@@ -501,7 +521,7 @@ mod tests {
         // Closed unanswered on the reused connection: lost, and the server saw it once.
         assert_eq!(pool.send("GET", "/2", &[], None).await.unwrap_err(), Error::Lost);
         drop(pool);
-        assert_eq!(served.await.unwrap().len(), 2);
+        assert_eq!(served.await.unwrap().0.len(), 2);
     }
 
     #[tokio::test]
@@ -515,7 +535,7 @@ mod tests {
         assert_eq!(pool.send("GET", "/", &[], None).await.unwrap_err(), Error::Malformed);
         assert_eq!(pool.send("GET", "/", &[], None).await.unwrap_err(), Error::Malformed);
         drop(pool);
-        assert_eq!(served.await.unwrap().len(), 2);
+        assert_eq!(served.await.unwrap().0.len(), 2);
     }
 
     #[tokio::test]
