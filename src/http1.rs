@@ -71,6 +71,15 @@ impl Error {
     }
 }
 
+/// `host:port` of a plain `http://` URL, the authority a [`Pool`] takes; `None` for any other
+/// scheme (TLS is not this client's).
+pub fn plain_authority(url: &crate::urls::Url) -> Option<String> {
+    match (url.scheme(), url.host_str()) {
+        ("http", Some(host)) => Some(format!("{host}:{}", url.port_or_known_default().unwrap_or(80))),
+        _ => None,
+    }
+}
+
 /// Keep-alive connections to one origin.
 pub struct Pool {
     /// `host:port`, to connect to and as the `Host` header.

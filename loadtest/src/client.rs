@@ -10,6 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use photon::{
+    http1,
     urls::{self, Url},
     wire::{
         app::{Body, NewTask, Task, TaskResult},
@@ -23,8 +24,6 @@ use reqwest::{
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use uuid::Uuid;
-
-use photon::http1;
 
 use crate::target::Endpoint;
 
@@ -65,6 +64,8 @@ pub struct App {
     auth: HeaderValue,
     /// `authorization: …`, the line the lean client sends.
     auth_line: String,
+    /// `base`'s own path without its trailing `/`, which the lean client's targets start with.
+    prefix: String,
 }
 
 impl App {
@@ -77,15 +78,14 @@ impl App {
         let mut auth = HeaderValue::try_from(&credentials)
             .map_err(|_| format!("the API key of {} is not a valid header value", endpoint.app))?;
         auth.set_sensitive(true);
-        let lean = match (kind, base.scheme(), base.host_str()) {
-            (ClientKind::Lean, "http", Some(host)) => Some(http1::Pool::new(
-                &format!("{host}:{}", base.port_or_known_default().unwrap_or(80)),
-                max_idle,
-                http1::Resend::Unanswered,
-            )),
-            _ => None,
+        let lean = match kind {
+            ClientKind::Lean => http1::plain_authority(&base)
+                .map(|authority| http1::Pool::new(&authority, max_idle, http1::Resend::Unanswered)),
+            ClientKind::Reqwest => None,
         };
-        Ok(Self { http, lean, endpoint, id, base, auth, auth_line: format!("authorization: {credentials}") })
+        let prefix = base.path().trim_end_matches('/').to_owned();
+        let auth_line = format!("authorization: {credentials}");
+        Ok(Self { http, lean, endpoint, id, base, auth, auth_line, prefix })
     }
 
     fn request(&self, method: Method, path: &str) -> RequestBuilder {
@@ -105,10 +105,7 @@ impl App {
             }
             return Self::expect(req, ok).await?.bytes().await.map_err(failure);
         };
-        let target = match self.base.path().trim_end_matches('/') {
-            "" => path.to_owned(),
-            prefix => format!("{prefix}{path}"),
-        };
+        let target = format!("{}{path}", self.prefix);
         let answer = pool
             .send(method.as_str(), &target, &[&self.auth_line], body.as_deref())
             .await

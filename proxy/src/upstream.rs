@@ -479,10 +479,7 @@ fn forward_proxy_set() -> bool {
 /// `host:port` of a broker the lean client can reach: `http://`, and not `proxied` (NO_PROXY
 /// exceptions are left to reqwest).
 fn lean_authority(base: &Url, proxied: bool) -> Option<String> {
-    match (base.scheme(), base.host_str()) {
-        ("http", Some(host)) if !proxied => Some(format!("{host}:{}", base.port_or_known_default().unwrap_or(80))),
-        _ => None,
-    }
+    http1::plain_authority(base).filter(|_| !proxied)
 }
 
 /// How the broker refused a signed request, whichever client carried it.
