@@ -341,7 +341,13 @@ impl Upstream {
     ) -> Result<Whole, UpstreamError> {
         let Some((authority, pools)) = &self.lean else {
             let res = self.send(method, path_and_query, app, body, timeout).await?;
-            return Ok(Whole { status: res.status(), body: res.bytes().await? });
+            let status = res.status();
+            // `send` counted a failure up to the head; one while reading the body counts too.
+            let read = res.bytes().await.map_err(UpstreamError::from);
+            if let Err(e) = &read {
+                self.count_error(e);
+            }
+            return Ok(Whole { status, body: read? });
         };
         let started = Instant::now();
         let pool = pools.get_or(|| http1::Pool::new(authority, LEAN_IDLE, http1::Resend::Never));
@@ -355,9 +361,14 @@ impl Upstream {
         if self.metrics.is_on() {
             match sent {
                 Ok(_) => self.metrics.time("upstream.duration_ms", started.elapsed(), &[("method", method.as_str())]),
-                Err(e) => self.metrics.count("upstream.errors", 1, &[("kind", e.kind())]),
+                Err(e) => self.count_error(e),
             }
         }
+    }
+
+    /// `upstream.errors`, by kind.
+    fn count_error(&self, e: &UpstreamError) {
+        self.metrics.count("upstream.errors", 1, &[("kind", e.kind())]);
     }
 
     async fn signed_lean(
