@@ -100,6 +100,18 @@ struct Conn {
     buf: BytesMut,
 }
 
+/// A request as it goes out: its head, with the body in it up to [`COPY_BODY_UP_TO`] bytes
+/// (one write); a larger body goes in a write of its own, uncopied.
+struct Request<'b> {
+    head: Vec<u8>,
+    body: &'b [u8],
+}
+
+/// The largest body copied behind the head: a small request goes out in one write (and one
+/// segment), while copying a large one would cost more than a second write (a 1 MiB copy into
+/// a fresh buffer was 9 % of the loadtest's CPU in the 1 MiB round trip).
+const COPY_BODY_UP_TO: usize = 16 * 1024;
+
 /// An idle connection older than this is closed, not reused: servers close idle connections
 /// too (actix after 5 s by default), and one that does so just as a request goes out loses it.
 const MAX_IDLE_TIME: Duration = Duration::from_secs(4);
@@ -156,9 +168,12 @@ impl Pool {
         }
     }
 
-    fn request(&self, method: &str, target: &str, headers: &[&str], body: Option<&[u8]>) -> Vec<u8> {
+    fn request<'b>(&self, method: &str, target: &str, headers: &[&str], body: Option<&'b [u8]>) -> Request<'b> {
         let body = body.unwrap_or_default();
-        let mut out = Vec::with_capacity(160 + headers.iter().map(|h| h.len() + 2).sum::<usize>() + body.len());
+        let copied = body.len() <= COPY_BODY_UP_TO;
+        let mut out = Vec::with_capacity(
+            160 + headers.iter().map(|h| h.len() + 2).sum::<usize>() + if copied { body.len() } else { 0 },
+        );
         out.extend_from_slice(format!("{method} {target} HTTP/1.1\r\nhost: {}\r\n", self.authority).as_bytes());
         for h in headers {
             out.extend_from_slice(h.as_bytes());
@@ -170,8 +185,11 @@ impl Pool {
             );
         }
         out.extend_from_slice(b"\r\n");
-        out.extend_from_slice(body);
-        out
+        if copied {
+            out.extend_from_slice(body);
+            return Request { head: out, body: &[] };
+        }
+        Request { head: out, body }
     }
 
     /// An idle connection the server has not closed, as far as can be seen without waiting.
@@ -223,8 +241,10 @@ enum Exchange {
 
 impl Conn {
     /// Writes `request` and reads its answer; whether the connection can carry another.
-    async fn exchange(&mut self, request: &[u8], method: &str) -> Result<(Answer, bool), Exchange> {
-        if self.stream.write_all(request).await.is_err() {
+    async fn exchange(&mut self, request: &Request<'_>, method: &str) -> Result<(Answer, bool), Exchange> {
+        if self.stream.write_all(&request.head).await.is_err()
+            || (!request.body.is_empty() && self.stream.write_all(request.body).await.is_err())
+        {
             return Err(Exchange::Unanswered);
         }
         self.buf.clear();
@@ -487,6 +507,30 @@ mod tests {
             )
         );
         assert!(seen[1].starts_with("GET /v1/tasks?x=1 HTTP/1.1\r\n") && !seen[1].contains("content-length"));
+    }
+
+    #[tokio::test]
+    async fn a_large_body_goes_out_whole_behind_its_head() {
+        let (addr, served) = server(vec![
+            Some("HTTP/1.1 201 Created\r\ncontent-length: 0\r\n\r\n"),
+            Some("HTTP/1.1 201 Created\r\ncontent-length: 0\r\n\r\n"),
+        ])
+        .await;
+        let pool = Pool::new(&addr, 4, Resend::Never);
+        // Over the copy limit (a write of its own), then just at it (copied behind the head).
+        let large = format!("\"{}\"", "x".repeat(3 * COPY_BODY_UP_TO));
+        let small = format!("\"{}\"", "y".repeat(COPY_BODY_UP_TO - 2));
+        assert_eq!(pool.send("PUT", "/large", &[], Some(large.as_bytes())).await.unwrap().status, 201);
+        assert_eq!(pool.send("PUT", "/small", &[], Some(small.as_bytes())).await.unwrap().status, 201);
+        drop(pool); // closes the kept connection, which ends the server
+        let (seen, conns) = served.await.unwrap();
+        assert_eq!(conns, 1);
+        let head = |path: &str, n: usize| {
+            format!(
+                "PUT {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {n}\r\n\r\n"
+            )
+        };
+        assert_eq!(seen, [head("/large", large.len()) + &large, head("/small", small.len()) + &small]);
     }
 
     #[tokio::test]

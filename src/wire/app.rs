@@ -48,7 +48,7 @@ pub fn single_line(raw: RawBody) -> RawBody {
 
 /// A task as an app submits it (`POST /v1/tasks`); the loadtest sends it, the proxy reads it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(bound = "B: Body")]
+#[serde(bound(serialize = "B: Serialize", deserialize = "B: Body"))]
 pub struct NewTask<B = Value> {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<Uuid>,
@@ -66,7 +66,7 @@ pub struct NewTask<B = Value> {
 
 /// A task as a proxy hands it to an app; `ttl` is the remaining lifetime in whole seconds.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(bound = "B: Body")]
+#[serde(bound(serialize = "B: Serialize", deserialize = "B: Body"))]
 pub struct Task<B = Value> {
     pub id: Uuid,
     pub from: AppId,
@@ -79,7 +79,7 @@ pub struct Task<B = Value> {
 
 /// A result, in both directions. `body` may be omitted for `claimed`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(bound = "B: Body")]
+#[serde(bound(serialize = "B: Serialize", deserialize = "B: Body"))]
 pub struct TaskResult<B = Value> {
     pub from: AppId,
     pub to: Vec<AppId>,
