@@ -13,8 +13,8 @@ use photon::{
     http1,
     urls::{self, Url},
     wire::{
-        app::{NewTask, RawBody, Task, TaskResult},
-        AppId, DurationText, FailureStrategy, WorkStatus,
+        app::{NewTask, Task, TaskResult},
+        to_json, AppId, BodySize, DurationText, FailureStrategy, WorkStatus,
     },
 };
 use reqwest::{
@@ -97,7 +97,7 @@ impl App {
     }
 
     /// A plain request (`body` as JSON when given) whose status must be one of `ok`; its body.
-    async fn call(&self, method: Method, path: &str, body: Option<Vec<u8>>, ok: &[u16]) -> Result<Bytes, Failure> {
+    async fn call(&self, method: Method, path: &str, body: Option<Bytes>, ok: &[u16]) -> Result<Bytes, Failure> {
         let Some(pool) = &self.lean else {
             let mut req = self.request(method, path);
             if let Some(body) = body {
@@ -154,7 +154,7 @@ impl App {
             failure_strategy: FailureStrategy::default(),
             metadata: Value::Null,
         };
-        self.call(Method::POST, "/v1/tasks", Some(json(&task, body.json_len())?), &[201]).await?;
+        self.call(Method::POST, "/v1/tasks", Some(to_json(&task)), &[201]).await?;
         Ok(id)
     }
 
@@ -179,7 +179,7 @@ impl App {
             metadata: Value::Null,
         };
         let path = format!("/v1/tasks/{task}/results/{}", self.id);
-        self.call(Method::PUT, &path, Some(json(&result, body.json_len())?), &[201, 204]).await.map(drop)
+        self.call(Method::PUT, &path, Some(to_json(&result)), &[201, 204]).await.map(drop)
     }
 
     /// The worker's to-do list, waiting up to `wait` for at least one task.
@@ -235,33 +235,6 @@ impl App {
             req = req.header("last-event-id", id);
         }
         Ok(Events::new(Self::expect(req, &[200]).await?))
-    }
-}
-
-/// `value` as JSON, written into a buffer with room for `body` bytes more than a message's
-/// other fields take: a large body is then copied once, not again at each doubling of the
-/// buffer (14 % of the loadtest's CPU in the 1 MiB round trip).
-fn json(value: &impl Serialize, body: usize) -> Result<Vec<u8>, Failure> {
-    let mut out = Vec::with_capacity(512 + body);
-    serde_json::to_writer(&mut out, value).map_err(|e| format!("unserializable: {e}"))?;
-    Ok(out)
-}
-
-/// How long a body's JSON text is, when that is known without writing it.
-pub trait BodySize {
-    fn json_len(&self) -> usize;
-}
-
-impl BodySize for RawBody {
-    fn json_len(&self) -> usize {
-        self.get().len()
-    }
-}
-
-impl BodySize for Value {
-    /// Unknown (the loadtest's `Value` bodies are small): the buffer grows as it is written.
-    fn json_len(&self) -> usize {
-        0
     }
 }
 

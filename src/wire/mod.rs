@@ -29,15 +29,41 @@ impl BodySize for broker::WireResult {
     }
 }
 
-impl BodySize for app::Task<app::RawBody> {
+/// An app body kept as its JSON text: its length.
+impl BodySize for app::RawBody {
     fn body_size(&self) -> usize {
-        self.body.get().len()
+        self.get().len()
     }
 }
 
-impl BodySize for app::TaskResult<app::RawBody> {
+/// An app body as a tree: unknown without writing it (the buffer grows as it is written).
+impl BodySize for serde_json::Value {
     fn body_size(&self) -> usize {
-        self.body.as_ref().map_or(0, |b| b.get().len())
+        0
+    }
+}
+
+impl<B: BodySize + ?Sized> BodySize for &B {
+    fn body_size(&self) -> usize {
+        (**self).body_size()
+    }
+}
+
+impl<B: BodySize> BodySize for app::NewTask<B> {
+    fn body_size(&self) -> usize {
+        self.body.body_size()
+    }
+}
+
+impl<B: BodySize> BodySize for app::Task<B> {
+    fn body_size(&self) -> usize {
+        self.body.body_size()
+    }
+}
+
+impl<B: BodySize> BodySize for app::TaskResult<B> {
+    fn body_size(&self) -> usize {
+        self.body.as_ref().map_or(0, B::body_size)
     }
 }
 
