@@ -83,7 +83,7 @@ fn start_network(bin_dir: Option<PathBuf>, extra_apps: &[String]) -> anyhow::Res
         bin_dir.or_else(network::own_bin_dir).context("cannot tell where the binaries are: pass --bin-dir")?;
     let dir = std::env::temp_dir().join(format!("photon-loadtest-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| dir.display().to_string())?;
-    let addrs = [network::free_addr()?, network::free_addr()?, network::free_addr()?];
+    let addrs = network::free_addrs()?;
     let mut spec = Spec::dev(bin_dir, dir.join("pki"), addrs, extra_apps);
     spec.logs = Some(dir.clone());
     spec.env.push(("RUST_LOG".into(), "warn".into()));

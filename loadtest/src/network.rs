@@ -148,7 +148,7 @@ impl Network {
             broker.env("MONITORING_API_KEY", key);
         }
         net.spawn("broker", broker)?;
-        wait_healthy(&spec.broker_addr, cancel)?;
+        net.wait_healthy("broker", &spec.broker_addr, BROKER_HEALTH, cancel)?;
         for p in &spec.proxies {
             let proxy_id = format!("{}.{BROKER_ID}", p.name);
             let mut proxy = Command::new(spec.bin("photon-proxy"));
@@ -165,7 +165,7 @@ impl Network {
             net.spawn(&proxy_id, proxy)?;
         }
         for p in &spec.proxies {
-            wait_healthy(&p.addr, cancel)?;
+            net.wait_healthy(&format!("{}.{BROKER_ID}", p.name), &p.addr, PROXY_HEALTH, cancel)?;
         }
         Ok(net)
     }
@@ -218,26 +218,46 @@ impl Drop for Network {
     }
 }
 
-/// A free loopback address (bound and released; the tiny race is fine for a local run).
-pub fn free_addr() -> Result<String> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string())
+/// `N` distinct free loopback addresses: all bound at once, then released (so that no two are
+/// the same port; another process may still take one meanwhile, which [`Network::start`]
+/// notices).
+pub fn free_addrs<const N: usize>() -> Result<[String; N]> {
+    let listeners = (0..N).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<std::io::Result<Vec<_>>>()?;
+    let addrs = listeners.iter().map(|l| l.local_addr().map(|a| a.to_string())).collect::<std::io::Result<Vec<_>>>()?;
+    Ok(addrs.try_into().expect("N addresses"))
 }
 
-fn wait_healthy(addr: &str, cancel: &AtomicBool) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline && !cancel.load(Ordering::SeqCst) {
-        if let Ok(mut s) = TcpStream::connect(addr) {
-            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-            let _ = write!(s, "GET /v1/health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-            let mut answer = String::new();
-            let _ = s.read_to_string(&mut answer);
-            if answer.starts_with("HTTP/1.1 200") {
-                return Ok(());
+/// A field only the broker's `/v1/health` answer has…
+const BROKER_HEALTH: &str = "\"proxies_online\"";
+/// …and one only a proxy's has: a health check answered by another process on the port is not
+/// taken for the one started.
+const PROXY_HEALTH: &str = "\"broker_online_s\"";
+
+impl Network {
+    /// Waits (at most 60 s, or until `cancel`) until `name`, just started, answers its health
+    /// check on `addr` with `marker` in it. Fails at once if any process started has exited:
+    /// when a port was taken meanwhile, the process that should serve it does not, and some
+    /// other one may answer.
+    fn wait_healthy(&mut self, name: &str, addr: &str, marker: &str, cancel: &AtomicBool) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline && !cancel.load(Ordering::SeqCst) {
+            if let Some(exit) = self.exited()? {
+                let log = self.spec.logs.as_ref().map(|d| format!(" (logs in {})", d.display())).unwrap_or_default();
+                bail!("{exit} while {name} was starting on {addr}{log}");
             }
+            if let Ok(mut s) = TcpStream::connect(addr) {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                let _ = write!(s, "GET /v1/health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+                let mut answer = String::new();
+                let _ = s.read_to_string(&mut answer);
+                if answer.starts_with("HTTP/1.1 200") && answer.contains(marker) {
+                    return Ok(());
+                }
+            }
+            thread::sleep(Duration::from_millis(100));
         }
-        thread::sleep(Duration::from_millis(100));
+        bail!("{name} did not become healthy on {addr}")
     }
-    bail!("{addr} did not become healthy")
 }
 
 /// The directory of the running executable: where cargo puts the sibling binaries.

@@ -104,3 +104,38 @@ fn bad_flags_and_files_are_named() {
     assert!(String::from_utf8_lossy(&down.stderr).contains("does not answer"), "{down:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A port taken by another server when the network starts: the proxy that should serve it can't
+/// bind and exits, and the stranger's healthy-looking answers are not taken for it.
+#[test]
+fn a_network_whose_port_is_taken_fails_to_start() {
+    use std::{io::Write, net::TcpListener, sync::atomic::AtomicBool};
+
+    use photon_loadtest::network::{free_addrs, Network, Spec};
+
+    let stranger = TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = stranger.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for mut conn in stranger.incoming().flatten() {
+            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}");
+        }
+    });
+    let [broker, proxy2] = free_addrs().unwrap();
+    let dir = scratch("taken");
+    let spec = Spec::dev(bin_dir(), dir.join("pki"), [broker, taken.clone(), proxy2], &[]);
+    let started = std::time::Instant::now();
+    let error = match Network::start(spec, &AtomicBool::new(false)) {
+        Ok(_) => panic!("started, with {taken} served by another process"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(error.contains("proxy1.broker exited") && error.contains(&taken), "{error}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(30), "noticed at once, not at the timeout");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn free_addresses_are_distinct() {
+    let addrs: [String; 16] = photon_loadtest::network::free_addrs().unwrap();
+    let distinct: std::collections::HashSet<_> = addrs.iter().collect();
+    assert_eq!(distinct.len(), 16, "{addrs:?}");
+}
