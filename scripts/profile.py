@@ -60,7 +60,7 @@ def without_generics(sym):
     for i, ch in enumerate(sym):
         if ch == "<" and (depth or (i > 0 and (sym[i - 1].isalnum() or sym[i - 1] in "_:"))):
             depth += 1
-        elif ch == ">" and depth:
+        elif ch == ">" and depth and sym[i - 1] != "-":  # not the arrow of `fn(…) -> T`
             depth -= 1
         elif not depth:
             out.append(ch)
