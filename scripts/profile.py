@@ -58,7 +58,9 @@ def without_generics(sym):
     `<Type as Trait>` is kept: it names the code."""
     out, depth = [], 0
     for i, ch in enumerate(sym):
-        if ch == "<" and (depth or (i > 0 and (sym[i - 1].isalnum() or sym[i - 1] in "_:"))):
+        # `::<impl Trait for Type>::` names code (kept); `Name<T>` is a generic argument (dropped).
+        generic = i > 0 and (sym[i - 1].isalnum() or sym[i - 1] in "_:") and not sym.startswith("impl ", i + 1)
+        if ch == "<" and (depth or generic):
             depth += 1
         elif ch == ">" and depth and sym[i - 1] != "-":  # not the arrow of `fn(…) -> T`
             depth -= 1
