@@ -1,7 +1,7 @@
 //! A lean HTTP/1.1 client for plain request/answer exchanges over `http://` with direct
 //! connections: pooled keep-alive connections; each request is written with one vectored write
-//! (head and body, the body uncopied) by the task that sends it, and its answer is parsed in place (`httparse`). No TLS, no forward
-//! proxies, no streaming: those stay with reqwest.
+//! (head and body, the body uncopied) by the task that sends it, and its answer is parsed in
+//! place (`httparse`). No TLS, no forward proxies, no streaming: those stay with reqwest.
 //!
 //! Used by the loadtest's apps and by the proxy for its plain requests to the broker. Through
 //! reqwest (hyper-util's pool, hyper's per-connection task and channel, a `Url` per request)

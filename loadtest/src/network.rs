@@ -149,23 +149,23 @@ impl Network {
         }
         net.spawn("broker", broker)?;
         net.wait_healthy("broker", &spec.broker_addr, BROKER_HEALTH, cancel)?;
-        for p in &spec.proxies {
-            let proxy_id = format!("{}.{BROKER_ID}", p.name);
+        let proxy_ids: Vec<String> = spec.proxies.iter().map(|p| format!("{}.{BROKER_ID}", p.name)).collect();
+        for (p, proxy_id) in spec.proxies.iter().zip(&proxy_ids) {
             let mut proxy = Command::new(spec.bin("photon-proxy"));
             proxy
                 .env("BIND_ADDR", &p.addr)
                 .env("BROKER_URL", &broker_url)
                 .env("BROKER_ID", BROKER_ID)
-                .env("PROXY_ID", &proxy_id)
+                .env("PROXY_ID", proxy_id)
                 .env("PRIVKEY_FILE", spec.pki.join(format!("{proxy_id}.priv.pem")))
                 .env("ROOTCERT_FILE", spec.pki.join("root.crt"));
             for app in &p.apps {
                 proxy.env(format!("APP_{app}_KEY"), &spec.app_key);
             }
-            net.spawn(&proxy_id, proxy)?;
+            net.spawn(proxy_id, proxy)?;
         }
-        for p in &spec.proxies {
-            net.wait_healthy(&format!("{}.{BROKER_ID}", p.name), &p.addr, PROXY_HEALTH, cancel)?;
+        for (p, proxy_id) in spec.proxies.iter().zip(&proxy_ids) {
+            net.wait_healthy(proxy_id, &p.addr, PROXY_HEALTH, cancel)?;
         }
         Ok(net)
     }

@@ -401,11 +401,12 @@ impl Upstream {
             .map_err(|e| UpstreamError::Unreachable(format!("the broker's connection: {}", e.name())))?;
             let status = StatusCode::from_u16(answer.status)
                 .map_err(|_| UpstreamError::Unreachable(format!("the broker answered status {}", answer.status)))?;
-            let reason = || serde_json::from_slice::<ErrorBody>(&answer.body).map(|e| e.error).unwrap_or_default();
             match refusal(status, |name| answer.header(name).is_some(), attempt) {
                 Some(Refusal::Renew) => self.forget(&session),
-                Some(Refusal::Refused) => return Err(UpstreamError::Refused(reason())),
-                Some(Refusal::Duplicate) => return Err(UpstreamError::Duplicate(reason())),
+                Some(refused) => {
+                    let reason = serde_json::from_slice::<ErrorBody>(&answer.body).map(|e| e.error);
+                    return Err(refused.error(reason.unwrap_or_default()));
+                }
                 None => return Ok(Whole { status, body: answer.body }),
             }
         }
@@ -453,15 +454,8 @@ impl Upstream {
             let res = req.send().await?;
             match refusal(res.status(), |name| res.headers().contains_key(name), attempt) {
                 Some(Refusal::Renew) => self.forget(&session),
-                Some(Refusal::Refused) => {
-                    return Err(UpstreamError::Refused(
-                        res.json::<ErrorBody>().await.map(|e| e.error).unwrap_or_default(),
-                    ))
-                }
-                Some(Refusal::Duplicate) => {
-                    return Err(UpstreamError::Duplicate(
-                        res.json::<ErrorBody>().await.map(|e| e.error).unwrap_or_default(),
-                    ))
+                Some(refused) => {
+                    return Err(refused.error(res.json::<ErrorBody>().await.map(|e| e.error).unwrap_or_default()))
                 }
                 None => return Ok(res),
             }
@@ -500,6 +494,16 @@ enum Refusal {
     Refused,
     /// Another process with this proxy id is online.
     Duplicate,
+}
+
+impl Refusal {
+    /// The error a refusal ends the request with (`Renew` only once the renewal was refused too).
+    fn error(self, reason: String) -> UpstreamError {
+        match self {
+            Refusal::Renew | Refusal::Refused => UpstreamError::Refused(reason),
+            Refusal::Duplicate => UpstreamError::Duplicate(reason),
+        }
+    }
 }
 
 fn refusal(status: StatusCode, has_header: impl Fn(&str) -> bool, attempt: u32) -> Option<Refusal> {
