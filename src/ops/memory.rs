@@ -71,6 +71,19 @@ pub fn tunables_with_small_tcache(current: Option<&OsStr>) -> Option<OsString> {
     Some(tunables)
 }
 
+/// Set in the environment of the restarted broker, so that it never restarts again.
+pub const RESTARTED_ENV: &str = "PHOTON_BROKER_RESTARTED";
+
+/// The `GLIBC_TUNABLES` to restart with, or `None` to go on as this process is: the tunable is
+/// set already, this process is the restart, or it runs in glibc's secure mode (which ignores
+/// the variable).
+pub fn restart_tunables(current: Option<&OsStr>, restarted: bool, secure: bool) -> Option<OsString> {
+    if restarted || secure {
+        return None;
+    }
+    tunables_with_small_tcache(current)
+}
+
 /// Makes sure the broker runs with small per-thread caches in glibc's allocator: if
 /// `GLIBC_TUNABLES` does not set `tcache_count` yet, this process starts itself again (same pid,
 /// same arguments and environment) with it set to [`TCACHE_COUNT`]. Call it before the broker
@@ -84,12 +97,22 @@ pub fn tunables_with_small_tcache(current: Option<&OsStr>) -> Option<OsString> {
 /// (docs/BENCHMARKS.md). glibc reads the tunable only as the process starts, so it has to be
 /// in the environment then.
 ///
+/// Restarts at most once: the restarted process carries [`RESTARTED_ENV`], and a process in
+/// glibc's secure mode (setuid, or file capabilities such as `cap_net_bind_service` to listen
+/// on a low port) is not restarted at all, because glibc drops `GLIBC_TUNABLES` there and every
+/// restart would find it missing again.
+///
 /// Returns when nothing needs doing; if the restart fails, the broker goes on as it is.
 pub fn small_thread_caches() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         use std::os::unix::process::CommandExt;
-        let Some(tunables) = tunables_with_small_tcache(std::env::var_os("GLIBC_TUNABLES").as_deref()) else {
+        // SAFETY: `getauxval` only reads the auxiliary vector the kernel gave this process.
+        #[allow(unsafe_code)]
+        let secure = unsafe { libc::getauxval(libc::AT_SECURE) } != 0;
+        let restarted = std::env::var_os(RESTARTED_ENV).is_some();
+        let Some(tunables) = restart_tunables(std::env::var_os("GLIBC_TUNABLES").as_deref(), restarted, secure)
+        else {
             return;
         };
         // The executable by its path, not `/proc/self/exe`: the process is named after it
@@ -100,7 +123,7 @@ pub fn small_thread_caches() {
         if let Some(arg0) = args.next() {
             again.arg0(arg0);
         }
-        let error = again.args(args).env("GLIBC_TUNABLES", tunables).exec();
+        let error = again.args(args).env("GLIBC_TUNABLES", tunables).env(RESTARTED_ENV, "1").exec();
         eprintln!("photon-broker: could not restart with smaller allocator caches ({error}); going on without");
     }
 }
@@ -124,5 +147,15 @@ mod tests {
         assert_eq!(add(Some("glibc.malloc.arena_max=2:glibc.malloc.tcache_count=0")), None);
         // Another tunable whose name merely starts the same is not this one.
         assert!(add(Some("glibc.malloc.tcache_count_x=1")).is_some());
+    }
+
+    #[test]
+    fn the_broker_restarts_at_most_once_and_never_in_secure_mode() {
+        assert!(restart_tunables(None, false, false).is_some());
+        // glibc dropped the tunable on the way (secure mode) or the restart is running: a
+        // second restart would find it missing again, and again.
+        assert_eq!(restart_tunables(None, true, false), None);
+        assert_eq!(restart_tunables(None, false, true), None);
+        assert_eq!(restart_tunables(Some(OsStr::new("glibc.malloc.tcache_count=2")), false, false), None);
     }
 }
