@@ -155,10 +155,13 @@ impl Mailboxes {
         self.next_seq.fetch_add(1, Ordering::Relaxed) + 1
     }
 
+    // A task's sequence number is drawn under its mailbox's lock, so that a mailbox's streams
+    // receive their tasks in sequence order: a stream that resumes after the last id it got
+    // must not skip one that was numbered before it but delivered after.
+
     /// Puts a new task into `app`'s mailbox, waking waiters and streams.
     pub fn deliver(&self, app: &AppId, task: Arc<TaskRecord>) {
-        let seq = self.next_seq();
-        self.with_or_make(app, |b| b.insert(seq, task));
+        self.with_or_make(app, |b| b.insert(self.next_seq(), task));
     }
 
     /// The app has answered the task for good (`claimed`, `succeeded`, `permfailed`).
@@ -173,7 +176,6 @@ impl Mailboxes {
     /// The task is to do again (`tempfailed`): it moves to the end with a new sequence number,
     /// so streams see it again.
     pub fn reopen(&self, app: &AppId, task_id: Uuid) {
-        let seq = self.next_seq();
         self.with(app, |b| {
             let Some(old) = b.seq_of.get(&task_id).copied() else {
                 return;
@@ -182,7 +184,7 @@ impl Mailboxes {
                 return;
             }
             let task = b.by_seq.remove(&old).expect("seq_of and by_seq agree");
-            b.insert(seq, task);
+            b.insert(self.next_seq(), task);
         });
     }
 
@@ -320,5 +322,30 @@ mod tests {
             boxes.remove(&app, t);
         }
         assert!(todo().is_empty() && all().is_empty());
+    }
+
+    /// Tasks delivered from several threads at once reach a stream in sequence order, so a
+    /// client resuming after the last id it got misses none.
+    #[test]
+    fn a_stream_gets_its_tasks_in_sequence_order_under_concurrent_deliveries() {
+        const PER_THREAD: usize = 20_000;
+        let boxes = Arc::new(Mailboxes::new(Arc::new(AtomicU64::new(0))));
+        let app = AppId::parse("app2.proxy2.broker").unwrap();
+        let (tx, mut rx) = mpsc::channel(4 * PER_THREAD);
+        assert!(boxes.subscribe(&app, 0, tx).is_empty());
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (boxes, app) = (boxes.clone(), app.clone());
+                std::thread::spawn(move || (0..PER_THREAD).for_each(|_| boxes.deliver(&app, record(&app))))
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        let mut seqs = Vec::new();
+        while let Ok(d) = rx.try_recv() {
+            seqs.push(d.seq);
+        }
+        assert_eq!(seqs.len(), 4 * PER_THREAD, "the stream kept up");
+        let out_of_order = seqs.windows(2).filter(|w| w[0] > w[1]).count();
+        assert_eq!(out_of_order, 0, "{out_of_order} tasks arrived after a later-numbered one");
     }
 }
