@@ -7,6 +7,31 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::json;
 
+/// A proxy bounds its apps' waits by its own `MAX_WAIT`, also when the broker's is longer:
+/// a longer `wait_time` is `400`, and a count alone ends after the proxy's maximum with `206`
+/// (not with the proxy giving up on the broker: `504`).
+#[tokio::test]
+async fn the_proxys_max_wait_bounds_every_long_poll() {
+    let net = Net::start_with(Options { proxy_max_wait: Some(Duration::from_secs(1)), ..Options::default() });
+    let id = net.create(APP1, &[APP2], json!("t"), "1m").await;
+    for path in [
+        "/v1/tasks?filter=todo&wait_count=2&wait_time=5s",
+        &format!("/v1/tasks/{id}/results?wait_count=1&wait_time=2s"),
+    ] {
+        let res = net.get(APP2, path).send().await.unwrap();
+        assert_eq!(res.status(), 400, "{path}");
+        assert!(res.text().await.unwrap().contains("wait_time"), "{path}");
+    }
+    let own = format!("/v1/tasks/{id}/results?wait_count=1");
+    for (app, path) in [(APP2, "/v1/tasks?filter=todo&wait_count=2"), (APP1, own.as_str())] {
+        let started = Instant::now();
+        let res = tokio::time::timeout(SECS(20), net.get(app, path).send()).await.expect("answered").unwrap();
+        assert_eq!(res.status(), 206, "{path}");
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(900) && waited < SECS(10), "{path}: {waited:?}");
+    }
+}
+
 #[tokio::test]
 async fn results_wait_for_count_time_or_both() {
     let net = Net::start();

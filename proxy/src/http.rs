@@ -84,11 +84,6 @@ fn read_json<T: serde::de::DeserializeOwned>(answer: &Whole) -> Result<T, ApiErr
         .map_err(|e| ApiError::BadGateway(format!("malformed answer from the broker: {e}")))
 }
 
-fn long_poll_timeout(state: &ProxyState, q: &ReadQuery) -> Duration {
-    let wait = q.wait_time.as_deref().and_then(|t| parse_duration(t, state.config.max_wait).ok());
-    wait.unwrap_or(state.config.max_wait) + UPSTREAM_SLACK
-}
-
 fn status_of(answer: &Whole) -> actix_web::http::StatusCode {
     actix_web::http::StatusCode::from_u16(answer.status.as_u16()).expect("statuses from the broker client are valid")
 }
@@ -133,11 +128,20 @@ async fn open_results(
 }
 
 /// A read relayed as a (possibly long) poll; an error answer from the broker is passed on.
+///
+/// The wait is this proxy's to bound (API.md: over `MAX_WAIT` is `400`; a count alone waits
+/// at most `MAX_WAIT`), so the broker is asked for an explicit `wait_time` within it. Left to
+/// the broker, whose maximum may be longer, the proxy would give up first and answer `504`.
 async fn long_poll(state: &ProxyState, caller: &AppId, path: &str, mut q: ReadQuery) -> Result<Whole, ApiError> {
     q.stream = None;
-    let timeout = long_poll_timeout(state, &q);
+    let wait = body::parse_wait(&q, state.config.max_wait)?;
+    let waits = wait.count.is_some() || wait.time.is_some();
+    let time = wait.time.unwrap_or(state.config.max_wait);
+    if waits {
+        q.wait_time = Some(format!("{}ms", time.as_millis()));
+    }
+    let timeout = time + UPSTREAM_SLACK;
     let url = format!("{path}?{}", query_string(&q));
-    let waits = q.wait_count.is_some() || q.wait_time.is_some();
     let _waiting = waits.then(|| state.waiters.hold());
     let res = tokio::select! {
         biased;

@@ -111,8 +111,7 @@ pub fn small_thread_caches() {
         #[allow(unsafe_code)]
         let secure = unsafe { libc::getauxval(libc::AT_SECURE) } != 0;
         let restarted = std::env::var_os(RESTARTED_ENV).is_some();
-        let Some(tunables) = restart_tunables(std::env::var_os("GLIBC_TUNABLES").as_deref(), restarted, secure)
-        else {
+        let Some(tunables) = restart_tunables(std::env::var_os("GLIBC_TUNABLES").as_deref(), restarted, secure) else {
             return;
         };
         // The executable by its path, not `/proc/self/exe`: the process is named after it

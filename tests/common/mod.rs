@@ -37,6 +37,8 @@ pub struct Options {
     pub keepalive: Duration,
     pub max_body: usize,
     pub max_wait: Duration,
+    /// The proxies' `MAX_WAIT`, when it is not the broker's.
+    pub proxy_max_wait: Option<Duration>,
     /// The proxies' `CERT_REFRESH`.
     pub cert_refresh: Duration,
     /// Put a [`relay::Relay`] between the proxies and the broker.
@@ -56,6 +58,7 @@ impl Default for Options {
             keepalive: Duration::from_secs(15),
             max_body: 10 * 1024 * 1024,
             max_wait: Duration::from_secs(3600),
+            proxy_max_wait: None,
             cert_refresh: Duration::from_secs(60),
             relay: false,
             broker_process: false,
@@ -107,7 +110,7 @@ pub fn proxy_config(
         cert_file: None,
         max_body: opts.max_body,
         max_ttl: Duration::from_secs(7 * 86_400),
-        max_wait: opts.max_wait,
+        max_wait: opts.proxy_max_wait.unwrap_or(opts.max_wait),
         keepalive: opts.keepalive,
         workers: 2,
         cert_refresh: opts.cert_refresh,
