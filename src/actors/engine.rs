@@ -120,11 +120,30 @@ pub struct Engine {
 async fn wait_for<T>(
     shutdown: &Shutdown,
     deadline: Instant,
-    rx: oneshot::Receiver<T>,
+    rx: impl std::future::Future<Output = Result<T, oneshot::error::RecvError>>,
 ) -> Option<Result<T, oneshot::error::RecvError>> {
     tokio::select! {
         got = timeout_at(deadline, rx) => got.ok(),
         _ = shutdown.started() => None,
+    }
+}
+
+/// A wait for a task id to be created. However it ends (the task came, the time ran out, or
+/// the request was dropped because its client went away) it leaves no closed sender behind in
+/// `id_waiters`: a wait for an id that never comes would otherwise stay there for good.
+struct IdWait<'a> {
+    waiters: &'a DashMap<Uuid, Vec<oneshot::Sender<()>>>,
+    id: Uuid,
+    rx: Option<oneshot::Receiver<()>>,
+}
+
+impl Drop for IdWait<'_> {
+    fn drop(&mut self) {
+        drop(self.rx.take()); // closes this wait's sender
+        self.waiters.remove_if_mut(&self.id, |_, v| {
+            v.retain(|tx| !tx.is_closed());
+            v.is_empty()
+        });
     }
 }
 
@@ -276,17 +295,14 @@ impl Engine {
         }
         let (tx, rx) = oneshot::channel();
         self.id_waiters.entry(id).or_default().push(tx);
+        let mut waiting = IdWait { waiters: &self.id_waiters, id, rx: Some(rx) };
         // Created between the first look and registering the waiter?
         if let Ok(h) = self.handle(id) {
             return visible(h);
         }
-        let woken = wait_for(&self.shutdown, wait.deadline(self.limits.max_wait), rx).await.is_some();
-        if !woken {
-            self.id_waiters.remove_if_mut(&id, |_, v| {
-                v.retain(|tx| !tx.is_closed());
-                v.is_empty()
-            });
-        }
+        let rx = waiting.rx.as_mut().expect("set above");
+        wait_for(&self.shutdown, wait.deadline(self.limits.max_wait), rx).await;
+        drop(waiting);
         visible(self.handle(id)?)
     }
 
@@ -384,5 +400,32 @@ impl Engine {
         let (tx, rx) = mpsc::channel(task::STREAM_CAPACITY);
         let snapshot = self.inboxes.subscribe(caller, last_seq, tx);
         (snapshot, rx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client that gives up on a wait for a task id (its request is dropped) leaves nothing
+    /// behind, nor does one whose wait runs out.
+    #[actix_web::test]
+    async fn waits_for_a_task_id_leave_nothing_behind() {
+        let limits = EngineLimits {
+            broker_id: "broker".into(),
+            max_ttl: Duration::from_secs(60),
+            max_wait: Duration::from_secs(3600),
+        };
+        let (_raise, shutdown) = Shutdown::new();
+        let engine = Engine::start(limits, 1, shutdown);
+        let app = AppId::parse("app1.proxy1.broker").unwrap();
+        let long = Wait { count: None, time: Some(Duration::from_secs(3600)) };
+        for _ in 0..3 {
+            let dropped = tokio::time::timeout(Duration::from_millis(20), engine.get(&app, Uuid::new_v4(), long)).await;
+            assert!(dropped.is_err(), "no such task: the wait is still on when its request is dropped");
+        }
+        let short = Wait { count: None, time: Some(Duration::from_millis(10)) };
+        assert!(matches!(engine.get(&app, Uuid::new_v4(), short).await, Err(EngineError::NotFound)));
+        assert_eq!(engine.id_waiters.len(), 0);
     }
 }
