@@ -9,7 +9,10 @@ use std::{
 };
 
 use actix::prelude::*;
-use tokio::sync::{mpsc, oneshot};
+use tokio::{
+    sync::{mpsc, oneshot},
+    time::Instant,
+};
 
 use super::{mailbox::Mailboxes, Registry, TaskRecord};
 use crate::wire::{broker::WireResult, AppId, WorkStatus};
@@ -239,6 +242,11 @@ impl Handler<PutResult> for TaskActor {
 
 impl TaskActor {
     fn put(&mut self, result: WireResult) -> Result<PutOutcome, TaskError> {
+        // The engine checked before sending, but the message may have waited in this actor's
+        // queue past the expiry: a result accepted now would be deleted with the task at once.
+        if self.record.expires_at <= Instant::now() {
+            return Err(TaskError::Expired);
+        }
         if !self.record.task.to.contains(&result.from) {
             return Err(TaskError::NotRecipient(result.from));
         }
@@ -352,7 +360,6 @@ mod tests {
     use std::{sync::atomic::AtomicU64, time::Duration};
 
     use serde_json::Value;
-    use tokio::time::Instant;
     use uuid::Uuid;
 
     use super::*;
@@ -380,6 +387,10 @@ mod tests {
 
     /// A task actor started on the current arbiter, registered as the engine would.
     fn start(registry: &Arc<Registry>, mailboxes: &Arc<Mailboxes>) -> (Uuid, Addr<TaskActor>) {
+        start_expiring(registry, mailboxes, Duration::from_secs(60))
+    }
+
+    fn start_expiring(registry: &Arc<Registry>, mailboxes: &Arc<Mailboxes>, ttl: Duration) -> (Uuid, Addr<TaskActor>) {
         let task = WireTask {
             id: Uuid::new_v4(),
             from: app("app1.proxy1.broker"),
@@ -389,7 +400,7 @@ mod tests {
             metadata: Value::Null,
             body: serde_json::value::to_raw_value("sealed").unwrap().into(),
         };
-        let record = Arc::new(TaskRecord { task, expires_at: Instant::now() + Duration::from_secs(60) });
+        let record = Arc::new(TaskRecord { task, expires_at: Instant::now() + ttl });
         let actor = TaskActor::new(record.clone(), registry.clone(), mailboxes.clone(), mailboxes.clone());
         let addr = actor.start();
         registry.insert(record.task.id, TaskHandle { record: record.clone(), addr: addr.clone() });
@@ -412,6 +423,28 @@ mod tests {
             assert!(registry.get(&broken).is_none());
             assert!(matches!(b.send(read()).await.unwrap(), Ok(ReadOutcome::Ready(r)) if r.is_empty()));
             assert!(registry.get(&fine).is_some());
+        });
+    }
+
+    /// A result that reaches the task's actor after the task expired (it waited in the queue
+    /// while the expiry came) is refused, not stored and answered 201 just before the task goes.
+    #[test]
+    fn a_result_for_an_expired_task_is_refused() {
+        actix::System::new().block_on(async {
+            let registry = Arc::new(Registry::new());
+            let mailboxes = Arc::new(Mailboxes::new(Arc::new(AtomicU64::new(0))));
+            let (id, addr) = start_expiring(&registry, &mailboxes, Duration::from_millis(30));
+            let result = WireResult {
+                from: app("app2.proxy2.broker"),
+                to: vec![app("app1.proxy1.broker")],
+                task: id,
+                status: WorkStatus::Succeeded,
+                metadata: Value::Null,
+                body: None,
+            };
+            assert_eq!(addr.send(PutResult(result.clone())).await.unwrap(), Ok(PutOutcome::Created));
+            tokio::time::sleep(Duration::from_millis(40)).await;
+            assert_eq!(addr.send(PutResult(result)).await.unwrap(), Err(TaskError::Expired));
         });
     }
 }
