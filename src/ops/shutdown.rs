@@ -114,8 +114,8 @@ pub fn http_server<S: Send + Sync + 'static>(
     // worker and creator listen by SSE took 44 ms instead of about 1.
     .on_connect(|conn, _| {
         if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "cannot set TCP_NODELAY on a connection");
+            if let Err(e) = tune_connection(tcp) {
+                tracing::debug!(error = %e, "cannot set the TCP options of a connection");
             }
         }
     })
@@ -126,6 +126,30 @@ pub fn http_server<S: Send + Sync + 'static>(
     .run();
     let stopper = Stopper::new(flag, server.handle(), grace);
     Ok(Running { server, stopper })
+}
+
+/// How long data a server sent may stay unacknowledged before the connection counts as dead.
+pub const DEAD_PEER: Duration = Duration::from_secs(45);
+/// An idle connection is probed after this long without traffic (then every 15 s, 3 times).
+pub const IDLE_PROBE: Duration = Duration::from_secs(60);
+
+/// The TCP options of every accepted connection:
+/// - `TCP_NODELAY`, see [`http_server`];
+/// - `TCP_USER_TIMEOUT` of [`DEAD_PEER`]: a peer that vanished without a reset (host lost,
+///   network cut, moved to a new address) leaves a writer's data unacknowledged, and Linux
+///   would otherwise retransmit for about 15 minutes before the write fails. Until then the
+///   broker would count that proxy online and refuse its restarted instance with 409;
+/// - keep-alive probes after [`IDLE_PROBE`], for connections with nothing to write (a
+///   long-poll), so a dead client's wait ends too.
+pub fn tune_connection(tcp: &actix_web::rt::net::TcpStream) -> io::Result<()> {
+    tcp.set_nodelay(true)?;
+    let socket = socket2::SockRef::from(tcp);
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    socket.set_tcp_user_timeout(Some(DEAD_PEER))?;
+    let probes = socket2::TcpKeepalive::new().with_time(IDLE_PROBE).with_interval(Duration::from_secs(15));
+    #[cfg(any(target_os = "linux", target_os = "android", target_os = "macos", target_os = "freebsd"))]
+    let probes = probes.with_retries(3);
+    socket.set_tcp_keepalive(&probes)
 }
 
 /// Runs `running` until it stops; SIGTERM or Ctrl-C stop it gracefully, a second signal ends
@@ -169,6 +193,19 @@ async fn next_signal() -> io::Result<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_give_up_on_a_dead_peer() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (tcp, _) = listener.accept().await.unwrap();
+        tune_connection(&tcp).unwrap();
+        let socket = socket2::SockRef::from(&tcp);
+        assert!(tcp.nodelay().unwrap());
+        assert_eq!(socket.tcp_user_timeout().unwrap(), Some(DEAD_PEER));
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(socket.tcp_keepalive_time().unwrap(), IDLE_PROBE);
+    }
 
     #[tokio::test]
     async fn the_flag_wakes_every_watcher() {
