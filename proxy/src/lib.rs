@@ -93,7 +93,9 @@ pub async fn serve(config: ProxyConfig, listener: TcpListener, patience: Duratio
         .await
         {
             Ok(u) => break u,
-            Err(UpstreamError::Unreachable(e)) if tokio::time::Instant::now() < give_up => {
+            Err(e @ (UpstreamError::Unreachable(_) | UpstreamError::Timeout))
+                if tokio::time::Instant::now() < give_up =>
+            {
                 tracing::info!(error = %e, "waiting for the broker");
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }

@@ -183,7 +183,7 @@ impl Upstream {
         match res.status() {
             StatusCode::OK => Ok(Some(res.text().await?)),
             StatusCode::NOT_FOUND => Ok(None),
-            other => Err(UpstreamError::Refused(format!("{path} answered {other}"))),
+            other => Err(answered(other, format!("{path} answered {other}"))),
         }
     }
 
@@ -277,7 +277,7 @@ impl Upstream {
         if !res.status().is_success() {
             let status = res.status();
             let reason = res.json::<ErrorBody>().await.map(|e| e.error).unwrap_or_default();
-            return Err(UpstreamError::Refused(format!("handshake answered {status}: {reason}")));
+            return Err(answered(status, format!("handshake answered {status}: {reason}")));
         }
         let accept: SessionAccept = res.json().await?;
         let s = Arc::new(session::client_finish(pending, &accept, self.keys.root(), &self.broker_id)?);
@@ -506,6 +506,17 @@ impl Refusal {
     }
 }
 
+/// The error for an unexpected answer (`text` says which): a server error (the broker failing, or a
+/// gateway in front of it that can't reach it yet) is the broker being unreachable, which is
+/// worth waiting out; anything else is a refusal.
+fn answered(status: StatusCode, text: String) -> UpstreamError {
+    if status.is_server_error() {
+        UpstreamError::Unreachable(text)
+    } else {
+        UpstreamError::Refused(text)
+    }
+}
+
 fn refusal(status: StatusCode, has_header: impl Fn(&str) -> bool, attempt: u32) -> Option<Refusal> {
     match status {
         StatusCode::UNAUTHORIZED if attempt == 0 && has_header(REAUTH_HEADER) => Some(Refusal::Renew),
@@ -565,6 +576,18 @@ async fn load_own(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A gateway's 502/503 while the broker comes up is waited out at start (`Unreachable`);
+    /// a 4xx is the broker's answer.
+    #[test]
+    fn server_errors_are_the_broker_unreachable_and_other_answers_refusals() {
+        for status in [StatusCode::BAD_GATEWAY, StatusCode::SERVICE_UNAVAILABLE, StatusCode::INTERNAL_SERVER_ERROR] {
+            assert!(matches!(answered(status, "x".into()), UpstreamError::Unreachable(_)), "{status}");
+        }
+        for status in [StatusCode::FORBIDDEN, StatusCode::BAD_REQUEST, StatusCode::UNAUTHORIZED] {
+            assert!(matches!(answered(status, "x".into()), UpstreamError::Refused(_)), "{status}");
+        }
+    }
 
     #[test]
     fn the_lean_client_only_for_a_direct_plain_broker() {
