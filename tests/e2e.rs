@@ -15,6 +15,7 @@ use photon::{
     wire::{broker::Envelope, AppId, FailureStrategy, ProxyId},
 };
 use serde_json::{json, Value};
+use std::time::Duration;
 
 fn mitm() -> Net {
     Net::start_with(Options { relay: true, ..Options::default() })
@@ -338,4 +339,33 @@ async fn honest_metadata_with_awkward_numbers_opens() {
     let tasks = todo(&net, APP2).await;
     assert_eq!(tasks.len(), 1, "{}", net.refused(&net.proxy2).await);
     assert_eq!(tasks[0]["metadata"], metadata);
+}
+
+/// A task the worker's proxy refuses does not end the worker's wait (it stays on the broker's
+/// list, so it would, again and again: a tight loop of polls): the wait goes on until a task
+/// that opens comes, or ends when its time is up, with 206.
+#[tokio::test]
+async fn a_refused_task_does_not_end_a_workers_wait() {
+    let net = mitm();
+    let bad = net.create(APP1, &[APP2], json!("altered on the way"), "60s").await;
+    alter_listed_tasks(&net, move |t| {
+        if t["id"] == json!(bad) {
+            t["metadata"] = json!("altered");
+        }
+    });
+    let started = std::time::Instant::now();
+    let res = net.get(APP2, "/v1/tasks?filter=todo&wait_count=1&wait_time=1500ms").send().await.unwrap();
+    assert_eq!(res.status(), 206);
+    assert!(started.elapsed() >= Duration::from_millis(1400), "ended after {:?}", started.elapsed());
+    assert_eq!(json_of(res).await, json!([]));
+    assert!(refused(&net, &net.proxy2, "forged").await >= 1);
+
+    let waiter = tokio::spawn(net.get(APP2, "/v1/tasks?filter=todo&wait_count=1&wait_time=10s").send());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiter.is_finished(), "the refused task does not end the wait");
+    let good = net.create(APP1, &[APP2], json!("fine"), "60s").await;
+    let res = tokio::time::timeout(Duration::from_secs(10), waiter).await.unwrap().unwrap().unwrap();
+    assert_eq!(res.status(), 200);
+    let tasks: Vec<Value> = res.json().await.unwrap();
+    assert_eq!(tasks.iter().map(|t| t["id"].clone()).collect::<Vec<_>>(), vec![json!(good)]);
 }

@@ -244,10 +244,32 @@ async fn list_tasks(state: State, req: HttpRequest) -> Result<HttpResponse, ApiE
         }
         return open_events(&state, &req, &caller, None, "/v1/tasks", q, None).await;
     }
-    let res = long_poll(&state, &caller, "/v1/tasks", q).await?;
-    let status = status_of(&res);
-    let tasks = open_tasks(&state, &caller, read_json(&res)?).await;
-    Ok(json_answer(status, &tasks))
+    let Some(want) = q.wait_count else {
+        let res = long_poll(&state, &caller, "/v1/tasks", q).await?;
+        let tasks = open_tasks(&state, &caller, read_json(&res)?).await;
+        return Ok(json_answer(status_of(&res), &tasks));
+    };
+    // Tasks this proxy refuses stay on the broker's list, so they would meet the broker's count
+    // again and again, and the worker would poll in a tight loop. The wait goes on for as many
+    // more tasks as were refused, until enough open or its time is up.
+    let until = tokio::time::Instant::now()
+        + body::parse_wait(&q, state.config.max_wait)?.time.unwrap_or(state.config.max_wait);
+    let mut ask = q;
+    loop {
+        let res = long_poll(&state, &caller, "/v1/tasks", ask.clone()).await?;
+        let listed: Vec<WireTask> = read_json(&res)?;
+        let n_listed = listed.len();
+        let tasks = open_tasks(&state, &caller, listed).await;
+        let refused = n_listed - tasks.len();
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        if tasks.len() >= want || refused == 0 || left.is_zero() || state.shutdown.is_started() {
+            use actix_web::http::StatusCode as Status;
+            let status = if tasks.len() >= want { Status::OK } else { Status::PARTIAL_CONTENT };
+            return Ok(json_answer(status, &tasks));
+        }
+        ask.wait_count = Some(want + refused);
+        ask.wait_time = Some(format!("{}ms", left.as_millis()));
+    }
 }
 
 async fn get_task(state: State, req: HttpRequest, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
