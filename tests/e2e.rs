@@ -369,3 +369,33 @@ async fn a_refused_task_does_not_end_a_workers_wait() {
     let tasks: Vec<Value> = res.json().await.unwrap();
     assert_eq!(tasks.iter().map(|t| t["id"].clone()).collect::<Vec<_>>(), vec![json!(good)]);
 }
+
+/// On a task stream with `wait_count`, only tasks handed to the app count: an altered one
+/// does not end the stream (which the app would see as broken, and get the altered task
+/// again on reconnecting). A stream with `wait_count=0` ends at once, cleanly.
+#[tokio::test]
+async fn a_refused_task_does_not_count_on_a_stream() {
+    let net = mitm();
+    let bad = net.create(APP1, &[APP2], json!("altered on the way"), "60s").await;
+    relay(&net).rewrite_answers(move |what, v| {
+        if what.contains("stream=1") && v["new_task"]["task"]["id"] == json!(bad) {
+            v["new_task"]["task"]["metadata"] = json!("altered");
+        }
+    });
+    let open =
+        |q: &str| net.get(APP2, &format!("/v1/tasks?filter=todo{q}")).header("accept", "text/event-stream").send();
+    let mut sse = Sse::new(open("&wait_count=1").await.unwrap());
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), sse.next_event(SECS(10))).await.is_err(),
+        "nothing for the app yet, and no end"
+    );
+    let good = net.create(APP1, &[APP2], json!("fine"), "60s").await;
+    let ev = sse.next_event(SECS(10)).await.unwrap();
+    assert_eq!((ev.event.as_str(), ev.json()["id"].clone()), ("new_task", json!(good)));
+    assert_eq!(sse.next_event(SECS(10)).await, None, "the count is met: the stream ends, without an error");
+
+    for q in ["&wait_count=0", "&wait_count=0&last_event_id=999999999"] {
+        let mut sse = Sse::new(open(q).await.unwrap());
+        assert_eq!(sse.next_event(SECS(10)).await, None, "{q}");
+    }
+}

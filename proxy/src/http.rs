@@ -172,12 +172,19 @@ async fn open_events(
 ) -> Result<HttpResponse, ApiError> {
     q.last_event_id = Some(body::last_event_id(req, &q)?);
     q.stream = Some(1);
+    let wait_count = q.wait_count;
+    if task_id.is_none() && wait_count.is_some_and(|n| n > 0) {
+        // A new_task stream ends after the tasks this proxy hands out; the broker would count
+        // the ones refused here too and end first (the app would see a broken stream, and get
+        // the refused task again on reconnecting). So the broker is asked for all of them.
+        q.wait_count = None;
+    }
     let url = format!("{path}?{}", query_string(&q));
     let res = state.upstream.send(Method::GET, &url, caller, Bytes::new(), None).await?;
     if !res.status().is_success() {
         return Err(relayed(res).await);
     }
-    Ok(relay_events(state.clone(), caller.clone(), task_id, res, q.wait_count, direct))
+    Ok(relay_events(state.clone(), caller.clone(), task_id, res, wait_count, direct))
 }
 
 /// 200 when this proxy's certificate is valid and unrevoked and its control connection to the
@@ -496,6 +503,9 @@ fn relay_events(
             if end {
                 return;
             }
+        }
+        if wait_count == Some(0) {
+            return; // asked for nothing more than what was there: the broker's end is the end
         }
         let lost = sse::Data::new_json(LOST).expect("strings serialize");
         let _ = tx.send(sse::Event::Data(lost.event("error"))).await;
