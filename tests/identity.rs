@@ -24,6 +24,36 @@ async fn broker_refuses_requests_without_a_session() {
 
 /// Paths and methods the broker does not serve are 404 "no such endpoint" before any
 /// authentication, inside the task routes' scope as outside it.
+/// An upload without a live session is refused from its headers: the broker does not wait
+/// for (or read, hash and parse) a body of up to 16 MiB from anyone.
+#[tokio::test]
+async fn broker_refuses_an_unauthenticated_upload_before_its_body() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let net = Net::start();
+    let authority = net.broker.trim_start_matches("http://").to_owned();
+    let ts = unix_millis();
+    for (method, path) in
+        [("POST", "/v1/tasks".to_owned()), ("PUT", format!("/v1/tasks/{}/results/{APP2}", uuid::Uuid::new_v4()))]
+    {
+        let mut tcp = tokio::net::TcpStream::connect(&authority).await.unwrap();
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nhost: {authority}\r\ncontent-type: application/json\r\n\
+             content-length: 10000000\r\n{}: {APP1}\r\n{}: made-up\r\n{}: 1\r\n{}: {ts}\r\n{}: AAAA\r\n\r\n",
+            bw::APP_HEADER,
+            bw::SESSION_HEADER,
+            bw::SEQ_HEADER,
+            bw::TS_HEADER,
+            bw::MAC_HEADER,
+        );
+        tcp.write_all(head.as_bytes()).await.unwrap();
+        // Only the head is sent: the answer must come without the body.
+        let mut answer = vec![0; 512];
+        let n = tokio::time::timeout(SECS(5), tcp.read(&mut answer)).await.expect("answered before the body").unwrap();
+        let answer = String::from_utf8_lossy(&answer[..n]);
+        assert!(answer.starts_with("HTTP/1.1 401"), "{method} {path}: {answer}");
+    }
+}
+
 #[tokio::test]
 async fn broker_answers_unknown_endpoints_404() {
     let net = Net::start();

@@ -379,6 +379,24 @@ impl SessionStore {
         Ok(session.proxy.clone())
     }
 
+    /// What can be checked of a request before its body is read: a live session, a timestamp
+    /// within the window, and a sequence number the window would still accept. A request that
+    /// fails here is refused without reading (or hashing and parsing) what may be megabytes
+    /// from anyone. [`verify`](Self::verify) checks it all again, with the MAC, afterwards.
+    pub fn precheck(&self, session: &str, seq: u64, ts: u64) -> Result<(), AuthError> {
+        let session = self.sessions.get(session).map(|s| s.clone()).ok_or(AuthError::UnknownSession)?;
+        if Instant::now() >= session.expires_at {
+            return Err(AuthError::UnknownSession);
+        }
+        if unix_millis().abs_diff(ts) > TS_WINDOW_MS {
+            return Err(AuthError::Clock);
+        }
+        if !session.window.lock().would_accept(seq) {
+            return Err(AuthError::Replay);
+        }
+        Ok(())
+    }
+
     /// Ends every session opened with a certificate `crl` revokes; returns their proxies.
     pub fn drop_revoked(&self, crl: &super::cert::Crl) -> Vec<ProxyId> {
         let mut ended = Vec::new();
@@ -420,6 +438,15 @@ impl ReplayWindow {
     fn bit(seq: u64) -> (usize, u64) {
         let i = seq % REPLAY_WINDOW;
         ((i / 64) as usize, 1 << (i % 64))
+    }
+
+    /// Whether [`accept`](Self::accept) would take `seq` now (it records nothing).
+    fn would_accept(&self, seq: u64) -> bool {
+        if seq == 0 || seq + REPLAY_WINDOW <= self.top {
+            return false;
+        }
+        let (w, b) = Self::bit(seq);
+        seq > self.top || self.seen[w] & b == 0
     }
 
     fn accept(&mut self, seq: u64) -> bool {
@@ -573,17 +600,26 @@ mod tests {
     #[test]
     fn replay_window() {
         let mut w = ReplayWindow::default();
-        assert!(w.accept(1));
-        assert!(!w.accept(1));
-        assert!(w.accept(3));
-        assert!(w.accept(2));
-        assert!(!w.accept(2));
-        assert!(w.accept(10_000));
-        assert!(!w.accept(3), "far behind the window");
-        assert!(w.accept(9_999));
-        assert!(!w.accept(9_999));
-        assert!(w.accept(10_000 + REPLAY_WINDOW + 5));
-        assert!(!w.accept(10_000));
-        assert!(!w.accept(0));
+        // `would_accept` (checked before a body is read) always agrees with `accept`.
+        let mut accept = |seq: u64| {
+            let would = w.would_accept(seq);
+            assert_eq!(would, w.accept(seq), "seq {seq}");
+            would
+        };
+        assert!(accept(1));
+        assert!(!accept(1));
+        assert!(accept(3));
+        assert!(accept(2));
+        assert!(!accept(2));
+        let top = 10 * REPLAY_WINDOW;
+        assert!(accept(top));
+        assert!(!accept(3), "far behind the window");
+        assert!(accept(top - 1));
+        assert!(!accept(top - 1));
+        assert!(accept(top - REPLAY_WINDOW + 1), "the oldest number the window still holds");
+        assert!(!accept(top - REPLAY_WINDOW), "just behind it");
+        assert!(accept(top + REPLAY_WINDOW + 5));
+        assert!(!accept(top));
+        assert!(!accept(0));
     }
 }

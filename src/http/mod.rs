@@ -130,6 +130,18 @@ fn verify_request(
     Ok(verified)
 }
 
+/// Refuses, before its body is read, a request whose session, timestamp or sequence number
+/// can't pass [`verify_request`] (see `SessionStore::precheck`).
+fn precheck(state: &BrokerState, req: &HttpRequest) -> Result<(), ApiError> {
+    (|| {
+        let h = |name: &'static str| header_text(req, name).ok_or(AuthError::Header(name));
+        let seq = h(bw::SEQ_HEADER)?.parse().map_err(|_| AuthError::Header(bw::SEQ_HEADER))?;
+        let ts = h(bw::TS_HEADER)?.parse().map_err(|_| AuthError::Header(bw::TS_HEADER))?;
+        state.sessions.precheck(h(bw::SESSION_HEADER)?, seq, ts)
+    })()
+    .map_err(|e| refused(state, e))
+}
+
 fn header_text<'r>(req: &'r HttpRequest, name: &str) -> Option<&'r str> {
     req.headers().get(name).and_then(|v| v.to_str().ok())
 }
@@ -218,6 +230,7 @@ fn check_recipients(state: &BrokerState, to: &[AppId]) -> Result<(), ApiError> {
 }
 
 async fn create_task(state: State, req: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+    precheck(&state, &req)?;
     let body = body::read_limited(&req, payload, state.max_body).await?;
     let (digest, task) = body::digest_beside(&body, body::parse_json::<WireTask>).await;
     let caller = authenticate(&state, &req, &digest)?;
@@ -276,6 +289,7 @@ async fn put_result(
     path: web::Path<(String, String)>,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
+    precheck(&state, &req)?;
     let body = body::read_limited(&req, payload, state.max_body).await?;
     let (digest, result) = body::digest_beside(&body, body::parse_json::<WireResult>).await;
     let caller = authenticate(&state, &req, &digest)?;
