@@ -284,13 +284,25 @@ pub struct SessionStore {
     lifetime: Duration,
     sessions: DashMap<String, std::sync::Arc<ServerSession>>,
     by_proxy: DashMap<ProxyId, Vec<String>>,
+    /// The hellos accepted within the timestamp window, by proxy and nonce, with their
+    /// timestamps: a captured hello replayed within the window would otherwise open a session
+    /// (useless without the proxy's ephemeral secret) that evicts one of the proxy's own.
+    hellos: DashMap<(ProxyId, String), u64>,
 }
 
 const MAX_SESSIONS_PER_PROXY: usize = 16;
 
 impl SessionStore {
     pub fn new(identity: Identity, root: RootCert, broker_id: String, lifetime: Duration) -> Self {
-        Self { identity, root, broker_id, lifetime, sessions: DashMap::new(), by_proxy: DashMap::new() }
+        Self {
+            identity,
+            root,
+            broker_id,
+            lifetime,
+            sessions: DashMap::new(),
+            by_proxy: DashMap::new(),
+            hellos: DashMap::new(),
+        }
     }
 
     pub fn root(&self) -> &RootCert {
@@ -317,6 +329,14 @@ impl SessionStore {
         let hello_t = hello_transcript(&self.broker_id, hello, proxy.as_str());
         verify_sig(&cert.public_key, &hello_t, &hello.sig)?;
         let peer = decode_point(&hello.eph_pub)?;
+        match self.hellos.entry((proxy.clone(), hello.nonce.clone())) {
+            dashmap::Entry::Occupied(_) => {
+                return Err(CryptoError::Session("this hello was used before: a replay".into()));
+            }
+            dashmap::Entry::Vacant(seen) => {
+                seen.insert(hello.ts);
+            }
+        }
 
         let cert_left = Duration::from_millis(((cert.not_after_unix.max(0) as u64) * 1000).saturating_sub(now_ms));
         let lifetime = self.lifetime.min(cert_left).max(Duration::from_secs(1));
@@ -410,8 +430,10 @@ impl SessionStore {
         ended
     }
 
-    /// Drops expired sessions; called periodically.
+    /// Drops expired sessions, and hellos too old to be accepted again; called periodically.
     pub fn sweep(&self) {
+        let now_ms = unix_millis();
+        self.hellos.retain(|_, ts| ts.saturating_add(TS_WINDOW_MS) >= now_ms);
         let now = Instant::now();
         self.sessions.retain(|_, s| s.expires_at > now);
         self.by_proxy.retain(|_, ids| {
@@ -590,6 +612,15 @@ mod tests {
         hello.eph_pub = "!!".into();
         hello.sig = "AAAA".into();
         assert!(store.accept(&hello, |_| false).is_err());
+        // A captured hello, replayed: refused, and the proxy's session stays.
+        let pending = client_hello(&proxy, "broker");
+        let (accept, _) = store.accept(&pending.hello, |_| false).unwrap();
+        for _ in 0..=MAX_SESSIONS_PER_PROXY {
+            assert!(matches!(store.accept(&pending.hello, |_| false), Err(CryptoError::Session(_))));
+        }
+        assert!(store.sessions.contains_key(&accept.session));
+        store.sweep();
+        assert_eq!(store.hellos.len(), 1, "kept while it could still be accepted");
         // A broker answer signed by someone else is refused by the proxy.
         let pending = client_hello(&proxy, "broker");
         let (mut accept, _) = store.accept(&pending.hello, |_| false).unwrap();
