@@ -399,3 +399,60 @@ async fn a_refused_task_does_not_count_on_a_stream() {
         assert_eq!(sse.next_event(SECS(10)).await, None, "{q}");
     }
 }
+
+/// A result the creator's proxy refuses does not count towards `wait_count`, on a long-poll
+/// (which would otherwise end at once, again and again) or on a stream (which would end
+/// without the answer the app waits for).
+#[tokio::test]
+async fn a_refused_result_does_not_count_towards_wait_count() {
+    let net = mitm();
+    let id = net.create(APP1, &[APP2, APP3], json!("t"), "60s").await;
+    relay(&net).rewrite_answers(|what, v| {
+        if !what.contains("/results") {
+            return;
+        }
+        let alter = |r: &mut Value| {
+            if r["from"] == APP2 {
+                r["metadata"] = json!("altered");
+            }
+        };
+        if let Some(results) = v.as_array_mut() {
+            results.iter_mut().for_each(alter);
+        } else if v.get("new_result").is_some() {
+            alter(&mut v["new_result"]["result"]);
+        }
+    });
+    assert_eq!(net.answer(APP2, &id, APP1, "succeeded", json!("altered on the way")).await, 201);
+
+    let started = std::time::Instant::now();
+    let res = net.get(APP1, &format!("/v1/tasks/{id}/results?wait_count=1&wait_time=1500ms")).send().await.unwrap();
+    assert_eq!(res.status(), 206);
+    assert!(started.elapsed() >= Duration::from_millis(1400), "ended after {:?}", started.elapsed());
+    assert_eq!(json_of(res).await, json!([]));
+    // Waiters beside the first share one broker stream (the proxy's hub): the same for them.
+    let waits: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(net.get(APP1, &format!("/v1/tasks/{id}/results?wait_count=1&wait_time=1500ms")).send()))
+        .collect();
+    for w in waits {
+        let res = w.await.unwrap().unwrap();
+        assert_eq!(res.status(), 206);
+        assert_eq!(json_of(res).await, json!([]));
+    }
+
+    let res = net
+        .get(APP1, &format!("/v1/tasks/{id}/results?wait_count=1"))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    let mut sse = Sse::new(res);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), sse.next_event(SECS(10))).await.is_err(),
+        "nothing for the app yet, and no end"
+    );
+    assert_eq!(net.answer(APP3, &id, APP1, "succeeded", json!("fine")).await, 201);
+    let ev = sse.next_event(SECS(10)).await.unwrap();
+    assert_eq!((ev.event.as_str(), ev.json()["from"].clone()), ("new_result", json!(APP3)));
+    assert_eq!(sse.next_event(SECS(10)).await, None, "the count is met: the stream ends");
+    assert!(refused(&net, &net.proxy1, "forged").await >= 2);
+}

@@ -173,10 +173,11 @@ async fn open_events(
     q.last_event_id = Some(body::last_event_id(req, &q)?);
     q.stream = Some(1);
     let wait_count = q.wait_count;
-    if task_id.is_none() && wait_count.is_some_and(|n| n > 0) {
-        // A new_task stream ends after the tasks this proxy hands out; the broker would count
-        // the ones refused here too and end first (the app would see a broken stream, and get
-        // the refused task again on reconnecting). So the broker is asked for all of them.
+    if wait_count.is_some_and(|n| n > 0) {
+        // The stream ends after the tasks or answers this proxy hands out; the broker would
+        // count the ones refused here too and end first (for tasks, the app would see a broken
+        // stream and get the refused task again on reconnecting). So the broker is asked for
+        // all of them.
         q.wait_count = None;
     }
     let url = format!("{path}?{}", query_string(&q));
@@ -251,30 +252,56 @@ async fn list_tasks(state: State, req: HttpRequest) -> Result<HttpResponse, ApiE
         }
         return open_events(&state, &req, &caller, None, "/v1/tasks", q, None).await;
     }
-    let Some(want) = q.wait_count else {
-        let res = long_poll(&state, &caller, "/v1/tasks", q).await?;
-        let tasks = open_tasks(&state, &caller, read_json(&res)?).await;
-        return Ok(json_answer(status_of(&res), &tasks));
-    };
-    // Tasks this proxy refuses stay on the broker's list, so they would meet the broker's count
-    // again and again, and the worker would poll in a tight loop. The wait goes on for as many
-    // more tasks as were refused, until enough open or its time is up.
-    let until = tokio::time::Instant::now()
-        + body::parse_wait(&q, state.config.max_wait)?.time.unwrap_or(state.config.max_wait);
-    let mut ask = q;
-    loop {
-        let res = long_poll(&state, &caller, "/v1/tasks", ask.clone()).await?;
+    let (state, caller) = (&state, &caller);
+    poll_and_open(state, caller, "/v1/tasks", q, |res| async move {
         let listed: Vec<WireTask> = read_json(&res)?;
         let n_listed = listed.len();
-        let tasks = open_tasks(&state, &caller, listed).await;
-        let refused = n_listed - tasks.len();
+        let tasks = open_tasks(state, caller, listed).await;
+        Ok(Opened { counted: tasks.len(), refused: n_listed - tasks.len(), items: tasks })
+    })
+    .await
+}
+
+/// What a broker answer came to for the app: the items it gets, how many of them count
+/// towards `wait_count`, and how many that the broker counted this proxy refused.
+struct Opened<T> {
+    items: Vec<T>,
+    counted: usize,
+    refused: usize,
+}
+
+/// A long-poll whose items are opened for the app. Items this proxy refuses stay with the
+/// broker, so they would meet the broker's count again and again, and the app would poll in a
+/// tight loop: the wait goes on for as many more as were refused, until enough open or its
+/// time is up. 200 or 206 follows from the items the app gets.
+async fn poll_and_open<T, Fut>(
+    state: &ProxyState,
+    caller: &AppId,
+    path: &str,
+    q: ReadQuery,
+    open: impl Fn(Whole) -> Fut,
+) -> Result<HttpResponse, ApiError>
+where
+    T: serde::Serialize + photon::wire::BodySize,
+    Fut: std::future::Future<Output = Result<Opened<T>, ApiError>>,
+{
+    let Some(want) = q.wait_count else {
+        let res = long_poll(state, caller, path, q).await?;
+        let status = status_of(&res);
+        return Ok(json_answer(status, &open(res).await?.items));
+    };
+    let wait = body::parse_wait(&q, state.config.max_wait)?;
+    let until = tokio::time::Instant::now() + wait.time.unwrap_or(state.config.max_wait);
+    let mut ask = q;
+    loop {
+        let batch = open(long_poll(state, caller, path, ask.clone()).await?).await?;
         let left = until.saturating_duration_since(tokio::time::Instant::now());
-        if tasks.len() >= want || refused == 0 || left.is_zero() || state.shutdown.is_started() {
+        if batch.counted >= want || batch.refused == 0 || left.is_zero() || state.shutdown.is_started() {
             use actix_web::http::StatusCode as Status;
-            let status = if tasks.len() >= want { Status::OK } else { Status::PARTIAL_CONTENT };
-            return Ok(json_answer(status, &tasks));
+            let status = if batch.counted >= want { Status::OK } else { Status::PARTIAL_CONTENT };
+            return Ok(json_answer(status, &batch.items));
         }
-        ask.wait_count = Some(want + refused);
+        ask.wait_count = Some(want + batch.refused);
         ask.wait_time = Some(format!("{}ms", left.as_millis()));
     }
 }
@@ -364,11 +391,17 @@ async fn get_results(state: State, req: HttpRequest, path: web::Path<String>) ->
     if events {
         return open_events(&state, &req, &caller, Some(id), &path, q, direct).await;
     }
-    let res = long_poll(&state, &caller, &path, q).await?;
+    let (st, who) = (&state, &caller);
+    let answer = poll_and_open(st, who, &path, q, |res| async move {
+        let listed: Vec<WireResult> = read_json(&res)?;
+        let n_counting = listed.iter().filter(|r| r.status.is_answer()).count();
+        let results = open_results(st, who, id, listed).await;
+        let counted = results.iter().filter(|r| r.status.is_answer()).count();
+        Ok(Opened { counted, refused: n_counting - counted, items: results })
+    })
+    .await;
     drop(direct);
-    let status = status_of(&res);
-    let results: Vec<WireResult> = read_json(&res)?;
-    Ok(json_answer(status, &open_results(&state, &caller, id, results).await))
+    answer
 }
 
 // === event streams ===
@@ -381,6 +414,9 @@ struct StreamPos {
     task_id: Option<Uuid>,
     wait_count: Option<usize>,
     n_tasks: usize,
+    /// Per worker, whether its latest result was refused here although the broker counts it
+    /// towards `wait_count` (an answer, not `claimed`).
+    refused: std::collections::HashMap<AppId, bool>,
 }
 
 /// What one broker stream line becomes for the app, and whether the stream ends with it. A
@@ -392,14 +428,18 @@ async fn to_sse(ev: StreamEvent, pos: &mut StreamPos) -> (Option<sse::Event>, bo
         sse::Data::new_json(json).expect("wire values serialize").event(name.to_owned())
     }
     match ev {
+        // The broker's count covers every current result, also those before a resume point,
+        // and also those refused here: the ones refused on this stream come off it.
         StreamEvent::NewResult { seq, n_answers, result } => {
             let Some(task_id) = pos.task_id else {
                 return (None, false);
             };
-            match open_result(&pos.state, &pos.caller, task_id, result).await {
-                Ok(r) => (Some(sse::Event::Data(data("new_result", &r).id(seq.to_string()))), reached(n_answers)),
-                Err(_) => (None, reached(n_answers)),
-            }
+            let (from, counts) = (result.from.clone(), result.status.is_answer());
+            let opened = open_result(&pos.state, &pos.caller, task_id, result).await;
+            pos.refused.insert(from, opened.is_err() && counts);
+            let n = n_answers.saturating_sub(pos.refused.values().filter(|r| **r).count());
+            let event = opened.ok().map(|r| sse::Event::Data(data("new_result", &r).id(seq.to_string())));
+            (event, reached(n))
         }
         StreamEvent::NewTask { seq, task } => match open_task(&pos.state, &pos.caller, task).await {
             Ok(t) => {
@@ -481,7 +521,7 @@ fn relay_events(
     actix_web::rt::spawn(async move {
         let (_open, _direct) = (open, direct);
         let mut lines = Lines::new(res);
-        let mut stream = StreamPos { state, caller, task_id, wait_count, n_tasks: 0 };
+        let mut stream = StreamPos { state, caller, task_id, wait_count, n_tasks: 0, refused: Default::default() };
         loop {
             let ev = tokio::select! {
                 ev = lines.next_event() => match ev {

@@ -205,7 +205,7 @@ impl HubState {
         let mut n = 0;
         let mut out = Vec::new();
         for item in items {
-            n += usize::from(item.answers);
+            n += usize::from(item.counts());
             if item.seq > last_seq {
                 out.push((item, n));
             }
@@ -231,6 +231,13 @@ impl HubState {
         let listing = out.freeze();
         self.listing = Some(listing.clone());
         listing
+    }
+}
+
+impl Item {
+    /// Counts towards `wait_count`: an answer (not `claimed`) that opened.
+    fn counts(&self) -> bool {
+        self.answers && self.opened.is_some()
     }
 }
 
@@ -360,7 +367,9 @@ async fn read_stream(state: &ProxyState, key: &Key, hub: &Hub, res: reqwest::Res
     let mut lines = crate::http::Lines::new(res);
     while let Some(ev) = lines.next_event().await {
         let event = match ev {
-            StreamEvent::NewResult { seq, n_answers, result } => {
+            // The broker's answer count includes results this proxy refuses; the hub counts
+            // the ones its readers get.
+            StreamEvent::NewResult { seq, n_answers: _, result } => {
                 let (answers, from) = (result.status.is_answer(), result.from.clone());
                 let opened = crate::http::open_result(state, &key.0, key.1, result).await.ok().map(|r| {
                     let json = photon::wire::to_json(&r);
@@ -372,6 +381,7 @@ async fn read_stream(state: &ProxyState, key: &Key, hub: &Hub, res: reqwest::Res
                 let item = Arc::new(Item { seq, from, answers, opened });
                 let mut hub_state = hub.state.lock();
                 hub_state.latest.insert(item.from.clone(), item.clone());
+                let n_answers = hub_state.latest.values().filter(|i| i.counts()).count();
                 hub_state.n_answers = n_answers;
                 hub_state.listing = None;
                 let _ = hub.tx.send(Event::Result { item, n_answers });
