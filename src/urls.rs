@@ -2,7 +2,7 @@
 //! broker, the loadtest's apps): the base is parsed once, and each request's URL is a copy with
 //! its path and query set, so the scheme and host (IDNA included) are not parsed again.
 
-pub use url::Url;
+pub use url::{Host, Url};
 
 /// The URL of `path_and_query` (which starts with `/`) after `base`'s own path: the same URL as
 /// parsing `{base}{path_and_query}`, except that a `#` is kept (encoded) rather than taken for

@@ -230,6 +230,9 @@ impl RunArgs {
                         .collect(),
                 };
                 target.check(self.allow_remote)?;
+                if let Some(broker) = &self.broker_url {
+                    crate::target::check_url("broker", broker, self.allow_remote)?;
+                }
                 Network::Given { target, broker_url: self.broker_url.as_deref().map(trim), pids: self.pids.clone() }
             }
             _ => return Err("give both --creator-url and --worker-url, or neither to start a local network".into()),

@@ -113,6 +113,11 @@ async fn execute(out: Option<PathBuf>, quiet: bool, run: Run) -> anyhow::Result<
         .tcp_nodelay(true)
         // A failed request is counted as failed, not quietly sent again.
         .retry(reqwest::retry::never().max_retries_per_request(0))
+        // Nor sent elsewhere: a redirect could lead off the machine the target check allowed.
+        .redirect(reqwest::redirect::Policy::none())
+        // A stalled target fails requests instead of holding the run for ever.
+        .connect_timeout(Duration::from_secs(10))
+        .read_timeout(photon_loadtest::client::READ_LIMIT)
         .build()
         .context("HTTP client")?;
     let max_idle = run.plan.clients.max(16);

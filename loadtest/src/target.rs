@@ -2,7 +2,7 @@
 //! Only loopback targets are allowed unless the user says otherwise (`--allow-remote`): a load
 //! test aimed at someone's production by a typo is a denial of service.
 
-use std::net::IpAddr;
+use photon::urls::{Host, Url};
 
 /// One app at its proxy.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,32 +39,30 @@ impl Target {
 
     /// Refuses URLs that are not `http(s)://` or (without `allow_remote`) not loopback.
     pub fn check(&self, allow_remote: bool) -> Result<(), String> {
-        for (role, e) in std::iter::once(("creator", &self.creator)).chain(self.workers.iter().map(|w| ("worker", w))) {
-            let host = host_of(&e.url).ok_or_else(|| format!("{role} URL {:?} is not an http(s) URL", e.url))?;
-            if !allow_remote && !is_loopback(&host) {
-                return Err(format!(
-                    "{role} URL {} is not on this machine; pass --allow-remote to load a remote network",
-                    e.url
-                ));
-            }
-        }
-        Ok(())
+        std::iter::once(("creator", &self.creator))
+            .chain(self.workers.iter().map(|w| ("worker", w)))
+            .try_for_each(|(role, e)| check_url(role, &e.url, allow_remote))
     }
 }
 
-fn host_of(url: &str) -> Option<String> {
-    let rest = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://"))?;
-    let authority = rest.split(['/', '?', '#']).next()?;
-    let authority = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    let host = match authority.strip_prefix('[') {
-        Some(v6) => v6.split(']').next()?,
-        None => authority.split(':').next()?,
+/// Refuses `url` (the `role` URL) if it is not `http(s)://` or, without `allow_remote`, not on
+/// this machine. The host is the one the requests will go to: `url` is parsed as the HTTP
+/// clients parse it (WHATWG rules, where `http://a.example\@127.0.0.1` is `a.example`).
+pub fn check_url(role: &str, url: &str, allow_remote: bool) -> Result<(), String> {
+    let not_http = || format!("{role} URL {url:?} is not an http(s) URL");
+    let parsed = Url::parse(url).map_err(|_| not_http())?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(not_http());
+    }
+    let local = match parsed.host().ok_or_else(not_http)? {
+        Host::Domain(name) => name == "localhost",
+        Host::Ipv4(ip) => ip.is_loopback(),
+        Host::Ipv6(ip) => ip.is_loopback(),
     };
-    (!host.is_empty()).then(|| host.to_ascii_lowercase())
-}
-
-fn is_loopback(host: &str) -> bool {
-    host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    if !allow_remote && !local {
+        return Err(format!("{role} URL {url} is not on this machine; pass --allow-remote to load a remote network"));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -90,5 +88,13 @@ mod tests {
         }
         assert!(at("ftp://127.0.0.1").check(true).unwrap_err().contains("not an http"));
         assert!(at("http://").check(true).is_err());
+        // The host the requests would go to, as the HTTP clients parse the URL.
+        for remote in
+            [r"http://prod.example.org\@127.0.0.1:8081", "http://localhost.example.org", "http://127.0.0.1.nip.io"]
+        {
+            assert!(at(remote).check(false).is_err(), "{remote}");
+        }
+        assert!(check_url("broker", "http://LOCALHOST:8080", false).is_ok());
+        assert!(check_url("broker", "http://192.168.1.1:8080", false).unwrap_err().contains("broker URL"));
     }
 }
