@@ -30,6 +30,13 @@ use crate::target::Endpoint;
 /// Why an operation failed, as counted.
 pub type Failure = String;
 
+/// The longest a plain request may take, its answer included: well over the longest wait a
+/// scenario asks for (30 s). Event streams are bounded by [`READ_LIMIT`] between reads.
+pub const CALL_LIMIT: Duration = Duration::from_secs(90);
+/// The longest silence on a connection of the reqwest client (event streams get a keep-alive
+/// every 15 s, so only a stalled target comes near it).
+pub const READ_LIMIT: Duration = Duration::from_secs(90);
+
 fn failure(e: reqwest::Error) -> Failure {
     if e.is_timeout() {
         "timeout".into()
@@ -97,7 +104,21 @@ impl App {
     }
 
     /// A plain request (`body` as JSON when given) whose status must be one of `ok`; its body.
+    /// At most [`CALL_LIMIT`]: a target that takes a request and never answers fails it
+    /// (`timeout`) rather than holding the run past its duration.
     async fn call(&self, method: Method, path: &str, body: Option<Bytes>, ok: &[u16]) -> Result<Bytes, Failure> {
+        tokio::time::timeout(CALL_LIMIT, self.call_unbounded(method, path, body, ok))
+            .await
+            .unwrap_or_else(|_| Err("timeout".into()))
+    }
+
+    async fn call_unbounded(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Bytes>,
+        ok: &[u16],
+    ) -> Result<Bytes, Failure> {
         let Some(pool) = &self.lean else {
             let mut req = self.request(method, path);
             if let Some(body) = body {

@@ -133,7 +133,12 @@ const LONG_POLL: Duration = Duration::from_secs(30);
 
 /// Runs one operation, at most [`LONG_POLL`], and records its latency or why it failed.
 async fn timed(rec: &Recorder, op: impl std::future::Future<Output = Result<(), Failure>>) {
-    let started = Instant::now();
+    timed_since(rec, Instant::now(), op).await;
+}
+
+/// [`timed`], with the latency counted from `started` (when the operation was due, for an
+/// open-loop scenario: time spent waiting to start is part of what a user sees).
+async fn timed_since(rec: &Recorder, started: Instant, op: impl std::future::Future<Output = Result<(), Failure>>) {
     match tokio::time::timeout(LONG_POLL, op).await {
         Ok(Ok(())) => rec.ok(started.elapsed()),
         Ok(Err(e)) => rec.error(e),
@@ -224,7 +229,9 @@ pub async fn soak(ctx: &Ctx) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut trips = tokio::task::JoinSet::new();
     loop {
-        tick.tick().await;
+        // When this round trip is due: a late tick (a busy machine, or catching up in a burst)
+        // and the wait for the spawned task to run count in its latency.
+        let due = tick.tick().await.into_std();
         if !budget.take() {
             break;
         }
@@ -234,7 +241,7 @@ pub async fn soak(ctx: &Ctx) {
         };
         let (trip, rec) = (trip.clone(), rec.clone());
         trips.spawn(async move {
-            timed(&rec, trip.run()).await;
+            timed_since(&rec, due, trip.run()).await;
             drop(permit);
         });
         while trips.try_join_next().is_some() {}
@@ -305,10 +312,10 @@ async fn work(worker: Arc<App>, plan: Plan, mut stop: tokio::sync::watch::Receiv
                             serde_json::from_str(&e.data).map(|t| vec![t]).map_err(|_| "malformed".to_string())
                         }
                         Some(_) => Ok(vec![]),
-                        None => {
-                            stream = None;
-                            Ok(vec![])
-                        }
+                        // The stream is held open without a count: its end is trouble (or a
+                        // proxy without new_task streams, such as Beam's), counted and paused
+                        // on below rather than reopened at full speed.
+                        None => Err("task_stream_ended".to_string()),
                     }
                 }
             }
@@ -357,8 +364,13 @@ pub async fn sse(ctx: &Ctx) {
     let clock = Instant::now();
     let opening = Arc::new(Semaphore::new(OPENING));
     let (open_tx, mut open_rx) = tokio::sync::mpsc::channel::<bool>(plan.clients);
-    let (done_tx, done) = tokio::sync::watch::channel(false);
+    // Once the updaters are done: how many updates were sent (a run cut short by its duration,
+    // or a failed PUT, sends fewer than planned).
+    let (done_tx, done) = tokio::sync::watch::channel(None::<usize>);
     let delivered = Arc::new(AtomicU64::new(0));
+    // When the latest event was delivered (µs since `clock`): the work ends there, not after
+    // the streams' final check that nothing more comes.
+    let last_delivery = Arc::new(AtomicU64::new(0));
     // Open for the whole run and then some; the stream ends at this wait_time.
     let wait = format!("wait_time={}s", (plan.duration + Duration::from_secs(60)).as_secs());
     let (duplicates, reconnects) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
@@ -368,6 +380,7 @@ pub async fn sse(ctx: &Ctx) {
                 (ctx.creator.clone(), rec.clone(), sent_at.clone(), opening.clone(), open_tx.clone());
             let (mut done, delivered, duplicates, reconnects, wait) =
                 (done.clone(), delivered.clone(), duplicates.clone(), reconnects.clone(), wait.clone());
+            let last_delivery = last_delivery.clone();
             tokio::spawn(async move {
                 let permit = opening.acquire().await;
                 let mut events = match creator.result_stream(task, None, &wait).await {
@@ -382,14 +395,19 @@ pub async fn sse(ctx: &Ctx) {
                 let _ = open_tx.send(true).await;
                 let mut seen = vec![false; sent_at.len()];
                 let (mut last_id, mut n_seen) = (None, 0);
-                while n_seen < seen.len() {
+                while n_seen < done.borrow().unwrap_or(seen.len()) {
                     let next = tokio::select! {
                         next = events.next() => next,
                         // Once the updates are all sent, a stream that falls silent has lost some.
-                        _ = async { drop(done.wait_for(|d| *d).await) } => match tokio::time::timeout(Duration::from_secs(10), events.next()).await {
-                            Ok(next) => next,
-                            Err(_) => break,
-                        },
+                        _ = async { drop(done.wait_for(Option::is_some).await) } => {
+                            if n_seen >= done.borrow().unwrap_or(seen.len()) {
+                                break;
+                            }
+                            match tokio::time::timeout(Duration::from_secs(10), events.next()).await {
+                                Ok(next) => next,
+                                Err(_) => break,
+                            }
+                        }
                     };
                     match next {
                         Ok(Some(event)) if event.event == "new_result" => {
@@ -407,6 +425,7 @@ pub async fn sse(ctx: &Ctx) {
                             }
                             n_seen += 1;
                             delivered.fetch_add(1, Ordering::Relaxed);
+                            last_delivery.fetch_max(clock.elapsed().as_micros() as u64, Ordering::Relaxed);
                             let sent = Duration::from_micros(sent_at[n as usize].load(Ordering::Relaxed));
                             rec.ok((got - clock).saturating_sub(sent));
                         }
@@ -461,6 +480,8 @@ pub async fn sse(ctx: &Ctx) {
                     sent.store(clock.elapsed().as_micros() as u64, Ordering::Relaxed);
                     if let Err(e) = worker.put_result(task, &creator, &plan.numbered_body(n)).await {
                         rec.error(format!("update_{e}"));
+                        // Not sent: no stream can get it, and none has lost it.
+                        sent.store(0, Ordering::Relaxed);
                     }
                 }
             })
@@ -469,11 +490,15 @@ pub async fn sse(ctx: &Ctx) {
     for u in updaters {
         let _ = u.await;
     }
-    let _ = done_tx.send(true);
+    let sent = sent_at.iter().filter(|s| s.load(Ordering::Relaxed) > 0).count() as u64;
+    let _ = done_tx.send(Some(sent as usize));
     for s in streams {
         let _ = s.await;
     }
-    let sent = sent_at.iter().filter(|s| s.load(Ordering::Relaxed) > 0).count() as u64;
+    let last = last_delivery.load(Ordering::Relaxed);
+    if last > 0 {
+        rec.stop_at(clock + Duration::from_micros(last));
+    }
     let delivered = delivered.load(Ordering::Relaxed);
     rec.figure("streams", opened as u64);
     rec.figure("updates", sent);
@@ -495,8 +520,9 @@ async fn settle(ctx: &Ctx, what: &str, n: usize) {
     let proxy = ctx.creator.endpoint.url.clone();
     let source = match (count(proxy.clone()).await, &ctx.broker_url) {
         (Some(_), _) => proxy,
-        (None, Some(broker)) => broker.clone(),
-        (None, None) => return tokio::time::sleep(Duration::from_millis(1_000 + n as u64)).await,
+        // A broker that counts them (a Beam broker does not: then the pause below).
+        (None, Some(broker)) if count(broker.clone()).await.is_some() => broker.clone(),
+        _ => return tokio::time::sleep(Duration::from_millis(1_000 + n as u64)).await,
     };
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
@@ -575,7 +601,13 @@ async fn wake_round(ctx: &Ctx, rec: &Arc<Recorder>) -> Option<Duration> {
     }
     let answered = std::mem::take(&mut *answered.lock());
     answered.iter().for_each(|at| rec.ok(at.saturating_duration_since(put)));
-    Some(answered.iter().map(|at| at.saturating_duration_since(put)).max().unwrap_or_default())
+    // A round in which not every waiter was woken has no "all woken" time (its failures are
+    // counted); recording the slowest of those who were would flatter it.
+    if answered.len() < plan.clients {
+        rec.error("round_incomplete");
+        return None;
+    }
+    answered.iter().map(|at| at.saturating_duration_since(put)).max()
 }
 
 /// `expiry`: a warm-up batch of tasks (a tenth) expires, and the broker's memory then is the

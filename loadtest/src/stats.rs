@@ -18,6 +18,8 @@ use crate::memory::Memory;
 /// Shared by every client of a run.
 pub struct Recorder {
     started: Mutex<Instant>,
+    /// Where the measured time ends, when not at the summary (see [`Recorder::stop_at`]).
+    stopped: Mutex<Option<Instant>>,
     /// Latencies and successes per whole second since the start, under one lock: `ok` is the
     /// hot path (up to ~50,000 calls a second in `sse`).
     successes: Mutex<(Histogram<u64>, Vec<u64>)>,
@@ -37,6 +39,7 @@ impl Recorder {
     pub fn new() -> Self {
         Self {
             started: Mutex::new(Instant::now()),
+            stopped: Mutex::new(None),
             successes: Mutex::new((Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"), Vec::new())),
             errors: Mutex::default(),
             ok: AtomicU64::new(0),
@@ -92,13 +95,24 @@ impl Recorder {
     }
 
     pub fn elapsed(&self) -> Duration {
-        self.started.lock().elapsed()
+        let started = *self.started.lock();
+        match *self.stopped.lock() {
+            Some(stopped) => stopped.saturating_duration_since(started),
+            None => started.elapsed(),
+        }
     }
 
     /// Starts the clock again, for scenarios with a set-up that is not part of the measurement
     /// (opening streams, registering waiters). Call it before the first operation is recorded.
     pub fn restart(&self) {
         *self.started.lock() = Instant::now();
+        *self.stopped.lock() = None;
+    }
+
+    /// Ends the measured time at `at`, for a scenario whose last part is waiting rather than
+    /// working (making sure nothing more arrives): throughput counts the time the work took.
+    pub fn stop_at(&self, at: Instant) {
+        *self.stopped.lock() = Some(at);
     }
 
     /// The run's summary so far.
