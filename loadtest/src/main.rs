@@ -83,12 +83,23 @@ fn start_network(bin_dir: Option<PathBuf>, extra_apps: &[String]) -> anyhow::Res
         bin_dir.or_else(network::own_bin_dir).context("cannot tell where the binaries are: pass --bin-dir")?;
     let dir = std::env::temp_dir().join(format!("photon-loadtest-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| dir.display().to_string())?;
-    let addrs = network::free_addrs()?;
-    let mut spec = Spec::dev(bin_dir, dir.join("pki"), addrs, extra_apps);
-    spec.logs = Some(dir.clone());
-    spec.env.push(("RUST_LOG".into(), "warn".into()));
-    let net = Network::start(spec, &AtomicBool::new(false)).context("starting the local network")?;
-    Ok(Started { net, dir })
+    let mut attempt = 1;
+    loop {
+        let addrs = network::free_addrs()?;
+        let mut spec = Spec::dev(bin_dir.clone(), dir.join("pki"), addrs, extra_apps);
+        spec.logs = Some(dir.clone());
+        spec.env.push(("RUST_LOG".into(), "warn".into()));
+        match Network::start(spec, &AtomicBool::new(false)) {
+            Ok(net) => return Ok(Started { net, dir }),
+            // Another process can take a free port before the child binds it (the start then
+            // fails at once, naming the process): try other ports.
+            Err(e) if attempt < 3 => {
+                eprintln!("photon-loadtest: {e:#}; starting again on other ports");
+                attempt += 1;
+            }
+            Err(e) => return Err(e.context("starting the local network")),
+        }
+    }
 }
 
 async fn execute(out: Option<PathBuf>, quiet: bool, run: Run) -> anyhow::Result<()> {
