@@ -114,6 +114,10 @@ async fn create_errors() {
         (serde_json::to_string(&json!({"from": "bad id!", "to": [APP2], "ttl": "1m"})).unwrap(), "bad from"),
         (serde_json::to_string(&json!({"from": APP1, "to": ["app2..broker"], "ttl": "1m"})).unwrap(), "bad to"),
         (serde_json::to_string(&json!({"from": APP1, "to": [], "ttl": "1m"})).unwrap(), "no recipients"),
+        (
+            serde_json::to_string(&json!({"from": APP1, "to": ["app2.proxy2.other"], "ttl": "1m"})).unwrap(),
+            "a recipient of another broker",
+        ),
         (status(&id, json!("inf")), "ttl inf"),
         (status(&id, json!("-5s")), "negative ttl"),
         (status(&id, json!("99999d")), "huge ttl"),

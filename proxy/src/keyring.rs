@@ -134,6 +134,11 @@ impl Keyring {
         &self.root
     }
 
+    /// The broker this proxy belongs to: its own id without its first label.
+    pub fn broker_id(&self) -> &str {
+        self.me.as_str().split_once('.').map_or("", |(_, broker)| broker)
+    }
+
     pub fn own(&self) -> Arc<Own> {
         self.own.read().0.clone()
     }
@@ -235,6 +240,14 @@ impl Keyring {
     /// certificate already held, served again, costs no public-key operation: only its validity
     /// and revocation are checked again.
     pub fn install(&self, proxy: &ProxyId, pem: &str) -> Result<Arc<Peer>, PeerError> {
+        // Only a proxy of this broker is a peer. The broker's own certificate comes from the same
+        // root, and a broker id of two labels or more (`broker.example.org`) parses as a ProxyId:
+        // without this, the broker could serve its certificate as that "proxy's" and then seal
+        // messages from, and open results for, a made-up app `x.broker.example.org`.
+        let broker_id = self.broker_id();
+        if proxy.within(broker_id).is_err() {
+            return Err(PeerError::Invalid(proxy.clone(), format!("not a proxy of broker {broker_id}")));
+        }
         if let Some(slot) = self.peers.get(proxy) {
             let held = &slot.current;
             if *held.cert.pem == *pem && held.my_kid == self.own().kid {
@@ -300,5 +313,43 @@ pub struct OpenKey {
 impl OpenKey {
     pub fn key(&self) -> &PairKey {
         self.rederived.as_ref().map_or(&self.sender.from_peer, |p| &p.from_peer)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use photon::crypto::ca;
+
+    use super::*;
+
+    /// With a broker id of several labels, the broker's own certificate (from the same root,
+    /// named by that id) parses as a proxy's; it is refused as a peer all the same, and only
+    /// `<proxy>.<broker id>` certificates are taken.
+    #[test]
+    fn only_proxies_of_this_broker_are_peers() {
+        let broker_id = "broker.example.org";
+        let dir = std::env::temp_dir().join(format!("photon-keyring-{}", uuid::Uuid::new_v4()));
+        ca::init(&dir, broker_id, 30).unwrap();
+        let root = RootCert::load(&dir.join(ca::ROOT_CERT)).unwrap();
+        let now = (unix_millis() / 1000) as i64;
+        let proxy = |name: &str| {
+            let id = ProxyId::from_parts(name, broker_id).unwrap();
+            let (key, csr) = ca::keygen(&id).unwrap();
+            let (_, cert_file) = ca::sign(&dir, broker_id, &csr, 30).unwrap();
+            let pem = std::fs::read_to_string(cert_file).unwrap();
+            let cert = root.verify(&pem, now).unwrap();
+            (id, Own::new(Identity::new(&key, pem, &cert).unwrap(), cert))
+        };
+        let (me, own) = proxy("proxy1");
+        let (peer_id, peer) = proxy("proxy2");
+        let keys = Keyring::new(me, root, own, Duration::from_secs(60));
+        assert_eq!(keys.broker_id(), broker_id);
+
+        let broker_as_proxy = ProxyId::parse(broker_id).expect("a broker id of three labels parses as a ProxyId");
+        let broker_pem = std::fs::read_to_string(dir.join(ca::BROKER_CERT)).unwrap();
+        let refused = keys.install(&broker_as_proxy, &broker_pem).err().expect("the broker is no peer");
+        assert!(refused.to_string().contains("not a proxy of broker"), "{refused}");
+        assert!(keys.install(&peer_id, &peer.cert.pem).is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

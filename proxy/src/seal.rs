@@ -126,6 +126,10 @@ pub fn dedup(to: &mut Vec<AppId>) {
 /// This proxy and the proxies of `to`, each with its pairwise keys; `424` lists those without
 /// a valid certificate.
 async fn recipients(up: &Upstream, to: &[AppId]) -> Result<Vec<Arc<Peer>>, ApiError> {
+    // As the broker requires (it would answer 400 after the sealing): apps of this broker only.
+    for app in to {
+        app.within(up.keys.broker_id()).map_err(|e| ApiError::BadRequest(format!("to: {e}")))?;
+    }
     let mut proxies: Vec<ProxyId> = vec![up.keys.me().clone()];
     for app in to {
         let p = app.proxy_id();
