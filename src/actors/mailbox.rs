@@ -93,7 +93,14 @@ impl Mailbox {
     fn insert(&mut self, seq: u64, task: Arc<TaskRecord>) {
         let id = task.task.id;
         self.by_seq.insert(seq, task.clone());
-        self.seq_of.insert(id, seq);
+        if let Some(old) = self.seq_of.insert(id, seq) {
+            // A task created again under the id of an expired one not yet swept: the old record
+            // goes now. Its actor's `remove` will find the new record under the id and leave it
+            // alone, so nothing else would take the old one out. (A reopened task's old entry
+            // is gone already.)
+            self.by_seq.remove(&old);
+            self.todo.remove(&old);
+        }
         self.todo.insert(seq);
         self.streams.retain(|tx| tx.try_send(Delivered { seq, task: task.clone() }).is_ok());
         self.wake();
@@ -117,7 +124,11 @@ impl Mailbox {
     }
 
     fn is_idle(&self) -> bool {
-        self.by_seq.is_empty() && self.waiters.is_empty() && self.streams.iter().all(|s| s.is_closed())
+        // A waiter whose client gave up (its wait timed out) is pruned only on the next wake-up,
+        // which an empty mailbox may never have.
+        self.by_seq.is_empty()
+            && self.waiters.iter().all(|w| w.tx.is_closed())
+            && self.streams.iter().all(|s| s.is_closed())
     }
 }
 
@@ -322,6 +333,51 @@ mod tests {
             boxes.remove(&app, t);
         }
         assert!(todo().is_empty() && all().is_empty());
+    }
+
+    /// A task created again under the id of an expired one that was not swept yet replaces it
+    /// in the mailbox; the old record's late removal leaves the new one, and nothing stays.
+    #[test]
+    fn a_task_recreated_under_an_expired_ones_id_replaces_it() {
+        let boxes = Mailboxes::new(Arc::new(AtomicU64::new(0)));
+        let app = AppId::parse("app2.proxy2.broker").unwrap();
+        let old = record(&app);
+        let again = Arc::new(TaskRecord {
+            task: old.task.clone(),
+            expires_at: old.expires_at + std::time::Duration::from_secs(1),
+        });
+        boxes.deliver(&app, old.clone());
+        boxes.deliver(&app, again.clone());
+        let todo = ListFilter { todo: true, ..ListFilter::default() };
+        let ListWait::Ready(listed) = boxes.list_or_wait(&app, todo.clone(), None) else { unreachable!() };
+        assert!(listed.len() == 1 && Arc::ptr_eq(&listed[0], &again), "only the new record is listed");
+        boxes.remove(&app, &old);
+        assert_eq!(listed_count(&boxes, &app, todo.clone()), 1, "the old record's removal leaves the new one");
+        boxes.remove(&app, &again);
+        assert_eq!(listed_count(&boxes, &app, todo), 0);
+        assert!(boxes.is_empty(), "the mailbox is gone");
+    }
+
+    fn listed_count(boxes: &Mailboxes, app: &AppId, filter: ListFilter) -> usize {
+        listed(boxes, app, filter).len()
+    }
+
+    /// A mailbox whose only waiter timed out (its client gone) is dropped once its last task
+    /// expires.
+    #[test]
+    fn a_gone_waiter_does_not_keep_a_mailbox() {
+        let boxes = Mailboxes::new(Arc::new(AtomicU64::new(0)));
+        let app = AppId::parse("app2.proxy2.broker").unwrap();
+        let task = record(&app);
+        boxes.deliver(&app, task.clone());
+        let ListWait::Waiting(waiter) =
+            boxes.list_or_wait(&app, ListFilter { todo: true, ..ListFilter::default() }, Some(2))
+        else {
+            panic!("one task, two wanted")
+        };
+        drop(waiter);
+        boxes.remove(&app, &task);
+        assert!(boxes.is_empty());
     }
 
     /// Tasks delivered from several threads at once reach a stream in sequence order, so a
