@@ -110,6 +110,8 @@ async fn rotated_key_and_certificate_are_used_without_restart() {
     let relay = net.relay.clone().unwrap();
     // Sealed for proxy2's first key, not yet read.
     let early = net.create(APP1, &[APP2], json!("before the rotation"), "60s").await;
+    // Sealed by proxy2 itself with its first key (for itself and proxy1).
+    let own = net.create(APP2, &[APP1], json!("proxy2's own, before"), "60s").await;
 
     // proxy2's site makes a new key; the CA signs it; both files are replaced in place.
     let id = ProxyId::parse("proxy2.broker").unwrap();
@@ -141,6 +143,10 @@ async fn rotated_key_and_certificate_are_used_without_restart() {
         tasks.iter().any(|t| t["id"] == early.as_str()) && tasks.iter().any(|t| t["body"] == "after")
     })
     .await;
+    // proxy2 still opens what it sealed itself before its rotation.
+    let res = net.get(APP2, &format!("/v1/tasks/{own}")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(json_of(res).await["body"], "proxy2's own, before");
     // A result proxy2 seals with its new key opens at proxy1.
     assert_eq!(net.answer(APP2, &early, APP1, "succeeded", json!("from the new key")).await, 201);
     let res = net.get(APP1, &format!("/v1/tasks/{early}/results")).send().await.unwrap();

@@ -143,6 +143,13 @@ impl Keyring {
         self.own.read().0.clone()
     }
 
+    /// Why the own key `own` must not open anything now: its certificate expired or was
+    /// revoked (a revoked key may be in someone else's hands, who could then seal messages for
+    /// it as if from any proxy).
+    pub fn check_own(&self, own: &Own) -> Result<(), PeerError> {
+        self.check(&self.me, &own.cert)
+    }
+
     /// The own key named `kid`: the current one or the one before the last rotation.
     pub fn own_by_kid(&self, kid: &KeyId) -> Option<Arc<Own>> {
         let own = self.own.read();
@@ -222,10 +229,14 @@ impl Keyring {
                 .filter(|p| proxy == &self.me || p.fetched_at.lock().elapsed() < self.max_age)
                 .filter(ok)
                 .cloned(),
-            // Opening: whichever known certificate carries the named key, at any age.
-            Some(kid) => {
-                std::iter::once(&slot.current).chain(&slot.previous).filter(|p| p.kid == kid).find(ok).cloned()
-            }
+            // Opening: whichever known certificate carries the named key, at any age. The one
+            // before the last rotation may have been derived under an earlier own key (this
+            // proxy's own previous certificate always is); `open_key` derives again then.
+            Some(kid) => std::iter::once(&slot.current)
+                .filter(ok)
+                .chain(slot.previous.iter().filter(|p| self.usable(p)))
+                .find(|p| p.kid == kid)
+                .cloned(),
         }
     }
 
@@ -350,6 +361,37 @@ mod tests {
         let refused = keys.install(&broker_as_proxy, &broker_pem).err().expect("the broker is no peer");
         assert!(refused.to_string().contains("not a proxy of broker"), "{refused}");
         assert!(keys.install(&peer_id, &peer.cert.pem).is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The own key before a rotation opens messages only while its certificate is valid and
+    /// unrevoked: a key revoked because it leaked may be in hands that seal for it.
+    #[test]
+    fn a_revoked_previous_own_key_opens_nothing() {
+        let broker_id = "broker";
+        let dir = std::env::temp_dir().join(format!("photon-keyring-{}", uuid::Uuid::new_v4()));
+        ca::init(&dir, broker_id, 30).unwrap();
+        let root = RootCert::load(&dir.join(ca::ROOT_CERT)).unwrap();
+        let now = (unix_millis() / 1000) as i64;
+        let me = ProxyId::from_parts("proxy1", broker_id).unwrap();
+        let own = || {
+            let (key, csr) = ca::keygen(&me).unwrap();
+            let (_, cert_file) = ca::sign(&dir, broker_id, &csr, 30).unwrap();
+            let pem = std::fs::read_to_string(cert_file).unwrap();
+            let cert = root.verify(&pem, now).unwrap();
+            Own::new(Identity::new(&key, pem, &cert).unwrap(), cert)
+        };
+        let old = own();
+        ca::revoke(&dir, &me).unwrap(); // the certificate on file: the old one
+        let crl = root.verify_crl(&std::fs::read_to_string(dir.join(ca::CRL_FILE)).unwrap()).unwrap();
+        let new = own();
+        let keys = Keyring::new(me.clone(), root.clone(), old, Duration::from_secs(60));
+        let old_kid = keys.own().kid;
+        keys.rotate(new);
+        assert!(keys.set_crl(crl));
+        let previous = keys.own_by_kid(&old_kid).expect("kept for opening");
+        assert!(matches!(keys.check_own(&previous), Err(PeerError::Revoked(_))));
+        assert!(keys.check_own(&keys.own()).is_ok());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -220,6 +220,7 @@ async fn open_envelope<M: Send + Sync + 'static>(
     let wrap = e2e::wrap_for(&env, up.keys.me())?;
     let my_kid = KeyId::parse(&wrap.k)?;
     let mine = up.keys.own_by_kid(&my_kid).ok_or(SealError::NotForUs)?;
+    up.keys.check_own(&mine)?;
     let sender = up.peer(&from.proxy_id(), Some(KeyId::parse(&env.sk)?)).await?;
     let keys = up.keys.open_key(&mine, sender);
     if env.ct.len() <= INLINE_LIMIT {
