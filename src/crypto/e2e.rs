@@ -20,7 +20,7 @@ use std::fmt;
 
 use base64::Engine;
 use chacha20poly1305::{
-    aead::{Aead, KeyInit, Payload},
+    aead::{Aead, AeadInPlace, KeyInit, Payload},
     XChaCha20Poly1305, XNonce,
 };
 use hkdf::Hkdf;
@@ -291,16 +291,18 @@ pub fn open(env: &Envelope, subject: &Subject<'_>, wrap: &WrappedKey, key: &Pair
     }
     let header = header(subject, &env.sk, env.ts, env.ttl_ms, &env.n, &env.keys);
     let bound = binding(&header, &ct);
-    let mut content_key: [u8; KEY_LEN] = XChaCha20Poly1305::new(&key.0.into())
-        .decrypt(nonce, Payload { msg: &wrapped, aad: &bound })
-        .map_err(|_| SealError::Forged)?
-        .try_into()
+    // Unwrapped in place, in a buffer wiped when dropped (all of it, spare capacity included):
+    // the content key is never copied to memory that is freed unwiped.
+    let mut content_key = zeroize::Zeroizing::new(wrapped);
+    XChaCha20Poly1305::new(&key.0.into())
+        .decrypt_in_place(nonce, &bound, &mut *content_key)
         .map_err(|_| SealError::Forged)?;
-    let plaintext = XChaCha20Poly1305::new(&content_key.into())
+    if content_key.len() != KEY_LEN {
+        return Err(SealError::Forged);
+    }
+    XChaCha20Poly1305::new(chacha20poly1305::Key::from_slice(&content_key))
         .decrypt(nonce, Payload { msg: &ct, aad: &header })
-        .map_err(|_| SealError::Forged);
-    content_key.zeroize();
-    plaintext
+        .map_err(|_| SealError::Forged)
 }
 
 /// What a dishonest *recipient* can do with what it legitimately holds: unwrap the content key
