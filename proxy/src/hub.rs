@@ -564,8 +564,14 @@ pub async fn wait(
 ) -> Result<Waited, ApiError> {
     let _waiting = state.waiters.hold();
     let until = Instant::now() + wait.time.unwrap_or(state.config.max_wait);
-    let (mut reader, _) = join(state, slot, app, task, u64::MAX).await?;
     let left = || Waited::Direct { left: until.saturating_duration_since(Instant::now()) };
+    // Opening the hub is a request to the broker: it must not hold the wait past its time, nor
+    // past the shutdown flag (the direct read that follows answers with what there is).
+    let (mut reader, _) = tokio::select! {
+        joined = join(state, slot, app, task, u64::MAX) => joined?,
+        () = sleep_until(until) => return Ok(left()),
+        () = state.shutdown.started() => return Ok(left()),
+    };
     loop {
         {
             let hub = reader.hub.state.lock();
