@@ -133,6 +133,8 @@ pub struct Upstream {
     session: RwLock<Option<Arc<ClientSession>>>,
     /// Serializes handshakes so a burst of requests makes one session, not many.
     handshake: tokio::sync::Mutex<()>,
+    /// When the last handshake failed, and why (see `session`).
+    last_failure: parking_lot::Mutex<Option<(Instant, String)>>,
     /// When each peer's certificate was last fetched because of an unknown key id.
     refetched: dashmap::DashMap<ProxyId, Instant>,
     /// This process, as the broker tells instances of one proxy apart (random per start).
@@ -166,6 +168,7 @@ impl Upstream {
             keys: Keyring::new(proxy_id.clone(), root, own, max_age),
             session: RwLock::new(None),
             handshake: tokio::sync::Mutex::new(()),
+            last_failure: parking_lot::Mutex::new(None),
             refetched: dashmap::DashMap::new(),
             instance: HeaderValue::try_from(uuid::Uuid::new_v4().to_string()).expect("a UUID is a header value"),
             metrics: photon::ops::Metrics::off(),
@@ -257,6 +260,10 @@ impl Upstream {
         self.session.read().as_ref().filter(|s| !s.needs_renewal()).cloned()
     }
 
+    /// The session to sign with: the current one, or a new one after a handshake. While a
+    /// renewal fails, the old session serves until it expires. A failed handshake answers the
+    /// requests queued behind it for a second, rather than each trying again in turn (each
+    /// attempt may take its 10 s timeout).
     async fn session(&self) -> Result<Arc<ClientSession>, UpstreamError> {
         if let Some(s) = self.current() {
             return Ok(s);
@@ -265,6 +272,35 @@ impl Upstream {
         if let Some(s) = self.current() {
             return Ok(s);
         }
+        if let Some((at, why)) = self.last_failure.lock().as_ref() {
+            if at.elapsed() < Duration::from_secs(1) {
+                return self.usable_old().ok_or_else(|| UpstreamError::Unreachable(why.clone()));
+            }
+        }
+        match self.handshake().await {
+            Ok(s) => {
+                *self.last_failure.lock() = None;
+                Ok(s)
+            }
+            Err(e) => {
+                *self.last_failure.lock() = Some((Instant::now(), format!("the last handshake failed: {e}")));
+                match self.usable_old() {
+                    Some(old) => {
+                        tracing::warn!(error = %e, "cannot renew the session with the broker; the current one serves until it expires");
+                        Ok(old)
+                    }
+                    None => Err(e),
+                }
+            }
+        }
+    }
+
+    /// The session held, if it has not expired (though due for renewal).
+    fn usable_old(&self) -> Option<Arc<ClientSession>> {
+        self.session.read().as_ref().filter(|s| !s.is_expired()).cloned()
+    }
+
+    async fn handshake(&self) -> Result<Arc<ClientSession>, UpstreamError> {
         let identity = self.keys.own().identity.clone();
         let pending = session::client_hello(&identity, &self.broker_id);
         let res = self
@@ -382,7 +418,7 @@ impl Upstream {
     ) -> Result<Whole, UpstreamError> {
         let (_, target) = self.signed_url(path_and_query);
         for attempt in 0..2 {
-            let session = self.session().await?;
+            let session = self.bounded_session(timeout).await?;
             let auth = session.sign(method.as_str(), &target, app, body);
             let headers = [
                 format!("{}: {app}", bw::APP_HEADER),
@@ -413,6 +449,15 @@ impl Upstream {
         Err(UpstreamError::Refused("session renewal failed".into()))
     }
 
+    /// [`session`](Self::session) within the request's own timeout, if it has one: a handshake
+    /// (or the queue for one) counts towards it.
+    async fn bounded_session(&self, timeout: Option<Duration>) -> Result<Arc<ClientSession>, UpstreamError> {
+        match timeout {
+            Some(t) => tokio::time::timeout(t, self.session()).await.map_err(|_| UpstreamError::Timeout)?,
+            None => self.session().await,
+        }
+    }
+
     /// The URL of `path_and_query` at the broker, and its path and query as the MAC covers them
     /// (after the broker URL's own path, if it has one).
     fn signed_url(&self, path_and_query: &str) -> (Url, String) {
@@ -434,7 +479,7 @@ impl Upstream {
     ) -> Result<reqwest::Response, UpstreamError> {
         let (url, signed_path) = self.signed_url(path_and_query);
         for attempt in 0..2 {
-            let session = self.session().await?;
+            let session = self.bounded_session(timeout).await?;
             let auth = session.sign(method.as_str(), &signed_path, app, &body);
             let mut req = self
                 .http()?

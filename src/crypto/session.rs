@@ -202,6 +202,9 @@ pub fn client_finish(
         key,
         next_seq: AtomicU64::new(1),
         renew_at: Instant::now() + Duration::from_secs(accept.expires_in.saturating_mul(4) / 5),
+        // A margin for the request in flight: used until a tenth (at most 10 s) before the end.
+        expires_at: Instant::now() + Duration::from_secs(accept.expires_in)
+            - Duration::from_secs(accept.expires_in / 10).min(Duration::from_secs(10)),
     })
 }
 
@@ -211,6 +214,7 @@ pub struct ClientSession {
     key: [u8; 32],
     next_seq: AtomicU64,
     renew_at: Instant,
+    expires_at: Instant,
 }
 
 /// The authentication headers of one request.
@@ -233,6 +237,11 @@ impl ClientSession {
     /// True once the session is old enough that the proxy should make a new one.
     pub fn needs_renewal(&self) -> bool {
         Instant::now() >= self.renew_at
+    }
+
+    /// True once the broker may no longer take it (less 10 s of margin).
+    pub fn is_expired(&self) -> bool {
+        Instant::now() >= self.expires_at
     }
 }
 
