@@ -300,9 +300,12 @@ async fn join(
     let key = (app.clone(), task);
     let mut slot = slot;
     loop {
-        let opened = slot.get_or_try_init(|| open(state, key.clone(), slot.clone())).await;
+        let opening = Opening { hubs: &state.hubs, key: &key, slot: Some(slot) };
+        let held = opening.slot.as_ref().expect("set above");
+        let opened = held.get_or_try_init(|| open(state, key.clone(), held.clone())).await.cloned();
+        slot = opening.done();
         let hub = match opened {
-            Ok(hub) => hub.clone(),
+            Ok(hub) => hub,
             Err(e) => {
                 state.hubs.abandon(&key, &slot);
                 return Err(e);
@@ -313,6 +316,30 @@ async fn join(
         }
         // It closed meanwhile: take (or make) the key's next hub.
         slot = state.hubs.slot(app, task);
+    }
+}
+
+/// A reader's part in opening a hub. If the reader goes away while the opening is under way
+/// (its client left, or its wait ended), the slot is abandoned as after a failed opening, so
+/// an unopened slot nobody waits on does not stay in the map for good.
+struct Opening<'a> {
+    hubs: &'a Hubs,
+    key: &'a Key,
+    slot: Option<Arc<Slot>>,
+}
+
+impl Opening<'_> {
+    /// The opening ran its course (opened or failed): the caller carries on with the slot.
+    fn done(mut self) -> Arc<Slot> {
+        self.slot.take().expect("taken once")
+    }
+}
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            self.hubs.abandon(self.key, &slot);
+        }
     }
 }
 
