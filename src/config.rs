@@ -62,14 +62,20 @@ pub enum CaAction {
         #[arg(long, default_value_t = 365)]
         days: u32,
     },
-    /// Revoke a proxy's current certificate (<dir>/certs/<proxy id>.crt): adds its serial to
-    /// <dir>/crl.pem, which the running broker reloads and proxies fetch and honour.
+    /// Revoke a proxy's current certificate (<dir>/certs/<proxy id>.crt), or any certificate the
+    /// CA issued by its serial (every one is kept as <dir>/certs/issued/<proxy id>.<serial>.crt):
+    /// adds it to <dir>/crl.pem, which the running broker reloads and proxies fetch and honour.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["proxy_id", "serial"])))]
     Revoke {
         #[arg(long, env = "PKI_DIR", default_value = "pki")]
         dir: PathBuf,
-        /// The proxy whose certificate to revoke, e.g. proxy2.broker.
+        /// The proxy whose current certificate to revoke, e.g. proxy2.broker.
         #[arg(long)]
-        proxy_id: String,
+        proxy_id: Option<String>,
+        /// The serial of the certificate to revoke (hex), e.g. a renewed proxy's earlier one
+        /// whose key leaked.
+        #[arg(long)]
+        serial: Option<String>,
     },
 }
 

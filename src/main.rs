@@ -48,9 +48,13 @@ fn run_ca(action: CaAction) -> Result<(), String> {
             let broker_id = broker_id_setting(&broker_url, broker_id.as_deref())?;
             let csr_pem = std::fs::read_to_string(&csr).map_err(|e| format!("cannot read {}: {e}", csr.display()))?;
             let (proxy, path) = ca::sign(&dir, &broker_id, &csr_pem, days).map_err(|e| e.to_string())?;
-            println!("issued certificate for {proxy}: {}", path.display());
+            let serial = ca::read_to_string(&path)
+                .and_then(|pem| photon::crypto::cert::serial_of(&pem))
+                .map(|s| ca::hex_serial(&s))
+                .map_err(|e| e.to_string())?;
+            println!("issued certificate for {proxy} (serial {serial}): {}", path.display());
         }
-        CaAction::Revoke { dir, proxy_id } => {
+        CaAction::Revoke { dir, proxy_id: Some(proxy_id), serial: None } => {
             let proxy = photon::wire::ProxyId::parse(&proxy_id).map_err(|e| e.to_string())?;
             let serial = ca::revoke(&dir, &proxy).map_err(|e| e.to_string())?;
             println!(
@@ -58,6 +62,16 @@ fn run_ca(action: CaAction) -> Result<(), String> {
                 dir.join(ca::CRL_FILE).display()
             );
         }
+        CaAction::Revoke { dir, proxy_id: None, serial: Some(serial) } => {
+            let bytes = ca::parse_serial(&serial).map_err(|e| e.to_string())?;
+            ca::revoke_serial(&dir, &bytes).map_err(|e| e.to_string())?;
+            println!(
+                "revoked the certificate with serial {}; {} updated",
+                ca::hex_serial(&bytes),
+                dir.join(ca::CRL_FILE).display()
+            );
+        }
+        CaAction::Revoke { .. } => return Err("give --proxy-id or --serial, not both".into()),
     }
     Ok(())
 }

@@ -28,6 +28,9 @@ pub const BROKER_KEY: &str = "broker.key";
 pub const BROKER_CERT: &str = "broker.crt";
 pub const CERTS_DIR: &str = "certs";
 pub const CRL_FILE: &str = "crl.pem";
+/// Every certificate the CA issued, as `certs/issued/<proxy id>.<serial>.crt` (serial in hex,
+/// no colons): a renewed proxy's earlier certificates can still be revoked by serial.
+pub const ISSUED_DIR: &str = "issued";
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CryptoError + '_ {
     move |source| CryptoError::Io { path: path.display().to_string(), source }
@@ -158,7 +161,11 @@ pub fn sign_valid(
     };
     let cert = request.signed_by(&issuer).map_err(rc)?;
     let certs = dir.join(CERTS_DIR);
-    fs::create_dir_all(&certs).map_err(io_err(&certs))?;
+    let issued = certs.join(ISSUED_DIR);
+    fs::create_dir_all(&issued).map_err(io_err(&issued))?;
+    let serial = super::cert::serial_of(&cert.pem())?;
+    let kept = issued.join(format!("{proxy_id}.{}.crt", hex_serial(&serial).replace(':', "")));
+    fs::write(&kept, cert.pem()).map_err(io_err(&kept))?;
     let path = certs.join(format!("{proxy_id}.crt"));
     fs::write(&path, cert.pem()).map_err(io_err(&path))?;
     Ok((proxy_id, path))
@@ -195,25 +202,94 @@ fn write_crl(dir: &Path, issuer: &Issuer<'_, KeyPair>, number: u64, serials: Vec
 /// `photon-broker ca revoke`: adds the serial of `certs/<proxy id>.crt` to the revocation list
 /// and signs a new list with the next number. Returns the revoked serial (hex).
 pub fn revoke(dir: &Path, proxy_id: &ProxyId) -> Result<String, CryptoError> {
-    let issuer = load_issuer(dir)?;
-    let root = super::RootCert::load(&dir.join(ROOT_CERT))?;
     let cert_path = dir.join(CERTS_DIR).join(format!("{proxy_id}.crt"));
     let serial = super::cert::serial_of(&read_to_string(&cert_path)?)?;
-    let (number, mut serials) = match read_to_string(&dir.join(CRL_FILE)) {
+    revoke_serial(dir, &serial)?;
+    Ok(hex_serial(&serial))
+}
+
+/// `photon-broker ca revoke --serial`: adds `serial` (one the CA issued, e.g. a renewed
+/// proxy's earlier certificate kept in `certs/issued/`) to the revocation list.
+pub fn revoke_serial(dir: &Path, serial: &[u8]) -> Result<(), CryptoError> {
+    let issuer = load_issuer(dir)?;
+    let root = super::RootCert::load(&dir.join(ROOT_CERT))?;
+    let crl_path = dir.join(CRL_FILE);
+    // Only a list that is not there yet starts at number 1. Any other failure to read it stops
+    // here: a fresh list numbered 1 would be ignored by everyone holding a later one, and would
+    // drop every earlier revocation on the broker's next start.
+    let (number, mut serials) = match fs::read_to_string(&crl_path) {
         Ok(pem) => {
             let crl = root.verify_crl(&pem)?;
             (crl.number, crl.serials_der)
         }
-        Err(_) => (0, Vec::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => (0, Vec::new()),
+        Err(e) => return Err(io_err(&crl_path)(e)),
     };
-    if !serials.contains(&serial) {
-        serials.push(serial.clone());
+    if !serials.iter().any(|s| s == serial) {
+        serials.push(serial.to_vec());
     }
-    write_crl(dir, &issuer, number + 1, serials)?;
-    Ok(hex_serial(&serial))
+    write_crl(dir, &issuer, number + 1, serials)
+}
+
+/// A serial written as hex, with or without `:` between the bytes (as `ca sign` and the file
+/// names in `certs/issued/` spell it).
+pub fn parse_serial(text: &str) -> Result<Vec<u8>, CryptoError> {
+    let hex: String = text.chars().filter(|c| *c != ':').collect();
+    let bad = || CryptoError::Certificate(format!("{text:?} is not a serial number in hex"));
+    if hex.is_empty() || hex.len() % 2 != 0 {
+        return Err(bad());
+    }
+    (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).map_err(|_| bad())).collect()
 }
 
 /// A serial as `VerifiedCert::serial` and the CRL spell it: lowercase hex pairs joined by `:`.
 pub fn hex_serial(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A renewed proxy's earlier certificate stays on file and can be revoked by its serial
+    /// (its key may have leaked), leaving the current one valid.
+    #[test]
+    fn an_earlier_certificate_is_kept_and_revoked_by_serial() {
+        let dir = std::env::temp_dir().join(format!("photon-ca-{}", uuid::Uuid::new_v4()));
+        init(&dir, "broker", 30).unwrap();
+        let id = ProxyId::parse("proxy1.broker").unwrap();
+        let issue = || {
+            let (_, csr) = keygen(&id).unwrap();
+            let (_, path) = sign(&dir, "broker", &csr, 30).unwrap();
+            super::super::cert::serial_of(&read_to_string(&path).unwrap()).unwrap()
+        };
+        let (first, second) = (issue(), issue());
+        let kept =
+            dir.join(CERTS_DIR).join(ISSUED_DIR).join(format!("{id}.{}.crt", hex_serial(&first).replace(':', "")));
+        assert!(kept.exists(), "the first certificate is kept after the renewal");
+
+        let root = crate::crypto::RootCert::load(&dir.join(ROOT_CERT)).unwrap();
+        revoke_serial(&dir, &parse_serial(&hex_serial(&first)).unwrap()).unwrap();
+        let crl = root.verify_crl(&read_to_string(&dir.join(CRL_FILE)).unwrap()).unwrap();
+        assert_eq!((crl.number, crl.serials_der.clone()), (2, vec![first.clone()]), "init wrote list 1");
+        // By the current certificate, as before; the list's number grows.
+        assert_eq!(revoke(&dir, &id).unwrap(), hex_serial(&second));
+        let crl = root.verify_crl(&read_to_string(&dir.join(CRL_FILE)).unwrap()).unwrap();
+        assert_eq!((crl.number, crl.serials_der.len()), (3, 2));
+        assert!(parse_serial("zz").is_err() && parse_serial("abc").is_err() && parse_serial("").is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A revocation list that can't be read is an error, not a fresh list numbered 1 (which
+    /// everyone holding a later one would ignore).
+    #[test]
+    fn an_unreadable_revocation_list_is_an_error() {
+        let dir = std::env::temp_dir().join(format!("photon-ca-{}", uuid::Uuid::new_v4()));
+        init(&dir, "broker", 30).unwrap();
+        // A directory where the list should be: there, but not readable as a file.
+        std::fs::remove_file(dir.join(CRL_FILE)).ok();
+        std::fs::create_dir(dir.join(CRL_FILE)).unwrap();
+        assert!(revoke_serial(&dir, &[1, 2, 3]).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
