@@ -107,7 +107,8 @@ fn make_pki(spec: &Spec) -> Result<()> {
         let key = pki.join(format!("{proxy_id}.priv.pem"));
         if !key.exists() || !pki.join("certs").join(format!("{proxy_id}.crt")).exists() {
             run(Command::new(spec.bin("photon-proxy"))
-                .args(["keygen", "--proxy-id", &proxy_id])
+                // A key without its certificate is replaced along with it.
+                .args(["keygen", "--force", "--proxy-id", &proxy_id])
                 .arg("--out")
                 .arg(pki))?;
             run(Command::new(spec.bin("photon-broker"))

@@ -32,6 +32,9 @@ pub enum Command {
         /// Directory for `<proxy id>.priv.pem` and `<proxy id>.csr.pem`.
         #[arg(long, default_value = ".")]
         out: PathBuf,
+        /// Replace a private key already there (it may be the one the site runs with).
+        #[arg(long)]
+        force: bool,
     },
 }
 

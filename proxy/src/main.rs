@@ -12,7 +12,7 @@ fn main() -> ExitCode {
     photon::ops::memory::keep_large_buffers();
     photon::ops::init_tracing(cli.serve.ops.log_format);
     let outcome = match &cli.command {
-        Some(Command::Keygen { proxy_id, out }) => keygen(proxy_id, out),
+        Some(Command::Keygen { proxy_id, out, force }) => keygen(proxy_id, out, *force),
         None => serve(&cli),
     };
     match outcome {
@@ -24,12 +24,19 @@ fn main() -> ExitCode {
     }
 }
 
-fn keygen(proxy_id: &str, out: &std::path::Path) -> Result<(), String> {
+fn keygen(proxy_id: &str, out: &std::path::Path, force: bool) -> Result<(), String> {
     let proxy_id = ProxyId::parse(proxy_id).map_err(|e| format!("--proxy-id: {e}"))?;
     std::fs::create_dir_all(out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
-    let (key, csr) = ca::keygen(&proxy_id).map_err(|e| e.to_string())?;
     let key_path = out.join(format!("{proxy_id}.priv.pem"));
     let csr_path = out.join(format!("{proxy_id}.csr.pem"));
+    if key_path.exists() && !force {
+        return Err(format!(
+            "{} exists and may be the key this site runs with; use another --out (and replace the key once \
+             its certificate is signed), or --force to replace it",
+            key_path.display()
+        ));
+    }
+    let (key, csr) = ca::keygen(&proxy_id).map_err(|e| e.to_string())?;
     ca::write_private(&key_path, &key).map_err(|e| e.to_string())?;
     std::fs::write(&csr_path, csr).map_err(|e| format!("cannot write {}: {e}", csr_path.display()))?;
     println!("private key: {}\nCSR for the CA: {}", key_path.display(), csr_path.display());

@@ -41,3 +41,32 @@ fn help_lists_the_operations_settings() {
         assert!(help.contains(setting), "{setting} missing from --help");
     }
 }
+
+/// `keygen` does not replace a key already there (it may be the one the site runs with)
+/// unless told to, and the key it writes is readable by its owner only, even over an
+/// existing file that was not.
+#[test]
+fn keygen_keeps_an_existing_key_unless_forced() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("photon-keygen-{}", std::process::id()));
+    let keygen = |force: bool| {
+        let mut cmd = proxy();
+        cmd.args(["keygen", "--proxy-id", "site1.broker", "--out"]).arg(&dir);
+        if force {
+            cmd.arg("--force");
+        }
+        cmd.output().unwrap()
+    };
+    assert!(keygen(false).status.success());
+    let key = dir.join("site1.broker.priv.pem");
+    let first = std::fs::read_to_string(&key).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let refused = keygen(false);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--force"));
+    assert_eq!(std::fs::read_to_string(&key).unwrap(), first, "the key is untouched");
+    assert!(keygen(true).status.success());
+    assert_ne!(std::fs::read_to_string(&key).unwrap(), first);
+    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -47,6 +47,9 @@ pub fn write_private(path: &Path, pem: &str) -> Result<(), CryptoError> {
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
     let mut file = opts.open(path).map_err(io_err(path))?;
+    // The mode above applies only to a file it creates: an existing one gets it here.
+    #[cfg(unix)]
+    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600)).map_err(io_err(path))?;
     file.write_all(pem.as_bytes()).map_err(io_err(path))
 }
 
