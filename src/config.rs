@@ -228,7 +228,12 @@ impl ServeArgs {
             max_wait,
             max_body: self.max_body,
             keepalive,
-            workers: self.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+            workers: match self.workers {
+                // actix's own limits, met with a message instead of its assertion.
+                Some(n) if !(1..=512).contains(&n) => return Err("WORKERS must be from 1 to 512".into()),
+                Some(n) => n,
+                None => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            },
             session_lifetime: Duration::from_secs(3600),
             monitoring_api_key: match self.monitoring_api_key.as_deref() {
                 Some("") => return Err("MONITORING_API_KEY is empty: unset it or give it a value".into()),

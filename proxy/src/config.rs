@@ -71,6 +71,7 @@ pub struct ServeArgs {
     /// Interval of `: keep-alive` comments on idle event streams.
     #[arg(long, env = "KEEPALIVE", default_value = "15s")]
     pub keepalive: String,
+    /// HTTP worker threads (default: one per core).
     #[arg(long, env = "WORKERS")]
     pub workers: Option<usize>,
     /// How often the proxy fetches the revocation list and its own (renewed) certificate, and
@@ -175,7 +176,12 @@ impl ServeArgs {
             keepalive,
             cert_refresh,
             ops: self.ops.validate()?,
-            workers: self.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+            workers: match self.workers {
+                // actix's own limits, met with a message instead of its assertion.
+                Some(n) if !(1..=512).contains(&n) => return Err("WORKERS must be from 1 to 512".into()),
+                Some(n) => n,
+                None => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            },
         })
     }
 }

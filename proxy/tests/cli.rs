@@ -70,3 +70,20 @@ fn keygen_keeps_an_existing_key_unless_forced() {
     assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A worker count actix can't run with is a settings error, not a panic.
+#[test]
+fn a_bad_worker_count_is_named() {
+    for workers in ["0", "513"] {
+        let out = proxy()
+            .args(["--broker-url", "http://broker:8080", "--proxy-id", "proxy1.broker"])
+            .args(["--privkey-file", "k.pem", "--rootcert-file", "r.crt"])
+            .env("APP_app1_KEY", "secret")
+            .env("WORKERS", workers)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "WORKERS={workers}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("WORKERS must be from 1 to 512"), "{stderr}");
+    }
+}
