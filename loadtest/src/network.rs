@@ -45,6 +45,10 @@ pub struct Spec {
     pub logs: Option<PathBuf>,
     /// Extra environment for every process (e.g. `RUST_LOG`).
     pub env: Vec<(String, String)>,
+    /// Start each process in a process group of its own, so that a terminal's Ctrl-C reaches
+    /// only the caller, which then stops them gracefully (once). For a caller that handles
+    /// Ctrl-C; otherwise the processes would outlive it.
+    pub own_process_groups: bool,
 }
 
 impl Spec {
@@ -66,6 +70,7 @@ impl Spec {
             monitoring_key: None,
             logs: None,
             env: Vec::new(),
+            own_process_groups: false,
         }
     }
 
@@ -129,8 +134,10 @@ impl Network {
         for bin in ["photon-broker", "photon-proxy"] {
             if !spec.bin(bin).exists() {
                 bail!(
-                    "{} is missing: build it with `cargo build --release -j2 --workspace --bins`",
-                    spec.bin(bin).display()
+                    "{} is missing: build the binaries into {} (`cargo build -j2 --workspace --bins`, with \
+                     --release for target/release), or say where they are (--bin-dir)",
+                    spec.bin(bin).display(),
+                    spec.bin_dir.display()
                 );
             }
         }
@@ -179,6 +186,10 @@ impl Network {
         if let Some(dir) = &self.spec.logs {
             let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(format!("{name}.log")))?;
             cmd.stdout(log.try_clone()?).stderr(log);
+        }
+        #[cfg(unix)]
+        if self.spec.own_process_groups {
+            std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         }
         let child = cmd.spawn().with_context(|| format!("cannot start {name}"))?;
         self.children.push((name.to_owned(), child));

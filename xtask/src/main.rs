@@ -62,8 +62,13 @@ fn dev(release: bool) -> Result<()> {
     ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst)).context("cannot install the Ctrl-C handler")?;
 
     let addrs = [BROKER_ADDR, PROXY1_ADDR, PROXY2_ADDR].map(String::from);
-    let mut spec = Spec::dev(root.join("target").join(profile), root.join(".dev").join("pki"), addrs, &[]);
+    // Where cargo put the binaries: CARGO_TARGET_DIR when set, as cargo itself reads it.
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    let mut spec = Spec::dev(target.join(profile), root.join(".dev").join("pki"), addrs, &[]);
     spec.monitoring_key = Some(DEV_MONITORING_KEY.into());
+    // Ctrl-C reaches xtask alone, which stops the network gracefully; reaching the processes
+    // too, it made xtask's SIGTERM their second signal, which ends them at once.
+    spec.own_process_groups = true;
     if !spec.pki.join("root.key").exists() {
         println!("making the dev CA in {}", spec.pki.display());
     }
