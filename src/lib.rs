@@ -76,6 +76,12 @@ pub fn serve(config: BrokerConfig, listener: TcpListener) -> Result<Running, Sta
     }
     let key_pem = ca::read_to_string(&config.pki_dir.join(ca::BROKER_KEY))?;
     let identity = Identity::new(&key_pem, cert_pem, &cert)?;
+    let root_key = config.pki_dir.join(ca::ROOT_KEY);
+    if root_key.exists() {
+        // Fine for a dev network; in production it undoes what the seal promises against the
+        // broker (docs/CRYPTO.md, section 9).
+        tracing::warn!(path = %root_key.display(), "the CA's root key is on the broker host: with it the broker could issue certificates for any site; keep it elsewhere (the broker never reads it)");
+    }
     let limits =
         EngineLimits { broker_id: config.broker_id.clone(), max_ttl: config.max_ttl, max_wait: config.max_wait };
     let (raise, shutdown) = Shutdown::new();
