@@ -337,3 +337,26 @@ async fn a_second_proxy_with_the_same_id_is_refused_and_neither_dies() {
     net.proxy_stops[1].stop().await;
     eventually("the twin comes online", || async { net.health(&twin.url).await.0 == 200 }).await;
 }
+
+/// A proxy that shuts down stays online at the broker while its in-flight requests finish, and
+/// says goodbye after them: a replacement instance connecting in between would make them 409.
+#[tokio::test]
+async fn a_stopping_proxy_says_goodbye_after_its_last_request() {
+    let net = Net::start_with(Options { relay: true, ..Options::default() });
+    let id = net.create(APP1, &[APP2], json!("t"), "60s").await;
+    let waiting = tokio::spawn(net.get(APP1, &format!("/v1/tasks/{id}/results?wait_count=1&wait_time=30s")).send());
+    eventually("the wait reached the broker", || async { net.broker_health().await["waiters"] == 1 }).await;
+    net.proxy_stops[0].stop().await;
+    let res = waiting.await.unwrap().unwrap();
+    assert!(res.status().is_success(), "answered with what there is: {}", res.status());
+    let relay = net.relay.as_ref().unwrap();
+    let order: Vec<String> = relay
+        .captured
+        .lock()
+        .iter()
+        .filter(|c| c.path.contains("/results") || (c.method == "DELETE" && c.path.starts_with("/v1/control")))
+        .map(|c| format!("{} {}", c.method, c.path))
+        .collect();
+    assert!(order.len() >= 3, "the wait, its answer at shutdown and the goodbye: {order:?}");
+    assert!(order.last().unwrap().starts_with("DELETE"), "the goodbye comes last: {order:?}");
+}

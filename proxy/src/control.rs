@@ -147,7 +147,9 @@ impl Open {
         loop {
             let line = tokio::select! {
                 line = tokio::time::timeout(patience, self.next_line()) => line,
-                _ = state.shutdown.started() => return "shutting down".into(),
+                // Held while in-flight requests finish: they are this instance's as long as it
+                // is online, and a replacement that connects meanwhile would make them 409.
+                _ = state.shutdown.drained() => return "shutting down".into(),
             };
             match line {
                 Ok(Ok(Some(ControlEvent::Heartbeat | ControlEvent::Welcome { .. }))) => {}

@@ -11,34 +11,56 @@ use std::{io, sync::Arc, time::Duration};
 use actix_web::dev::{Server, ServerHandle};
 use tokio::sync::{oneshot, watch};
 
+/// Where a process is in its life: serving, draining (the shutdown flag is up: in-flight
+/// requests finish, no wait starts), or drained (the server has stopped).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Stage {
+    Serving,
+    Draining,
+    Drained,
+}
+
 /// Watches the shutdown flag; cheap to clone into every long wait.
 #[derive(Clone, Debug)]
-pub struct Shutdown(watch::Receiver<bool>);
+pub struct Shutdown(watch::Receiver<Stage>);
 
 impl Shutdown {
     /// A new flag, lowered, and the sender that raises it.
-    pub fn new() -> (watch::Sender<bool>, Self) {
-        let (tx, rx) = watch::channel(false);
+    pub fn new() -> (watch::Sender<Stage>, Self) {
+        let (tx, rx) = watch::channel(Stage::Serving);
         (tx, Self(rx))
     }
 
     pub fn is_started(&self) -> bool {
-        *self.0.borrow()
+        *self.0.borrow() >= Stage::Draining
     }
 
     /// Resolves once the flag is raised (never, if the sender is gone without raising it).
     pub async fn started(&self) {
+        self.reached(Stage::Draining).await;
+    }
+
+    /// Resolves once the server has stopped: every in-flight request has finished (or the
+    /// grace period is over).
+    pub async fn drained(&self) {
+        self.reached(Stage::Drained).await;
+    }
+
+    async fn reached(&self, stage: Stage) {
         let mut rx = self.0.clone();
-        if rx.wait_for(|raised| *raised).await.is_err() {
+        if rx.wait_for(|now| *now >= stage).await.is_err() {
             std::future::pending::<()>().await;
         }
     }
 }
 
+/// How long background work (a proxy's goodbye) may take after the drain.
+const AFTER_DRAIN: Duration = Duration::from_secs(3);
+
 /// Stops a running server: raise the flag, then stop gracefully.
 #[derive(Clone)]
 pub struct Stopper {
-    flag: Arc<watch::Sender<bool>>,
+    flag: Arc<watch::Sender<Stage>>,
     server: ServerHandle,
     grace: Duration,
     /// Background work that must finish its own way out too (a proxy's goodbye to the broker).
@@ -46,7 +68,7 @@ pub struct Stopper {
 }
 
 impl Stopper {
-    pub fn new(flag: watch::Sender<bool>, server: ServerHandle, grace: Duration) -> Self {
+    pub fn new(flag: watch::Sender<Stage>, server: ServerHandle, grace: Duration) -> Self {
         Self { flag: Arc::new(flag), server, grace, finishing: Default::default() }
     }
 
@@ -58,17 +80,29 @@ impl Stopper {
     /// Raises the flag and stops the server gracefully; resolves when it and the work given
     /// to [`Stopper::wait_for`] have finished (at most the grace period after in-flight
     /// requests were asked to finish).
+    /// Background work may wait for the drain ([`Shutdown::drained`]; the proxy holds its
+    /// control connection until then, so that its last requests are still its instance's), and
+    /// gets a few seconds after it.
     pub async fn stop(&self) {
-        self.flag.send_replace(true);
+        self.flag.send_replace(Stage::Draining);
         let finishing: Vec<_> = std::mem::take(&mut *self.finishing.lock());
-        let background = tokio::time::timeout(self.grace, futures_util::future::join_all(finishing));
-        let (_, _) = tokio::join!(self.server.stop(true), background);
+        let drain = async {
+            self.server.stop(true).await;
+            self.flag.send_replace(Stage::Drained);
+        };
+        let background = tokio::time::timeout(self.grace + AFTER_DRAIN, futures_util::future::join_all(finishing));
+        let (_, _) = tokio::join!(drain, background);
     }
 
     /// Raises the flag and stops the server without waiting for in-flight requests.
     pub async fn stop_now(&self) {
-        self.flag.send_replace(true);
+        self.flag.send_replace(Stage::Drained);
         self.server.stop(false).await;
+    }
+
+    /// Whether a stop has begun.
+    pub fn is_stopping(&self) -> bool {
+        *self.flag.borrow() >= Stage::Draining
     }
 
     pub fn grace(&self) -> Duration {
@@ -97,7 +131,7 @@ pub fn http_server<S: Send + Sync + 'static>(
     workers: usize,
     grace: Duration,
     listener: std::net::TcpListener,
-    flag: watch::Sender<bool>,
+    flag: watch::Sender<Stage>,
 ) -> io::Result<Running> {
     let server = actix_web::HttpServer::new(move || {
         let observer = observer.clone();
@@ -156,6 +190,7 @@ pub fn tune_connection(tcp: &actix_web::rt::net::TcpStream) -> io::Result<()> {
 /// the process at once (exit code 1). For binaries; tests call [`Stopper::stop`].
 pub async fn run_until_signalled(running: Running) -> io::Result<()> {
     let stopper = running.stopper.clone();
+    let (stopped, stop_done) = oneshot::channel::<()>();
     actix_web::rt::spawn(async move {
         let Ok(signal) = next_signal().await else {
             tracing::error!("cannot listen for SIGTERM; stop with SIGKILL");
@@ -163,7 +198,7 @@ pub async fn run_until_signalled(running: Running) -> io::Result<()> {
         };
         tracing::info!(signal, grace_s = stopper.grace().as_secs_f64(), "shutting down: finishing in-flight requests");
         tokio::select! {
-            _ = stopper.stop() => {}
+            _ = stopper.stop() => { let _ = stopped.send(()); }
             second = next_signal() => {
                 tracing::warn!(signal = second.unwrap_or("?"), "second signal: stopping now");
                 std::process::exit(1);
@@ -171,6 +206,10 @@ pub async fn run_until_signalled(running: Running) -> io::Result<()> {
         }
     });
     running.server.await?;
+    // The server is done; the stop's background work (the goodbye) may still be under way.
+    if running.stopper.is_stopping() {
+        let _ = tokio::time::timeout(AFTER_DRAIN + Duration::from_secs(1), stop_done).await;
+    }
     tracing::info!("stopped");
     Ok(())
 }
@@ -219,7 +258,7 @@ mod tests {
             })
             .collect();
         assert!(!flag.is_started());
-        tx.send_replace(true);
+        tx.send_replace(Stage::Draining);
         for w in watchers {
             tokio::time::timeout(Duration::from_secs(5), w).await.unwrap().unwrap();
         }
