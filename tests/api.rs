@@ -280,3 +280,26 @@ async fn bodies_arrive_as_sent_and_streams_stay_one_line_each() {
     let results = json_of(net.get(APP1, &format!("/v1/tasks/{bare}/results")).send().await.unwrap()).await;
     assert_eq!(results[0]["body"], json!(null));
 }
+
+/// A client that stops sending its request body is answered 408 after `BODY_STALL`, rather than
+/// holding its buffer and connection for good; the proxy keeps serving.
+#[tokio::test]
+async fn a_stalled_body_is_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let net = Net::start();
+    let authority = net.proxy1.trim_start_matches("http://").to_owned();
+    let mut tcp = tokio::net::TcpStream::connect(&authority).await.unwrap();
+    let head = format!(
+        "POST /v1/tasks HTTP/1.1\r\nhost: {authority}\r\nauthorization: ApiKey {APP1} {KEY}\r\n\
+         content-type: application/json\r\ncontent-length: 1000\r\n\r\n{{\"from\":"
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut answer = vec![0; 512];
+    let limit = photon::http::body::BODY_STALL + SECS(10);
+    let n = tokio::time::timeout(limit, tcp.read(&mut answer)).await.expect("answered").unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(started.elapsed() >= photon::http::body::BODY_STALL - SECS(1));
+    assert_eq!(net.http.get(format!("{}/v1/health", net.proxy1)).send().await.unwrap().status(), 200);
+}

@@ -23,7 +23,13 @@ use crate::{
     wire::{parse_duration, ReadQuery},
 };
 
-/// Reads the whole body, refusing (`413`) anything over `limit` bytes before reading it all.
+/// The longest a request body may stall (no byte arriving) before the request is refused with
+/// `408`: a live upload, however slow its link, sends far more often, and a client that stops
+/// would otherwise hold its buffer and connection for good.
+pub const BODY_STALL: Duration = Duration::from_secs(15);
+
+/// Reads the whole body, refusing (`413`) anything over `limit` bytes before reading it all,
+/// and (`408`) a body that stalls for [`BODY_STALL`].
 pub async fn read_limited(req: &HttpRequest, mut payload: web::Payload, limit: usize) -> Result<Bytes, ApiError> {
     let declared = req
         .headers()
@@ -34,7 +40,11 @@ pub async fn read_limited(req: &HttpRequest, mut payload: web::Payload, limit: u
         return Err(ApiError::TooLarge { limit });
     }
     let mut body = BytesMut::with_capacity(declared.unwrap_or(0).min(limit as u64) as usize);
-    while let Some(chunk) = payload.next().await {
+    loop {
+        let next = tokio::time::timeout(BODY_STALL, payload.next()).await.map_err(|_| {
+            ApiError::RequestTimeout(format!("the request body stalled for {} s", BODY_STALL.as_secs()))
+        })?;
+        let Some(chunk) = next else { break };
         let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("cannot read the request body: {e}")))?;
         if body.len() + chunk.len() > limit {
             return Err(ApiError::TooLarge { limit });

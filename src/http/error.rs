@@ -47,6 +47,9 @@ pub enum ApiError {
     Internal(String),
     #[error("{0}")]
     GatewayTimeout(String),
+    /// The client stopped sending its request body.
+    #[error("{0}")]
+    RequestTimeout(String),
     /// An error answer from the broker, passed on to the app as it came.
     #[error("the broker answered {status}")]
     Relayed { status: StatusCode, body: bytes::Bytes },
@@ -94,6 +97,7 @@ impl ResponseError for ApiError {
             Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::Relayed { status, .. } => *status,
         }
     }
