@@ -301,10 +301,16 @@ where
             let status = if batch.counted >= want { Status::OK } else { Status::PARTIAL_CONTENT };
             return Ok(json_answer(status, &batch.items));
         }
+        // The refused stay with the broker until they expire or are replaced (a worker's new
+        // answer), which the broker's count does not show: ask again in slices, so that a
+        // change among them costs at most a slice, not the rest of the wait.
         ask.wait_count = Some(want + batch.refused);
-        ask.wait_time = Some(format!("{}ms", left.as_millis()));
+        ask.wait_time = Some(format!("{}ms", left.min(REFUSED_SLICE).as_millis()));
     }
 }
+
+/// How long a long-poll waits at a time while some of what the broker counts is refused here.
+const REFUSED_SLICE: Duration = Duration::from_secs(1);
 
 async fn get_task(state: State, req: HttpRequest, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let caller = state.keys.authenticate(&req)?;
@@ -465,11 +471,18 @@ pub(crate) struct Lines {
     buf: BytesMut,
     /// How much of `buf` is known to hold no line end, so a long line is scanned once.
     scanned: usize,
+    /// The stream broke off (a read error, or a line over [`MAX_LINE`]) rather than ending.
+    broke: bool,
 }
 
 impl Lines {
     pub(crate) fn new(res: reqwest::Response) -> Self {
-        Self { body: res.bytes_stream().boxed(), buf: BytesMut::new(), scanned: 0 }
+        Self { body: res.bytes_stream().boxed(), buf: BytesMut::new(), scanned: 0, broke: false }
+    }
+
+    /// After `next_event` gave `None`: whether the stream broke off rather than ended.
+    pub(crate) fn broke(&self) -> bool {
+        self.broke
     }
 
     /// The next event, skipping (and logging) lines that are not one.
@@ -494,11 +507,20 @@ impl Lines {
             }
             self.scanned = self.buf.len();
             if self.buf.len() > MAX_LINE {
+                self.broke = true;
                 return None;
             }
             match self.body.next().await {
                 Some(Ok(chunk)) => self.buf.extend_from_slice(&chunk),
-                Some(Err(_)) | None => return None,
+                Some(Err(_)) => {
+                    self.broke = true;
+                    return None;
+                }
+                // A clean end, unless it cut a line short.
+                None => {
+                    self.broke = !self.buf.is_empty();
+                    return None;
+                }
             }
         }
     }
@@ -544,7 +566,7 @@ fn relay_events(
                 return;
             }
         }
-        if wait_count == Some(0) {
+        if wait_count == Some(0) && !lines.broke() {
             return; // asked for nothing more than what was there: the broker's end is the end
         }
         let lost = sse::Data::new_json(LOST).expect("strings serialize");
