@@ -54,6 +54,19 @@ pub async fn read_limited(req: &HttpRequest, mut payload: web::Payload, limit: u
     Ok(body.freeze())
 }
 
+/// Reads and drops the rest of a request body (at most `limit` bytes, stopping when it stalls
+/// for [`BODY_STALL`]): for a request refused before its body was read, so that a client still
+/// sending it reads the refusal cleanly rather than a broken connection. Nothing is kept.
+pub async fn discard(mut payload: web::Payload, limit: usize) {
+    let mut read = 0;
+    while read <= limit {
+        match tokio::time::timeout(BODY_STALL, payload.next()).await {
+            Ok(Some(Ok(chunk))) => read += chunk.len(),
+            _ => return,
+        }
+    }
+}
+
 /// The largest piece of an answer handed to actix at once.
 pub const SLICE: usize = 64 * 1024;
 

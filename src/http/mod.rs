@@ -131,7 +131,9 @@ fn verify_request(
 }
 
 /// Refuses, before its body is read, a request whose session, timestamp or sequence number
-/// can't pass [`verify_request`] (see `SessionStore::precheck`).
+/// can't pass [`verify_request`] (see `SessionStore::precheck`). The caller then discards the
+/// body unread (`body::discard`): nothing is kept, hashed or parsed, and a proxy still sending
+/// a large one reads the `401` (and renews its session) instead of a broken connection.
 fn precheck(state: &BrokerState, req: &HttpRequest) -> Result<(), ApiError> {
     (|| {
         let h = |name: &'static str| header_text(req, name).ok_or(AuthError::Header(name));
@@ -230,7 +232,10 @@ fn check_recipients(state: &BrokerState, to: &[AppId]) -> Result<(), ApiError> {
 }
 
 async fn create_task(state: State, req: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
-    precheck(&state, &req)?;
+    if let Err(refused) = precheck(&state, &req) {
+        body::discard(payload, state.max_body).await;
+        return Err(refused);
+    }
     let body = body::read_limited(&req, payload, state.max_body).await?;
     let (digest, task) = body::digest_beside(&body, body::parse_json::<WireTask>).await;
     let caller = authenticate(&state, &req, &digest)?;
@@ -289,7 +294,10 @@ async fn put_result(
     path: web::Path<(String, String)>,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    precheck(&state, &req)?;
+    if let Err(refused) = precheck(&state, &req) {
+        body::discard(payload, state.max_body).await;
+        return Err(refused);
+    }
     let body = body::read_limited(&req, payload, state.max_body).await?;
     let (digest, result) = body::digest_beside(&body, body::parse_json::<WireResult>).await;
     let caller = authenticate(&state, &req, &digest)?;
