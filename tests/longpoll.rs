@@ -32,6 +32,26 @@ async fn the_proxys_max_wait_bounds_every_long_poll() {
     }
 }
 
+/// A count alone waits at most the shorter of the proxy's and the broker's `MAX_WAIT` (the
+/// broker's comes with its control welcome): asked for the proxy's longer one, the broker
+/// would refuse the wait with 400.
+#[tokio::test]
+async fn a_count_alone_waits_within_the_brokers_max_wait_too() {
+    let net = Net::start_with(Options {
+        max_wait: Duration::from_secs(1),
+        proxy_max_wait: Some(Duration::from_secs(3600)),
+        ..Options::default()
+    });
+    let id = net.create(APP1, &[APP2], json!("t"), "1m").await;
+    let own = format!("/v1/tasks/{id}/results?wait_count=1");
+    for (app, path) in [(APP2, "/v1/tasks?filter=todo&wait_count=2"), (APP1, own.as_str())] {
+        let started = Instant::now();
+        let res = tokio::time::timeout(SECS(20), net.get(app, path).send()).await.expect("answered").unwrap();
+        assert_eq!(res.status(), 206, "{path}");
+        assert!(started.elapsed() >= Duration::from_millis(900), "{path}: {:?}", started.elapsed());
+    }
+}
+
 #[tokio::test]
 async fn results_wait_for_count_time_or_both() {
     let net = Net::start();

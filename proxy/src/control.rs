@@ -111,8 +111,9 @@ pub async fn open(upstream: &Upstream) -> Result<Open, UpstreamError> {
     }
     let mut open = Open { res, heartbeat: Duration::ZERO, buf: BytesMut::new() };
     match tokio::time::timeout(WELCOME_WITHIN, open.next_line()).await {
-        Ok(Ok(Some(ControlEvent::Welcome { heartbeat_ms }))) => {
+        Ok(Ok(Some(ControlEvent::Welcome { heartbeat_ms, max_wait_ms }))) => {
             open.heartbeat = Duration::from_millis(heartbeat_ms.max(1));
+            upstream.learn_broker_max_wait(max_wait_ms.map(Duration::from_millis));
             Ok(open)
         }
         Ok(Ok(other)) => Err(UpstreamError::Refused(format!("unexpected first control line: {other:?}"))),

@@ -136,7 +136,7 @@ async fn long_poll(state: &ProxyState, caller: &AppId, path: &str, mut q: ReadQu
     q.stream = None;
     let wait = body::parse_wait(&q, state.config.max_wait)?;
     let waits = wait.count.is_some() || wait.time.is_some();
-    let time = wait.time.unwrap_or(state.config.max_wait);
+    let time = wait.time.unwrap_or_else(|| state.longest_wait());
     if waits {
         q.wait_time = Some(format!("{}ms", time.as_millis()));
     }
@@ -291,7 +291,7 @@ where
         return Ok(json_answer(status, &open(res).await?.items));
     };
     let wait = body::parse_wait(&q, state.config.max_wait)?;
-    let until = tokio::time::Instant::now() + wait.time.unwrap_or(state.config.max_wait);
+    let until = tokio::time::Instant::now() + wait.time.unwrap_or_else(|| state.longest_wait());
     let mut ask = q;
     loop {
         let batch = open(long_poll(state, caller, path, ask.clone()).await?).await?;

@@ -53,6 +53,14 @@ pub struct ProxyState {
     pub shutdown: Shutdown,
 }
 
+impl ProxyState {
+    /// How long a wait given only a count may last: this proxy's `MAX_WAIT`, or the broker's if
+    /// that is shorter (asked for longer, the broker would refuse the wait with 400).
+    pub fn longest_wait(&self) -> std::time::Duration {
+        self.upstream.broker_max_wait().map_or(self.config.max_wait, |b| b.min(self.config.max_wait))
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("{0}")]

@@ -133,6 +133,8 @@ pub struct Upstream {
     session: RwLock<Option<Arc<ClientSession>>>,
     /// Serializes handshakes so a burst of requests makes one session, not many.
     handshake: tokio::sync::Mutex<()>,
+    /// The broker's `MAX_WAIT` in ms as its control welcome gave it; 0 until known.
+    broker_max_wait_ms: std::sync::atomic::AtomicU64,
     /// When the last handshake failed, and why (see `session`).
     last_failure: parking_lot::Mutex<Option<(Instant, String)>>,
     /// When each peer's certificate was last fetched because of an unknown key id.
@@ -169,6 +171,7 @@ impl Upstream {
             session: RwLock::new(None),
             handshake: tokio::sync::Mutex::new(()),
             last_failure: parking_lot::Mutex::new(None),
+            broker_max_wait_ms: std::sync::atomic::AtomicU64::new(0),
             refetched: dashmap::DashMap::new(),
             instance: HeaderValue::try_from(uuid::Uuid::new_v4().to_string()).expect("a UUID is a header value"),
             metrics: photon::ops::Metrics::off(),
@@ -293,6 +296,19 @@ impl Upstream {
                 }
             }
         }
+    }
+
+    /// Keeps the broker's `MAX_WAIT` from its control welcome (a broker that does not say
+    /// leaves it unknown).
+    pub fn learn_broker_max_wait(&self, max_wait: Option<Duration>) {
+        let ms = max_wait.map_or(0, |d| d.as_millis().clamp(1, u64::MAX as u128) as u64);
+        self.broker_max_wait_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The broker's `MAX_WAIT`, once its control welcome said.
+    pub fn broker_max_wait(&self) -> Option<Duration> {
+        let ms = self.broker_max_wait_ms.load(std::sync::atomic::Ordering::Relaxed);
+        (ms > 0).then(|| Duration::from_millis(ms))
     }
 
     /// The session held, if it has not expired (though due for renewal).

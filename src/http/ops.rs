@@ -102,10 +102,12 @@ pub(super) async fn control(state: State, req: HttpRequest) -> Result<HttpRespon
     })?;
     tracing::info!(proxy = %proxy, "proxy online");
     let heartbeat = state.keepalive;
+    let max_wait_ms = state.engine.limits().max_wait.as_millis() as u64;
     let shutdown = state.shutdown.clone();
     let (out, rx) = mpsc::channel::<Bytes>(4);
     actix_web::rt::spawn(async move {
-        let welcome = ControlEvent::Welcome { heartbeat_ms: heartbeat.as_millis() as u64 };
+        let welcome =
+            ControlEvent::Welcome { heartbeat_ms: heartbeat.as_millis() as u64, max_wait_ms: Some(max_wait_ms) };
         if out.send(stream::json_line(&welcome)).await.is_err() {
             return;
         }

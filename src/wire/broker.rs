@@ -90,6 +90,9 @@ pub enum ControlEvent {
     /// `heartbeat_ms`, so the proxy can tell a dead connection from a quiet one.
     Welcome {
         heartbeat_ms: u64,
+        /// The broker's `MAX_WAIT`: a proxy asks for no longer wait on its apps' behalf.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_wait_ms: Option<u64>,
     },
     Heartbeat,
     /// The broker ends the connection (shutting down, certificate revoked, replaced).
