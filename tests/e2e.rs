@@ -456,3 +456,26 @@ async fn a_refused_result_does_not_count_towards_wait_count() {
     assert_eq!(sse.next_event(SECS(10)).await, None, "the count is met: the stream ends");
     assert!(refused(&net, &net.proxy1, "forged").await >= 2);
 }
+
+/// A refused task that expires during a worker's wait does not end the wait early (with 206)
+/// nor stall it: the good task that comes later is delivered at once.
+#[tokio::test]
+async fn a_refused_task_that_expires_during_a_wait_leaves_the_wait_to_the_next_task() {
+    let net = mitm();
+    let bad = net.create(APP1, &[APP2], json!("altered on the way"), "1s").await;
+    alter_listed_tasks(&net, move |t| {
+        if t["id"] == json!(bad) {
+            t["metadata"] = json!("altered");
+        }
+    });
+    let waiter = tokio::spawn(net.get(APP2, "/v1/tasks?filter=todo&wait_count=1&wait_time=8s").send());
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    assert!(!waiter.is_finished(), "the refused task expired; the wait goes on");
+    let started = std::time::Instant::now();
+    let good = net.create(APP1, &[APP2], json!("fine"), "60s").await;
+    let res = tokio::time::timeout(Duration::from_secs(10), waiter).await.unwrap().unwrap().unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(started.elapsed() < Duration::from_secs(3), "woken by the task: {:?}", started.elapsed());
+    let tasks: Vec<Value> = res.json().await.unwrap();
+    assert_eq!(tasks.iter().map(|t| t["id"].clone()).collect::<Vec<_>>(), vec![json!(good)]);
+}

@@ -293,19 +293,31 @@ where
     let wait = body::parse_wait(&q, state.config.max_wait)?;
     let until = tokio::time::Instant::now() + wait.time.unwrap_or_else(|| state.longest_wait());
     let mut ask = q;
+    // Whether the last question to the broker covered all the time left, so that its answer
+    // is final when nothing in it was refused.
+    let mut whole_time = true;
     loop {
         let batch = open(long_poll(state, caller, path, ask.clone()).await?).await?;
         let left = until.saturating_duration_since(tokio::time::Instant::now());
-        if batch.counted >= want || batch.refused == 0 || left.is_zero() || state.shutdown.is_started() {
+        let done = batch.counted >= want || left.is_zero() || state.shutdown.is_started();
+        if done || (batch.refused == 0 && whole_time) {
             use actix_web::http::StatusCode as Status;
             let status = if batch.counted >= want { Status::OK } else { Status::PARTIAL_CONTENT };
             return Ok(json_answer(status, &batch.items));
         }
-        // The refused stay with the broker until they expire or are replaced (a worker's new
-        // answer), which the broker's count does not show: ask again in slices, so that a
-        // change among them costs at most a slice, not the rest of the wait.
-        ask.wait_count = Some(want + batch.refused);
-        ask.wait_time = Some(format!("{}ms", left.min(REFUSED_SLICE).as_millis()));
+        if batch.refused == 0 {
+            // What was refused is gone (expired or replaced): wait the rest as asked.
+            ask.wait_count = Some(want);
+            ask.wait_time = Some(format!("{}ms", left.as_millis()));
+            whole_time = true;
+        } else {
+            // The refused stay with the broker until they expire or are replaced (a worker's
+            // new answer), which the broker's count does not show: ask again in slices, so
+            // that a change among them costs at most a slice, not the rest of the wait.
+            ask.wait_count = Some(want + batch.refused);
+            ask.wait_time = Some(format!("{}ms", left.min(REFUSED_SLICE).as_millis()));
+            whole_time = left <= REFUSED_SLICE;
+        }
     }
 }
 

@@ -590,7 +590,7 @@ pub async fn wait(
     wait: photon::actors::engine::Wait,
 ) -> Result<Waited, ApiError> {
     let _waiting = state.waiters.hold();
-    let until = Instant::now() + wait.time.unwrap_or(state.config.max_wait);
+    let until = Instant::now() + wait.time.unwrap_or_else(|| state.longest_wait());
     let left = || Waited::Direct { left: until.saturating_duration_since(Instant::now()) };
     // Opening the hub is a request to the broker: it must not hold the wait past its time, nor
     // past the shutdown flag (the direct read that follows answers with what there is).

@@ -31,11 +31,7 @@ pub const BODY_STALL: Duration = Duration::from_secs(15);
 /// Reads the whole body, refusing (`413`) anything over `limit` bytes before reading it all,
 /// and (`408`) a body that stalls for [`BODY_STALL`].
 pub async fn read_limited(req: &HttpRequest, mut payload: web::Payload, limit: usize) -> Result<Bytes, ApiError> {
-    let declared = req
-        .headers()
-        .get(actix_web::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared = declared_length(req);
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::TooLarge { limit });
     }
@@ -54,10 +50,20 @@ pub async fn read_limited(req: &HttpRequest, mut payload: web::Payload, limit: u
     Ok(body.freeze())
 }
 
+fn declared_length(req: &HttpRequest) -> Option<u64> {
+    req.headers()
+        .get(actix_web::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
 /// Reads and drops the rest of a request body (at most `limit` bytes, stopping when it stalls
 /// for [`BODY_STALL`]): for a request refused before its body was read, so that a client still
 /// sending it reads the refusal cleanly rather than a broken connection. Nothing is kept.
-pub async fn discard(mut payload: web::Payload, limit: usize) {
+pub async fn discard(req: &HttpRequest, mut payload: web::Payload, limit: usize) {
+    if declared_length(req).is_some_and(|n| n > limit as u64) {
+        return; // it would not be read whole anyway
+    }
     let mut read = 0;
     while read <= limit {
         match tokio::time::timeout(BODY_STALL, payload.next()).await {

@@ -233,7 +233,7 @@ fn check_recipients(state: &BrokerState, to: &[AppId]) -> Result<(), ApiError> {
 
 async fn create_task(state: State, req: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
     if let Err(refused) = precheck(&state, &req) {
-        body::discard(payload, state.max_body).await;
+        body::discard(&req, payload, state.max_body).await;
         return Err(refused);
     }
     let body = body::read_limited(&req, payload, state.max_body).await?;
@@ -295,7 +295,7 @@ async fn put_result(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     if let Err(refused) = precheck(&state, &req) {
-        body::discard(payload, state.max_body).await;
+        body::discard(&req, payload, state.max_body).await;
         return Err(refused);
     }
     let body = body::read_limited(&req, payload, state.max_body).await?;
