@@ -50,6 +50,16 @@ fn alter_listed_tasks(net: &Net, mut f: impl FnMut(&mut Value) + Send + 'static)
     });
 }
 
+/// Alters task `id` (its metadata) in every listing the broker hands out: its recipient's proxy
+/// refuses it as forged, each time.
+fn alter_task_on_the_way(net: &Net, id: String) {
+    alter_listed_tasks(net, move |t| {
+        if t["id"] == json!(id) {
+            t["metadata"] = json!("altered");
+        }
+    });
+}
+
 /// Applies `f` to every result in the broker's answers to result reads.
 fn alter_results(net: &Net, mut f: impl FnMut(&mut Value) + Send + 'static) {
     relay(net).rewrite_answers(move |what, v| {
@@ -347,12 +357,7 @@ async fn honest_metadata_with_awkward_numbers_opens() {
 #[tokio::test]
 async fn a_refused_task_does_not_end_a_workers_wait() {
     let net = mitm();
-    let bad = net.create(APP1, &[APP2], json!("altered on the way"), "60s").await;
-    alter_listed_tasks(&net, move |t| {
-        if t["id"] == json!(bad) {
-            t["metadata"] = json!("altered");
-        }
-    });
+    alter_task_on_the_way(&net, net.create(APP1, &[APP2], json!("altered on the way"), "60s").await);
     let started = std::time::Instant::now();
     let res = net.get(APP2, "/v1/tasks?filter=todo&wait_count=1&wait_time=1500ms").send().await.unwrap();
     assert_eq!(res.status(), 206);
@@ -462,12 +467,7 @@ async fn a_refused_result_does_not_count_towards_wait_count() {
 #[tokio::test]
 async fn a_refused_task_that_expires_during_a_wait_leaves_the_wait_to_the_next_task() {
     let net = mitm();
-    let bad = net.create(APP1, &[APP2], json!("altered on the way"), "1s").await;
-    alter_listed_tasks(&net, move |t| {
-        if t["id"] == json!(bad) {
-            t["metadata"] = json!("altered");
-        }
-    });
+    alter_task_on_the_way(&net, net.create(APP1, &[APP2], json!("altered on the way"), "1s").await);
     let waiter = tokio::spawn(net.get(APP2, "/v1/tasks?filter=todo&wait_count=1&wait_time=8s").send());
     tokio::time::sleep(Duration::from_millis(3000)).await;
     assert!(!waiter.is_finished(), "the refused task expired; the wait goes on");

@@ -333,65 +333,75 @@ mod tests {
 
     use super::*;
 
+    /// A CA in a directory of its own (removed when dropped) that issues proxy keys.
+    struct TestCa {
+        dir: std::path::PathBuf,
+        broker_id: &'static str,
+        root: RootCert,
+    }
+
+    impl TestCa {
+        fn new(broker_id: &'static str) -> Self {
+            let dir = std::env::temp_dir().join(format!("photon-keyring-{}", uuid::Uuid::new_v4()));
+            ca::init(&dir, broker_id, 30).unwrap();
+            let root = RootCert::load(&dir.join(ca::ROOT_CERT)).unwrap();
+            Self { dir, broker_id, root }
+        }
+
+        fn id(&self, name: &str) -> ProxyId {
+            ProxyId::from_parts(name, self.broker_id).unwrap()
+        }
+
+        /// A new key for `id`, certified (its certificate is now the one on file for `id`).
+        fn issue(&self, id: &ProxyId) -> Own {
+            let (key, csr) = ca::keygen(id).unwrap();
+            let (_, cert_file) = ca::sign(&self.dir, self.broker_id, &csr, 30).unwrap();
+            let pem = std::fs::read_to_string(cert_file).unwrap();
+            let cert = self.root.verify(&pem, (unix_millis() / 1000) as i64).unwrap();
+            Own::new(Identity::new(&key, pem, &cert).unwrap(), cert)
+        }
+    }
+
+    impl Drop for TestCa {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
     /// With a broker id of several labels, the broker's own certificate (from the same root,
     /// named by that id) parses as a proxy's; it is refused as a peer all the same, and only
     /// `<proxy>.<broker id>` certificates are taken.
     #[test]
     fn only_proxies_of_this_broker_are_peers() {
-        let broker_id = "broker.example.org";
-        let dir = std::env::temp_dir().join(format!("photon-keyring-{}", uuid::Uuid::new_v4()));
-        ca::init(&dir, broker_id, 30).unwrap();
-        let root = RootCert::load(&dir.join(ca::ROOT_CERT)).unwrap();
-        let now = (unix_millis() / 1000) as i64;
-        let proxy = |name: &str| {
-            let id = ProxyId::from_parts(name, broker_id).unwrap();
-            let (key, csr) = ca::keygen(&id).unwrap();
-            let (_, cert_file) = ca::sign(&dir, broker_id, &csr, 30).unwrap();
-            let pem = std::fs::read_to_string(cert_file).unwrap();
-            let cert = root.verify(&pem, now).unwrap();
-            (id, Own::new(Identity::new(&key, pem, &cert).unwrap(), cert))
-        };
-        let (me, own) = proxy("proxy1");
-        let (peer_id, peer) = proxy("proxy2");
-        let keys = Keyring::new(me, root, own, Duration::from_secs(60));
-        assert_eq!(keys.broker_id(), broker_id);
+        let ca = TestCa::new("broker.example.org");
+        let (me, peer_id) = (ca.id("proxy1"), ca.id("proxy2"));
+        let peer = ca.issue(&peer_id);
+        let keys = Keyring::new(me.clone(), ca.root.clone(), ca.issue(&me), Duration::from_secs(60));
+        assert_eq!(keys.broker_id(), ca.broker_id);
 
-        let broker_as_proxy = ProxyId::parse(broker_id).expect("a broker id of three labels parses as a ProxyId");
-        let broker_pem = std::fs::read_to_string(dir.join(ca::BROKER_CERT)).unwrap();
+        let broker_as_proxy = ProxyId::parse(ca.broker_id).expect("a broker id of three labels parses as a ProxyId");
+        let broker_pem = std::fs::read_to_string(ca.dir.join(ca::BROKER_CERT)).unwrap();
         let refused = keys.install(&broker_as_proxy, &broker_pem).err().expect("the broker is no peer");
         assert!(refused.to_string().contains("not a proxy of broker"), "{refused}");
         assert!(keys.install(&peer_id, &peer.cert.pem).is_ok());
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// The own key before a rotation opens messages only while its certificate is valid and
     /// unrevoked: a key revoked because it leaked may be in hands that seal for it.
     #[test]
     fn a_revoked_previous_own_key_opens_nothing() {
-        let broker_id = "broker";
-        let dir = std::env::temp_dir().join(format!("photon-keyring-{}", uuid::Uuid::new_v4()));
-        ca::init(&dir, broker_id, 30).unwrap();
-        let root = RootCert::load(&dir.join(ca::ROOT_CERT)).unwrap();
-        let now = (unix_millis() / 1000) as i64;
-        let me = ProxyId::from_parts("proxy1", broker_id).unwrap();
-        let own = || {
-            let (key, csr) = ca::keygen(&me).unwrap();
-            let (_, cert_file) = ca::sign(&dir, broker_id, &csr, 30).unwrap();
-            let pem = std::fs::read_to_string(cert_file).unwrap();
-            let cert = root.verify(&pem, now).unwrap();
-            Own::new(Identity::new(&key, pem, &cert).unwrap(), cert)
-        };
-        let old = own();
-        ca::revoke(&dir, &me).unwrap(); // the certificate on file: the old one
-        let crl = root.verify_crl(&std::fs::read_to_string(dir.join(ca::CRL_FILE)).unwrap()).unwrap();
-        let new = own();
-        let keys = Keyring::new(me.clone(), root.clone(), old, Duration::from_secs(60));
+        let ca = TestCa::new("broker");
+        let me = ca.id("proxy1");
+        let old = ca.issue(&me);
+        ca::revoke(&ca.dir, &me).unwrap(); // the certificate on file: the old one
+        let crl = ca.root.verify_crl(&std::fs::read_to_string(ca.dir.join(ca::CRL_FILE)).unwrap()).unwrap();
+        let new = ca.issue(&me);
+        let keys = Keyring::new(me.clone(), ca.root.clone(), old, Duration::from_secs(60));
         let old_kid = keys.own().kid;
         keys.rotate(new);
         assert!(keys.set_crl(crl));
         let previous = keys.own_by_kid(&old_kid).expect("kept for opening");
         assert!(matches!(keys.check_own(&previous), Err(PeerError::Revoked(_))));
         assert!(keys.check_own(&keys.own()).is_ok());
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -391,10 +391,7 @@ impl SessionStore {
         app: &str,
         body: &BodyDigest,
     ) -> Result<ProxyId, AuthError> {
-        let session = self.sessions.get(session).map(|s| s.clone()).ok_or(AuthError::UnknownSession)?;
-        if Instant::now() >= session.expires_at {
-            return Err(AuthError::UnknownSession);
-        }
+        let session = self.live(session)?;
         let tag = b64().decode(mac_b64).map_err(|_| AuthError::Header("x-photon-mac"))?;
         request_mac(&session.key, method, path_and_query, app, seq, ts, body)
             .verify_slice(&tag)
@@ -413,10 +410,7 @@ impl SessionStore {
     /// fails here is refused without reading (or hashing and parsing) what may be megabytes
     /// from anyone. [`verify`](Self::verify) checks it all again, with the MAC, afterwards.
     pub fn precheck(&self, session: &str, seq: u64, ts: u64) -> Result<(), AuthError> {
-        let session = self.sessions.get(session).map(|s| s.clone()).ok_or(AuthError::UnknownSession)?;
-        if Instant::now() >= session.expires_at {
-            return Err(AuthError::UnknownSession);
-        }
+        let session = self.live(session)?;
         if unix_millis().abs_diff(ts) > TS_WINDOW_MS {
             return Err(AuthError::Clock);
         }
@@ -424,6 +418,15 @@ impl SessionStore {
             return Err(AuthError::Replay);
         }
         Ok(())
+    }
+
+    /// The session `id`, if it is known and has not expired.
+    fn live(&self, id: &str) -> Result<std::sync::Arc<ServerSession>, AuthError> {
+        let session = self.sessions.get(id).map(|s| s.clone()).ok_or(AuthError::UnknownSession)?;
+        if Instant::now() >= session.expires_at {
+            return Err(AuthError::UnknownSession);
+        }
+        Ok(session)
     }
 
     /// Ends every session opened with a certificate `crl` revokes; returns their proxies.

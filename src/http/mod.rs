@@ -115,11 +115,9 @@ fn verify_request(
     body: &BodyDigest,
 ) -> Result<ProxyId, ApiError> {
     let verified = (|| {
-        let h = |name: &'static str| header_text(req, name).ok_or(AuthError::Header(name));
-        let seq = h(bw::SEQ_HEADER)?.parse().map_err(|_| AuthError::Header(bw::SEQ_HEADER))?;
-        let ts = h(bw::TS_HEADER)?.parse().map_err(|_| AuthError::Header(bw::TS_HEADER))?;
+        let (session, seq, ts) = signed_headers(req)?;
+        let mac = header_text(req, bw::MAC_HEADER).ok_or(AuthError::Header(bw::MAC_HEADER))?;
         let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-        let (session, mac) = (h(bw::SESSION_HEADER)?, h(bw::MAC_HEADER)?);
         state.sessions.verify(session, seq, ts, mac, req.method().as_str(), path, app_text, body)
     })()
     .map_err(|e| refused(state, e))?;
@@ -130,18 +128,32 @@ fn verify_request(
     Ok(verified)
 }
 
-/// Refuses, before its body is read, a request whose session, timestamp or sequence number
-/// can't pass [`verify_request`] (see `SessionStore::precheck`). The caller then discards the
-/// body unread (`body::discard`): nothing is kept, hashed or parsed, and a proxy still sending
-/// a large one reads the `401` (and renews its session) instead of a broken connection.
-fn precheck(state: &BrokerState, req: &HttpRequest) -> Result<(), ApiError> {
-    (|| {
-        let h = |name: &'static str| header_text(req, name).ok_or(AuthError::Header(name));
-        let seq = h(bw::SEQ_HEADER)?.parse().map_err(|_| AuthError::Header(bw::SEQ_HEADER))?;
-        let ts = h(bw::TS_HEADER)?.parse().map_err(|_| AuthError::Header(bw::TS_HEADER))?;
-        state.sessions.precheck(h(bw::SESSION_HEADER)?, seq, ts)
-    })()
-    .map_err(|e| refused(state, e))
+/// A signed request's session, sequence number and timestamp headers.
+fn signed_headers(req: &HttpRequest) -> Result<(&str, u64, u64), AuthError> {
+    let h = |name: &'static str| header_text(req, name).ok_or(AuthError::Header(name));
+    let seq = h(bw::SEQ_HEADER)?.parse().map_err(|_| AuthError::Header(bw::SEQ_HEADER))?;
+    let ts = h(bw::TS_HEADER)?.parse().map_err(|_| AuthError::Header(bw::TS_HEADER))?;
+    Ok((h(bw::SESSION_HEADER)?, seq, ts))
+}
+
+/// Refuses, before its body is read, an upload whose session, timestamp or sequence number
+/// can't pass [`verify_request`] (see `SessionStore::precheck`). The body of a refused one is
+/// read and dropped (`body::discard`): nothing is kept, hashed or parsed, and a proxy still
+/// sending a large one reads the `401` (and renews its session) instead of a broken
+/// connection. Returns the payload of an upload that may go on.
+async fn precheck_upload(
+    state: &BrokerState,
+    req: &HttpRequest,
+    payload: web::Payload,
+) -> Result<web::Payload, ApiError> {
+    let checked = signed_headers(req).and_then(|(session, seq, ts)| state.sessions.precheck(session, seq, ts));
+    match checked {
+        Ok(()) => Ok(payload),
+        Err(e) => {
+            body::discard(req, payload, state.max_body).await;
+            Err(refused(state, e))
+        }
+    }
 }
 
 fn header_text<'r>(req: &'r HttpRequest, name: &str) -> Option<&'r str> {
@@ -232,10 +244,7 @@ fn check_recipients(state: &BrokerState, to: &[AppId]) -> Result<(), ApiError> {
 }
 
 async fn create_task(state: State, req: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
-    if let Err(refused) = precheck(&state, &req) {
-        body::discard(&req, payload, state.max_body).await;
-        return Err(refused);
-    }
+    let payload = precheck_upload(&state, &req, payload).await?;
     let body = body::read_limited(&req, payload, state.max_body).await?;
     let (digest, task) = body::digest_beside(&body, body::parse_json::<WireTask>).await;
     let caller = authenticate(&state, &req, &digest)?;
@@ -294,10 +303,7 @@ async fn put_result(
     path: web::Path<(String, String)>,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    if let Err(refused) = precheck(&state, &req) {
-        body::discard(&req, payload, state.max_body).await;
-        return Err(refused);
-    }
+    let payload = precheck_upload(&state, &req, payload).await?;
     let body = body::read_limited(&req, payload, state.max_body).await?;
     let (digest, result) = body::digest_beside(&body, body::parse_json::<WireResult>).await;
     let caller = authenticate(&state, &req, &digest)?;
