@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use reqwest::header;
-use serde_json::json;
+use serde_json::{json, Value};
 
 #[tokio::test]
 async fn create_fetch_answer_read() {
@@ -302,4 +302,98 @@ async fn a_stalled_body_is_408() {
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(started.elapsed() >= photon::http::body::BODY_STALL - SECS(1));
     assert_eq!(net.http.get(format!("{}/v1/health", net.proxy1)).send().await.unwrap().status(), 200);
+}
+
+/// A burst of task creations: 40 new ids, 8 of them sent twice. Returns each upload's status
+/// and body, in the order sent.
+async fn create_burst(net: &Net, ids: &[uuid::Uuid]) -> Vec<(u16, String)> {
+    let sends = ids.iter().chain(&ids[..8]).map(|id| async move {
+        let t = task(&id.to_string(), APP1, &[APP2], json!({"n": id.to_string()}), "60s");
+        let res = net.post(APP1, "/v1/tasks").json(&t).send().await.unwrap();
+        (res.status().as_u16(), res.text().await.unwrap())
+    });
+    futures_util::future::join_all(sends).await
+}
+
+/// How many uploads reached the broker: on their own, and inside batches (and how many batches).
+fn uploads_seen(relay: &common::relay::Relay) -> (usize, usize, usize) {
+    let single = relay.requests_to("POST", "/v1/tasks").len() + relay.requests_to("PUT", "/v1/tasks/").len();
+    let batches = relay.requests_to("POST", "/v1/batch");
+    let batched = batches.iter().map(|b| serde_json::from_slice::<Vec<Value>>(&b.body).unwrap().len()).sum();
+    (single, batched, batches.len())
+}
+
+/// Creations and results that pile up while the broker is busy go to it together (`POST
+/// /v1/batch`, one signed request), each exactly once, and each app still gets its own answer:
+/// a duplicate id its 409, every other task its 201 and its results.
+#[tokio::test]
+async fn concurrent_uploads_travel_in_batches_with_their_own_answers() {
+    // Through a relay: it counts what reaches the broker, and its slower forwarding makes the
+    // uploads pile up behind the ones in flight.
+    let net = Net::start_with(Options { relay: true, ..Options::default() });
+    let relay = net.relay.as_deref().unwrap();
+    let mut created = Vec::new();
+    for _ in 0..5 {
+        let ids: Vec<uuid::Uuid> = (0..40).map(|_| uuid::Uuid::new_v4()).collect();
+        let answers = create_burst(&net, &ids).await;
+        for j in 0..8 {
+            let mut pair = [&answers[j], &answers[40 + j]];
+            pair.sort_by_key(|(status, _)| *status);
+            assert_eq!((pair[0].0, pair[1].0), (201, 409), "one of the two sends of {} is stored", ids[j]);
+            assert!(serde_json::from_str::<Value>(&pair[1].1).unwrap()["error"].is_string(), "{:?}", pair[1]);
+        }
+        assert_eq!(answers.iter().filter(|(s, _)| *s == 201).count(), 40, "{answers:?}");
+        created.extend(ids);
+        if uploads_seen(relay).2 > 0 {
+            break;
+        }
+    }
+    let (single, batched, batches) = uploads_seen(relay);
+    assert!(batches > 0, "no burst was batched");
+    assert_eq!(single + batched, created.len() / 40 * 48, "every upload reached the broker exactly once");
+
+    // The worker answers them all at once: the results travel in batches too, and each
+    // reaches its creator.
+    let todo = json_of(net.get(APP2, "/v1/tasks?filter=todo&wait_count=1000&wait_time=2s").send().await.unwrap()).await;
+    assert_eq!(todo.as_array().unwrap().len(), created.len());
+    let net = &net;
+    let puts = todo.as_array().unwrap().iter().map(|t| {
+        let id = t["id"].as_str().unwrap().to_owned();
+        let body = json!({"echo": t["body"]["n"]});
+        async move { net.answer(APP2, &id, APP1, "succeeded", body).await }
+    });
+    let statuses = futures_util::future::join_all(puts).await;
+    assert!(statuses.iter().all(|s| *s == 201), "{statuses:?}");
+    for id in &created {
+        let results = json_of(net.get(APP1, &format!("/v1/tasks/{id}/results")).send().await.unwrap()).await;
+        assert_eq!(results.as_array().unwrap().len(), 1, "{id}");
+        assert_eq!(results[0]["body"], json!({"echo": id.to_string()}), "{id}");
+    }
+}
+
+/// A broker without the batch endpoint (an older version, `404`) gets each upload on its own:
+/// none is lost, and the proxy stops trying batches.
+#[tokio::test]
+async fn uploads_go_on_their_own_to_a_broker_without_batches() {
+    let net = Net::start_with(Options { relay: true, ..Options::default() });
+    let relay = net.relay.as_deref().unwrap();
+    relay.without_endpoint("POST /v1/batch");
+    let mut created = 0;
+    for _ in 0..5 {
+        let ids: Vec<uuid::Uuid> = (0..40).map(|_| uuid::Uuid::new_v4()).collect();
+        let answers = create_burst(&net, &ids).await;
+        assert_eq!(answers.iter().filter(|(s, _)| *s == 201).count(), 40, "{answers:?}");
+        assert_eq!(answers.iter().filter(|(s, _)| *s == 409).count(), 8, "{answers:?}");
+        created += 40;
+        if uploads_seen(relay).2 > 0 {
+            break;
+        }
+    }
+    let (_, _, tried) = uploads_seen(relay);
+    assert!(tried > 0, "no burst tried a batch");
+    assert_eq!(net.broker_tasks().await, created as u64);
+    let ids: Vec<uuid::Uuid> = (0..40).map(|_| uuid::Uuid::new_v4()).collect();
+    let answers = create_burst(&net, &ids).await;
+    assert_eq!(answers.iter().filter(|(s, _)| *s == 201).count(), 40, "{answers:?}");
+    assert_eq!(uploads_seen(relay).2, tried, "no batch is tried again");
 }

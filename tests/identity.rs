@@ -81,20 +81,7 @@ async fn broker_answers_unknown_endpoints_404() {
 #[tokio::test]
 async fn captured_request_replayed_is_refused() {
     let net = Net::start();
-    // This test signs as proxy1 by hand; while the real proxy1 is online the broker would refuse
-    // a second instance of it (409), so it stops first.
-    net.proxy_stops[0].stop_now().await;
-    eventually("proxy1 offline", || async { net.broker_health().await["proxies_online"] == 1 }).await;
-    let root = RootCert::load(&net.pki.join(ca::ROOT_CERT)).unwrap();
-    let cert_pem = std::fs::read_to_string(net.pki.join("certs/proxy1.broker.crt")).unwrap();
-    let cert = root.verify(&cert_pem, (unix_millis() / 1000) as i64).unwrap();
-    let key = std::fs::read_to_string(net.pki.join("proxy1.broker.priv.pem")).unwrap();
-    let identity = session::Identity::new(&key, cert_pem, &cert).unwrap();
-    let pending = session::client_hello(&identity, "broker");
-    let res = net.http.post(format!("{}/v1/session", net.broker)).json(&pending.hello).send().await.unwrap();
-    assert_eq!(res.status(), 200);
-    let accept: SessionAccept = res.json().await.unwrap();
-    let s = session::client_finish(pending, &accept, &root, "broker").unwrap();
+    let s = session_as_proxy1(&net).await;
 
     let path = "/v1/tasks?filter=todo";
     let signed = |app: &str, auth: &session::RequestAuth| {
@@ -131,6 +118,91 @@ async fn captured_request_replayed_is_refused() {
         assert_eq!(res.status(), 400, "{size} bytes of signed non-JSON");
         assert!(json_of(res).await["error"].as_str().unwrap().contains("invalid JSON"), "{size} bytes");
     }
+}
+
+/// A session of proxy1's, opened by hand. While the real proxy1 is online the broker would
+/// refuse a second instance of it (409), so it stops first.
+async fn session_as_proxy1(net: &Net) -> session::ClientSession {
+    net.proxy_stops[0].stop_now().await;
+    eventually("proxy1 offline", || async { net.broker_health().await["proxies_online"] == 1 }).await;
+    let root = RootCert::load(&net.pki.join(ca::ROOT_CERT)).unwrap();
+    let cert_pem = std::fs::read_to_string(net.pki.join("certs/proxy1.broker.crt")).unwrap();
+    let cert = root.verify(&cert_pem, (unix_millis() / 1000) as i64).unwrap();
+    let key = std::fs::read_to_string(net.pki.join("proxy1.broker.priv.pem")).unwrap();
+    let identity = session::Identity::new(&key, cert_pem, &cert).unwrap();
+    let pending = session::client_hello(&identity, "broker");
+    let res = net.http.post(format!("{}/v1/session", net.broker)).json(&pending.hello).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let accept: SessionAccept = res.json().await.unwrap();
+    session::client_finish(pending, &accept, &root, "broker").unwrap()
+}
+
+/// A batch of uploads is authenticated as the proxy, and each upload is then checked, stored
+/// or refused on its own, in order, with the status and error body its own request would get.
+#[tokio::test]
+async fn each_upload_of_a_batch_has_its_own_outcome() {
+    let net = Net::start();
+    let s = session_as_proxy1(&net).await;
+    let send = |body: Vec<u8>| {
+        let auth = s.sign("POST", bw::BATCH_PATH, "proxy1.broker", &body);
+        with_auth(net.http.post(format!("{}{}", net.broker, bw::BATCH_PATH)), "proxy1.broker", &auth).body(body).send()
+    };
+    let task = |id: &uuid::Uuid, from: &str, to: &str| {
+        serde_json::json!({"task": {"id": id, "from": from, "to": [to], "ttl_ms": 60000,
+            "failure_strategy": "discard", "metadata": null, "body": {"sealed": 1}}})
+    };
+    let result = |task: &uuid::Uuid, from: &str, to: &str| {
+        serde_json::json!({"result": {"task": task, "from": from, "to": [to], "status": "succeeded",
+            "metadata": null, "body": {"sealed": 2}}})
+    };
+    let (a, b) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    let uploads = serde_json::json!([
+        task(&a, APP1, APP3),                // 201
+        result(&a, APP3, APP1),              // 201: the task above is stored first
+        result(&a, APP3, APP1),              // 204: replaces it
+        task(&a, APP1, APP3),                // 409: the id is taken
+        task(&b, APP2, APP1),                // 403: proxy1 may not act for app2
+        task(&b, APP1, "app.proxy9.broker"), // 424: proxy9 has no certificate
+        result(&b, APP3, APP1),              // 404: no such task
+    ]);
+    let res = send(serde_json::to_vec(&uploads).unwrap()).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let outcomes: Vec<serde_json::Value> = res.json().await.unwrap();
+    let statuses: Vec<u64> = outcomes.iter().map(|o| o["status"].as_u64().unwrap()).collect();
+    assert_eq!(statuses, [201, 201, 204, 409, 403, 424, 404]);
+    assert!(outcomes[..3].iter().all(|o| o.get("error").is_none()), "{outcomes:?}");
+    assert!(outcomes[4]["error"]["error"].as_str().unwrap().contains("may not act for"), "{outcomes:?}");
+    assert_eq!(outcomes[5]["error"], serde_json::json!(["proxy9.broker"]), "the 424 body is beam's array");
+    assert!(outcomes[6]["error"]["error"].is_string(), "{outcomes:?}");
+    assert_eq!(net.broker_tasks().await, 1, "only the one good task is stored");
+
+    // Refused as a whole: a body that is not a batch, too many uploads, a body changed after
+    // signing (nothing of it stored).
+    let res = send(b"{\"task\": 1}".to_vec()).await.unwrap();
+    assert_eq!(res.status(), 400);
+    let c = uuid::Uuid::new_v4();
+    let many: Vec<_> = (0..=bw::MAX_BATCH).map(|_| result(&c, APP3, APP1)).collect();
+    let res = send(serde_json::to_vec(&many).unwrap()).await.unwrap();
+    assert_eq!(res.status(), 400);
+    assert!(json_of(res).await["error"].as_str().unwrap().contains("at most"));
+    let body = serde_json::to_vec(&serde_json::json!([task(&c, APP1, APP3)])).unwrap();
+    let auth = s.sign("POST", bw::BATCH_PATH, "proxy1.broker", &body);
+    let changed = serde_json::to_vec(&serde_json::json!([task(&c, APP1, APP1)])).unwrap();
+    let res = with_auth(net.http.post(format!("{}{}", net.broker, bw::BATCH_PATH)), "proxy1.broker", &auth)
+        .body(changed)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+    // Signed as an app rather than as the proxy itself.
+    let auth = s.sign("POST", bw::BATCH_PATH, APP1, &body);
+    let res = with_auth(net.http.post(format!("{}{}", net.broker, bw::BATCH_PATH)), APP1, &auth)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403);
+    assert_eq!(net.broker_tasks().await, 1);
 }
 
 /// `req` with the session headers of `auth`, acting for `app`.

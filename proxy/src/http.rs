@@ -24,6 +24,7 @@ use uuid::Uuid;
 use serde_json::Value;
 
 use crate::{
+    batch::{Kind, Upload, Uploads},
     hub::{self, DirectGuard, Route, Waited},
     seal,
     seal::OpenError,
@@ -234,8 +235,8 @@ async fn create_task(state: State, req: HttpRequest, payload: web::Payload) -> R
         body: Arc::new(serde_json::value::to_raw_value(&Value::Null).expect("null serializes")),
     };
     seal::seal_task(&state.upstream, &mut wire, single_line(new.body)).await?;
-    let bytes = to_json(&wire);
-    let res = state.upstream.call(Method::POST, "/v1/tasks", &caller, bytes, Some(UPSTREAM_SLACK)).await?;
+    let upload = Upload { app: caller, kind: Kind::Task, json: to_json(&wire) };
+    let res = Uploads::send(&state, upload).await?;
     if res.status != StatusCode::CREATED {
         return Err(relayed_whole(res));
     }
@@ -369,9 +370,8 @@ async fn put_result(
         metadata: result.metadata,
     };
     seal::seal_result(&state.upstream, &mut wire, result.body.map(single_line)).await?;
-    let bytes = to_json(&wire);
-    let path = format!("/v1/tasks/{id}/results/{}", wire.from);
-    let res = state.upstream.call(Method::PUT, &path, &caller, bytes, Some(UPSTREAM_SLACK)).await?;
+    let upload = Upload { app: caller, kind: Kind::Result(id), json: to_json(&wire) };
+    let res = Uploads::send(&state, upload).await?;
     let answer = match res.status {
         StatusCode::CREATED => HttpResponse::Created().finish(),
         StatusCode::NO_CONTENT => HttpResponse::NoContent().finish(),

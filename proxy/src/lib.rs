@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod batch;
 pub mod config;
 pub mod control;
 pub mod http;
@@ -50,6 +51,8 @@ pub struct ProxyState {
     pub streams: Arc<Level>,
     /// Broker result streams shared by several readers.
     pub hubs: Arc<hub::Hubs>,
+    /// Task creations and result puts on their way to the broker, batched under load.
+    pub uploads: batch::Uploads,
     pub shutdown: Shutdown,
 }
 
@@ -130,6 +133,7 @@ pub async fn serve(config: ProxyConfig, listener: TcpListener, patience: Duratio
         waiters: Default::default(),
         streams: Default::default(),
         hubs: Default::default(),
+        uploads: Default::default(),
         shutdown: shutdown.clone(),
     });
     state.upstream.refresh().await;

@@ -391,8 +391,21 @@ impl Upstream {
         body: Bytes,
         timeout: Option<Duration>,
     ) -> Result<Whole, UpstreamError> {
+        self.call_as(method, path_and_query, app.as_str(), body, timeout).await
+    }
+
+    /// [`Upstream::call`] acting as `actor`: an app of this proxy, or the proxy itself (its
+    /// upload batches).
+    pub async fn call_as(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        actor: &str,
+        body: Bytes,
+        timeout: Option<Duration>,
+    ) -> Result<Whole, UpstreamError> {
         let Some((authority, pools)) = &self.lean else {
-            let res = self.send(method, path_and_query, app, body, timeout).await?;
+            let res = self.send_as(method, path_and_query, actor, body, timeout).await?;
             let status = res.status();
             // `send` counted a failure up to the head; one while reading the body counts too.
             let read = res.bytes().await.map_err(UpstreamError::from);
@@ -403,7 +416,7 @@ impl Upstream {
         };
         let started = Instant::now();
         let pool = pools.get_or(|| http1::Pool::new(authority, LEAN_IDLE, http1::Resend::Never));
-        let sent = self.signed_lean(pool, &method, path_and_query, app.as_str(), &body, timeout).await;
+        let sent = self.signed_lean(pool, &method, path_and_query, actor, &body, timeout).await;
         self.record(&method, started, &sent);
         sent
     }

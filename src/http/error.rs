@@ -79,6 +79,18 @@ impl From<AuthError> for ApiError {
     }
 }
 
+impl ApiError {
+    /// The JSON body of the error's answer: `{"error": "..."}`, except a `424`'s and a relayed one.
+    pub fn json_body(&self) -> bytes::Bytes {
+        match self {
+            // beam-lib parses the 424 body as the array of offending proxy ids.
+            Self::MissingCerts(ids) => serde_json::to_vec(ids).expect("ids serialize").into(),
+            Self::Relayed { body, .. } => body.clone(),
+            _ => serde_json::to_vec(&ErrorBody { error: self.to_string() }).expect("errors serialize").into(),
+        }
+    }
+}
+
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
@@ -105,20 +117,12 @@ impl ResponseError for ApiError {
     fn error_response(&self) -> HttpResponse {
         let mut res = HttpResponse::build(self.status_code());
         match self {
-            // beam-lib parses the 424 body as the array of offending proxy ids.
-            Self::MissingCerts(ids) => res.json(ids),
-            Self::Relayed { body, .. } => res.content_type("application/json").body(body.clone()),
-            Self::SessionGone(_) => res.insert_header((REAUTH_HEADER, "1")).json(ErrorBody { error: self.to_string() }),
-            Self::MonitoringAuth => res
-                .insert_header(("www-authenticate", "Basic realm=\"photon monitoring\""))
-                .json(ErrorBody { error: self.to_string() }),
-            Self::Duplicate(_) => res
-                .insert_header((crate::wire::broker::DUPLICATE_HEADER, "1"))
-                .json(ErrorBody { error: self.to_string() }),
-            Self::Unauthorized(_) => {
-                res.insert_header(("www-authenticate", "ApiKey")).json(ErrorBody { error: self.to_string() })
-            }
-            _ => res.json(ErrorBody { error: self.to_string() }),
-        }
+            Self::SessionGone(_) => res.insert_header((REAUTH_HEADER, "1")),
+            Self::MonitoringAuth => res.insert_header(("www-authenticate", "Basic realm=\"photon monitoring\"")),
+            Self::Duplicate(_) => res.insert_header((crate::wire::broker::DUPLICATE_HEADER, "1")),
+            Self::Unauthorized(_) => res.insert_header(("www-authenticate", "ApiKey")),
+            _ => &mut res,
+        };
+        res.content_type("application/json").body(self.json_body())
     }
 }

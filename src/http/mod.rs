@@ -88,6 +88,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route("/{id}/results/{app_id}", web::put().to(put_result))
             .route("/{id}", web::get().to(get_task)),
     )
+    .route(bw::BATCH_PATH, web::post().to(batch))
     .route("/v1/health", web::get().to(ops::health))
     .route("/v1/health", web::head().to(ops::health))
     .route("/v1/health/proxies", web::get().to(ops::proxies))
@@ -179,10 +180,11 @@ fn authenticate(state: &BrokerState, req: &HttpRequest, body: &BodyDigest) -> Re
     Ok(app)
 }
 
-/// A request a proxy makes as itself (its control connection): `x-photon-app` is its own id.
-fn authenticate_proxy(state: &BrokerState, req: &HttpRequest) -> Result<ProxyId, ApiError> {
+/// A request a proxy makes as itself (its control connection, its upload batches):
+/// `x-photon-app` is its own id. `body` is the body's digest.
+fn authenticate_proxy(state: &BrokerState, req: &HttpRequest, body: &BodyDigest) -> Result<ProxyId, ApiError> {
     let claimed = header_text(req, bw::APP_HEADER).ok_or_else(|| refused(state, AuthError::Header(bw::APP_HEADER)))?;
-    let proxy = verify_request(state, req, claimed, &EMPTY_BODY)?;
+    let proxy = verify_request(state, req, claimed, body)?;
     if proxy.as_str() != claimed {
         return Err(ApiError::Forbidden(format!("proxy {proxy} may not act as {claimed}")));
     }
@@ -248,14 +250,86 @@ async fn create_task(state: State, req: HttpRequest, payload: web::Payload) -> R
     let body = body::read_limited(&req, payload, state.max_body).await?;
     let (digest, task) = body::digest_beside(&body, body::parse_json::<WireTask>).await;
     let caller = authenticate(&state, &req, &digest)?;
-    let task = task?;
-    if task.from != caller {
+    let id = store_task(&state, &caller, task?).await?;
+    Ok(HttpResponse::Created().insert_header((header::LOCATION, format!("/v1/tasks/{id}"))).finish())
+}
+
+/// Stores a task `caller` (authenticated) sends.
+async fn store_task(state: &BrokerState, caller: &AppId, task: WireTask) -> Result<uuid::Uuid, ApiError> {
+    if &task.from != caller {
         return Err(ApiError::Forbidden(format!("from is {}, but the caller is {caller}", task.from)));
     }
-    check_recipients(&state, &task.to)?;
-    let id = state.engine.create(&caller, task).await?;
+    check_recipients(state, &task.to)?;
+    let id = state.engine.create(caller, task).await?;
     state.observer.metrics.count("tasks.created", 1, &[]);
-    Ok(HttpResponse::Created().insert_header((header::LOCATION, format!("/v1/tasks/{id}"))).finish())
+    Ok(id)
+}
+
+/// Stores a result `caller` (authenticated) sends.
+async fn store_result(state: &BrokerState, caller: &AppId, result: WireResult) -> Result<PutOutcome, ApiError> {
+    check_recipients(state, &result.to)?;
+    let outcome = state.engine.put_result(caller, result).await?;
+    let tag = match outcome {
+        PutOutcome::Created => "created",
+        PutOutcome::Replaced => "replaced",
+        PutOutcome::Ignored => "ignored",
+    };
+    state.observer.metrics.count("results.stored", 1, &[("outcome", tag)]);
+    Ok(outcome)
+}
+
+/// `POST /v1/batch`: a proxy's task creations and result puts in one signed request (see
+/// [`bw::BATCH_PATH`]). The batch is authenticated as the proxy; each upload is checked as its
+/// own request would be (the proxy may act for its `from`, recipients have certificates, ...)
+/// and stored or refused on its own. They are stored in order: a task comes before a later
+/// upload of the same batch sees it.
+async fn batch(state: State, req: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+    let payload = precheck_upload(&state, &req, payload).await?;
+    let body = body::read_limited(&req, payload, state.max_body).await?;
+    let (digest, uploads) = body::digest_beside(&body, body::parse_json::<Vec<bw::Upload>>).await;
+    let proxy = authenticate_proxy(&state, &req, &digest)?;
+    let uploads = uploads?;
+    if uploads.len() > bw::MAX_BATCH {
+        return Err(ApiError::BadRequest(format!("a batch carries at most {} uploads", bw::MAX_BATCH)));
+    }
+    state.observer.metrics.count("batches", 1, &[]);
+    // Polled in order: each task is stored during the first poll, before any later upload
+    // looks for it; result puts then wait for their task actors side by side.
+    let outcomes = futures_util::future::join_all(uploads.into_iter().map(|upload| {
+        let (state, proxy) = (&state, &proxy);
+        async move {
+            let stored = async {
+                let from = match &upload {
+                    bw::Upload::Task(t) => &t.from,
+                    bw::Upload::Result(r) => &r.from,
+                };
+                if !may_sign_for(proxy.as_str(), from.as_str()) {
+                    state.observer.metrics.count("requests.refused", 1, &[("reason", "not_signer")]);
+                    return Err(ApiError::Forbidden(format!("proxy {proxy} may not act for {from}")));
+                }
+                let caller = from.clone();
+                Ok(match upload {
+                    bw::Upload::Task(t) => store_task(state, &caller, t).await.map(|_| StatusCode::CREATED)?,
+                    bw::Upload::Result(r) => match store_result(state, &caller, r).await? {
+                        PutOutcome::Created => StatusCode::CREATED,
+                        PutOutcome::Replaced | PutOutcome::Ignored => StatusCode::NO_CONTENT,
+                    },
+                })
+            };
+            match stored.await {
+                Ok(status) => bw::Outcome { status: status.as_u16(), error: None },
+                Err(e) => bw::Outcome {
+                    status: actix_web::ResponseError::status_code(&e).as_u16(),
+                    error: serde_json::value::RawValue::from_string(
+                        String::from_utf8(e.json_body().to_vec()).expect("error bodies are JSON text"),
+                    )
+                    .ok(),
+                },
+            }
+        }
+    }))
+    .await;
+    Ok(HttpResponse::Ok().json(outcomes))
 }
 
 async fn list_tasks(state: State, req: HttpRequest) -> Result<HttpResponse, ApiError> {
@@ -315,15 +389,7 @@ async fn put_result(
             "the task id and app id in the path must match the result's task and from".into(),
         ));
     }
-    check_recipients(&state, &result.to)?;
-    let outcome = state.engine.put_result(&caller, result).await?;
-    let tag = match outcome {
-        PutOutcome::Created => "created",
-        PutOutcome::Replaced => "replaced",
-        PutOutcome::Ignored => "ignored",
-    };
-    state.observer.metrics.count("results.stored", 1, &[("outcome", tag)]);
-    Ok(match outcome {
+    Ok(match store_result(&state, &caller, result).await? {
         PutOutcome::Created => HttpResponse::Created().finish(),
         PutOutcome::Replaced | PutOutcome::Ignored => HttpResponse::NoContent().finish(),
     })

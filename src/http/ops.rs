@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 
 use super::{authenticate_proxy, stream, ApiError, State};
 use crate::{
-    crypto::unix_millis,
+    crypto::{session::EMPTY_BODY, unix_millis},
     wire::{
         broker::{ControlEvent, INSTANCE_HEADER},
         ProxyId,
@@ -90,7 +90,7 @@ pub(super) async fn proxy(state: State, req: HttpRequest, path: web::Path<String
 /// proxy that is online is refused with 409 and counted; the first is left alone. Ends with a
 /// `bye` line on shutdown, revocation, or when the same instance reconnects.
 pub(super) async fn control(state: State, req: HttpRequest) -> Result<HttpResponse, ApiError> {
-    let proxy = authenticate_proxy(&state, &req)?;
+    let proxy = authenticate_proxy(&state, &req, &EMPTY_BODY)?;
     let instance = instance_of(&req).unwrap_or_default();
     if instance.is_empty() {
         return Err(ApiError::BadRequest(format!("the control connection needs the {INSTANCE_HEADER} header")));
@@ -134,7 +134,7 @@ pub(super) async fn control(state: State, req: HttpRequest) -> Result<HttpRespon
 /// `DELETE /v1/control`: a proxy that shuts down says goodbye, so it shows offline at once
 /// rather than when its connection's end is noticed (at the next heartbeat or two).
 pub(super) async fn leave(state: State, req: HttpRequest) -> Result<HttpResponse, ApiError> {
-    let proxy = authenticate_proxy(&state, &req)?;
+    let proxy = authenticate_proxy(&state, &req, &EMPTY_BODY)?;
     let left = instance_of(&req).is_some_and(|instance| state.presence.leave(&proxy, instance));
     Ok(if left { HttpResponse::NoContent().finish() } else { HttpResponse::NotFound().finish() })
 }

@@ -54,6 +54,7 @@ pub fn endpoint(method: &str, pattern: Option<&str>) -> &'static str {
         ("GET", "/v1/tasks/{id}") => "get_task",
         ("GET", "/v1/tasks/{id}/results") => "get_results",
         ("PUT", "/v1/tasks/{id}/results/{app_id}") => "put_result",
+        ("POST", "/v1/batch") => "batch",
         (_, "/v1/health") => "health",
         (_, "/v1/health/proxies" | "/v1/health/proxies/{proxy_id}") => "monitoring",
         (_, "/v1/session") => "session",
@@ -195,6 +196,7 @@ mod tests {
         assert_eq!(endpoint("GET", Some("/v1/tasks")), "list_tasks");
         assert_eq!(endpoint("PUT", Some("/v1/tasks/{id}/results/{app_id}")), "put_result");
         assert_eq!(endpoint("HEAD", Some("/v1/health")), "health");
+        assert_eq!(endpoint("POST", Some("/v1/batch")), "batch");
         assert_eq!(endpoint("GET", Some("/v1/health/proxies/{proxy_id}")), "monitoring");
         assert_eq!(endpoint("DELETE", Some("/v1/tasks")), "other");
         assert_eq!(endpoint("GET", None), "other");

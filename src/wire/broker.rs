@@ -59,6 +59,31 @@ pub struct WireResult {
     pub body: Option<SealedBody>,
 }
 
+/// Path of the upload batch: several task creations and result puts from one proxy in one
+/// signed request (`POST`, a JSON array of [`Upload`]). The answer is `200` with one
+/// [`Outcome`] per upload, in order; each upload succeeds or fails on its own, with the status
+/// and error body its own request would have had.
+pub const BATCH_PATH: &str = "/v1/batch";
+/// The most uploads one batch may carry.
+pub const MAX_BATCH: usize = 256;
+
+/// One upload of a batch: what `POST /v1/tasks` or `PUT /v1/tasks/{id}/results/{app}` carries.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Upload {
+    Task(WireTask),
+    Result(WireResult),
+}
+
+/// What became of one upload of a batch: the status its own request would have answered, and
+/// for a failure that request's error body (`{"error": ...}`, or the array of a `424`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Outcome {
+    pub status: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<Box<RawValue>>,
+}
+
 /// One line of a broker stream (newline-delimited JSON; an empty line is a keep-alive).
 /// Externally tagged (`{"new_result":{...}}`): internally tagged enums buffer their content,
 /// which `RawValue` bodies can't pass through.

@@ -30,6 +30,8 @@ pub struct Relay {
     pub bytes_in: Mutex<Vec<u8>>,
     on_request: Mutex<Option<Rewrite>>,
     on_answer: Mutex<Option<Rewrite>>,
+    /// Requests (`METHOD path` prefix) answered `404 no such endpoint`, as an older broker would.
+    missing: Mutex<Option<String>>,
 }
 
 impl Relay {
@@ -41,6 +43,12 @@ impl Relay {
     /// From now on, JSON answers and stream lines pass through `f`.
     pub fn rewrite_answers(&self, f: impl FnMut(&str, &mut Value) + Send + 'static) {
         *self.on_answer.lock() = Some(Box::new(f));
+    }
+
+    /// From now on, requests starting `METHOD path` get `404 no such endpoint` (recorded, not
+    /// forwarded): a broker without that endpoint.
+    pub fn without_endpoint(&self, what: &str) {
+        *self.missing.lock() = Some(what.to_owned());
     }
 
     /// Back to an honest relay.
@@ -88,6 +96,9 @@ async fn forward(relay: web::Data<Arc<Relay>>, req: HttpRequest, body: web::Byte
         headers: headers.clone(),
         body: body.clone(),
     });
+    if relay.missing.lock().as_deref().is_some_and(|m| what.starts_with(m)) {
+        return HttpResponse::NotFound().json(serde_json::json!({"error": "no such endpoint"}));
+    }
     let body = relay.rewrite(&relay.on_request, &what, body);
     let url = format!("{}{path}", relay.broker.lock());
     let method = reqwest::Method::from_bytes(req.method().as_str().as_bytes()).unwrap();

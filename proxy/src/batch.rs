@@ -1,0 +1,278 @@
+//! Group commit of uploads: task creations and result puts that pile up while the broker is
+//! busy go to it together, in one signed request (`POST /v1/batch`, see
+//! `photon::wire::broker::BATCH_PATH`).
+//!
+//! Each HTTP worker thread keeps its own queue and sends from it with at most [`SENDERS`]
+//! requests in flight. An upload that finds a sender free goes at once, on its own, as it
+//! always did: a quiet proxy adds no wait and no batching. Under load the uploads that arrive
+//! while both senders are out are sent together when one comes back. The broker then takes one
+//! HTTP exchange, one MAC check and one session lookup for the lot, and this proxy one request
+//! and one answer: most of what a small upload costs either of them.
+//!
+//! Each upload keeps its own answer: the broker stores or refuses each on its own and answers
+//! the status and error body its own request would have had. Uploads of more than
+//! [`ITEM_LIMIT`] bytes always go on their own (a large body gains nothing from company and
+//! would hold the others up). A broker without the batch endpoint (`404`, an older version)
+//! gets every upload on its own from then on.
+
+use std::{
+    cell::{Cell, RefCell},
+    collections::VecDeque,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use actix_web::ResponseError;
+use bytes::Bytes;
+use futures_util::future::join_all;
+use photon::{
+    http::ApiError,
+    wire::{
+        broker::{Outcome, BATCH_PATH, MAX_BATCH},
+        AppId,
+    },
+};
+use reqwest::{Method, StatusCode};
+use thread_local::ThreadLocal;
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+use crate::{upstream::Whole, ProxyState};
+
+/// Requests to the broker one thread keeps in flight from its queue.
+pub const SENDERS: usize = 2;
+/// Uploads larger than this (their JSON, sealed) are never batched.
+pub const ITEM_LIMIT: usize = 16 * 1024;
+/// The most uploads in one batch (the broker takes up to `MAX_BATCH`).
+const MAX_ITEMS: usize = 64;
+/// The most bytes of uploads in one batch: well under any broker's body limit.
+const BATCH_BYTES: usize = 256 * 1024;
+
+const _: () = assert!(MAX_ITEMS <= MAX_BATCH);
+
+/// What an upload is.
+#[derive(Debug, Clone, Copy)]
+pub enum Kind {
+    /// `POST /v1/tasks`.
+    Task,
+    /// `PUT /v1/tasks/{id}/results/{app}` for this task.
+    Result(Uuid),
+}
+
+/// One task creation or result put, sealed and written as JSON, on behalf of `app`.
+pub struct Upload {
+    pub app: AppId,
+    pub kind: Kind,
+    pub json: Bytes,
+}
+
+impl Upload {
+    fn method(&self) -> Method {
+        match self.kind {
+            Kind::Task => Method::POST,
+            Kind::Result(_) => Method::PUT,
+        }
+    }
+
+    fn path(&self) -> String {
+        match self.kind {
+            Kind::Task => "/v1/tasks".into(),
+            Kind::Result(task) => format!("/v1/tasks/{task}/results/{}", self.app),
+        }
+    }
+}
+
+/// The broker's answer to an upload: its status and body, or why there is none.
+pub type Answer = Result<Whole, ApiError>;
+
+struct Queued {
+    upload: Upload,
+    done: oneshot::Sender<Answer>,
+}
+
+/// One thread's uploads waiting for a sender, and how many senders it has out.
+#[derive(Default)]
+struct Queue {
+    waiting: RefCell<VecDeque<Queued>>,
+    senders: Cell<usize>,
+}
+
+/// Every thread's upload queue (see the module's documentation).
+#[derive(Default)]
+pub struct Uploads {
+    queues: ThreadLocal<Queue>,
+    /// The broker has no batch endpoint: every upload goes on its own.
+    unbatched: AtomicBool,
+}
+
+impl Uploads {
+    /// Sends `upload` to the broker, with others if there is a queue; its own answer.
+    /// Call on an HTTP worker (the senders are spawned on the calling thread).
+    pub async fn send(state: &Arc<ProxyState>, upload: Upload) -> Answer {
+        let this = &state.uploads;
+        if upload.json.len() > ITEM_LIMIT || this.unbatched.load(Ordering::Relaxed) {
+            return single(state, upload).await;
+        }
+        let (done, answer) = oneshot::channel();
+        let queue = this.queues.get_or_default();
+        queue.waiting.borrow_mut().push_back(Queued { upload, done });
+        if queue.senders.get() < SENDERS {
+            queue.senders.set(queue.senders.get() + 1);
+            actix_web::rt::spawn(drain(state.clone()));
+        }
+        answer.await.unwrap_or_else(|_| Err(ApiError::Unavailable("the proxy is shutting down".into())))
+    }
+}
+
+/// One sender: sends what is queued on this thread, as it comes, until the queue is empty.
+async fn drain(state: Arc<ProxyState>) {
+    let queue = state.uploads.queues.get_or_default();
+    // Counted off however this ends (a sender dropped with its worker included).
+    struct Out<'q>(&'q Queue);
+    impl Drop for Out<'_> {
+        fn drop(&mut self) {
+            self.0.senders.set(self.0.senders.get() - 1);
+        }
+    }
+    let _out = Out(queue);
+    loop {
+        let mut batch = take(&mut queue.waiting.borrow_mut());
+        match batch.len() {
+            0 => return,
+            1 => {
+                let queued = batch.pop().expect("one upload");
+                let answer = single(&state, queued.upload).await;
+                let _ = queued.done.send(answer);
+            }
+            _ => many(&state, batch).await,
+        }
+    }
+}
+
+/// The next batch from the front of the queue: at most [`MAX_ITEMS`] uploads and
+/// [`BATCH_BYTES`] bytes (at least one upload if there is any).
+fn take(waiting: &mut VecDeque<Queued>) -> Vec<Queued> {
+    let mut bytes = 0;
+    let n = waiting
+        .iter()
+        .take(MAX_ITEMS)
+        .take_while(|q| {
+            bytes += q.upload.json.len();
+            bytes <= BATCH_BYTES
+        })
+        .count()
+        .max(waiting.len().min(1));
+    waiting.drain(..n).collect()
+}
+
+/// Extra time over the exchange itself before the proxy gives up on the broker.
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The upload on its own, as its own request.
+async fn single(state: &ProxyState, upload: Upload) -> Answer {
+    let path = upload.path();
+    Ok(state.upstream.call(upload.method(), &path, &upload.app, upload.json, Some(TIMEOUT)).await?)
+}
+
+/// The uploads as one batch; each gets its own answer.
+async fn many(state: &ProxyState, batch: Vec<Queued>) {
+    let mut body = Vec::with_capacity(batch.iter().map(|q| q.upload.json.len() + 12).sum::<usize>() + 2);
+    body.push(b'[');
+    for (i, queued) in batch.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(match queued.upload.kind {
+            Kind::Task => b"{\"task\":",
+            Kind::Result(_) => b"{\"result\":",
+        });
+        body.extend_from_slice(&queued.upload.json);
+        body.push(b'}');
+    }
+    body.push(b']');
+    let proxy = state.config.proxy_id.as_str();
+    let sent = state.upstream.call_as(Method::POST, BATCH_PATH, proxy, body.into(), Some(TIMEOUT)).await;
+    state.upstream.metrics.count("uploads.batched", batch.len() as u64, &[]);
+    let answer = match sent {
+        Ok(answer) => answer,
+        Err(e) => {
+            let e = ApiError::from(e);
+            let (status, body) = (e.status_code(), e.json_body());
+            for queued in batch {
+                let _ = queued.done.send(Err(ApiError::Relayed { status, body: body.clone() }));
+            }
+            return;
+        }
+    };
+    match answer.status {
+        StatusCode::OK => match serde_json::from_slice::<Vec<Outcome>>(&answer.body) {
+            Ok(outcomes) if outcomes.len() == batch.len() => {
+                for (queued, outcome) in batch.into_iter().zip(outcomes) {
+                    let _ = queued.done.send(Ok(answered(outcome)));
+                }
+            }
+            _ => {
+                for queued in batch {
+                    let _ =
+                        queued.done.send(Err(ApiError::BadGateway("malformed batch answer from the broker".into())));
+                }
+            }
+        },
+        // An older broker without batches, or one whose body limit a batch exceeds: nothing of
+        // the batch was stored, so each upload goes on its own.
+        StatusCode::NOT_FOUND | StatusCode::PAYLOAD_TOO_LARGE => {
+            if answer.status == StatusCode::NOT_FOUND && !state.uploads.unbatched.swap(true, Ordering::Relaxed) {
+                tracing::info!("the broker has no batch endpoint; sending every upload on its own");
+            }
+            join_all(batch.into_iter().map(|queued| async move {
+                let answer = single(state, queued.upload).await;
+                let _ = queued.done.send(answer);
+            }))
+            .await;
+        }
+        // Refused as a whole (the proxy's session, ...): each upload gets that answer.
+        _ => {
+            for queued in batch {
+                let _ = queued.done.send(Ok(Whole { status: answer.status, body: answer.body.clone() }));
+            }
+        }
+    }
+}
+
+/// One upload's outcome as if it had been its own request's answer.
+fn answered(outcome: Outcome) -> Whole {
+    Whole {
+        status: StatusCode::from_u16(outcome.status).unwrap_or(StatusCode::BAD_GATEWAY),
+        body: outcome.error.map(|e| Bytes::from(String::from(Box::<str>::from(e)))).unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queued(bytes: usize) -> Queued {
+        let (done, _) = oneshot::channel();
+        let app = AppId::parse("app1.proxy1.broker").unwrap();
+        Queued { upload: Upload { app, kind: Kind::Task, json: Bytes::from(vec![b' '; bytes]) }, done }
+    }
+
+    #[test]
+    fn a_batch_takes_from_the_front_within_its_limits() {
+        let mut waiting: VecDeque<Queued> = (0..100).map(|_| queued(100)).collect();
+        assert_eq!(take(&mut waiting).len(), MAX_ITEMS);
+        assert_eq!(take(&mut waiting).len(), 100 - MAX_ITEMS);
+        assert!(take(&mut waiting).is_empty());
+
+        let mut waiting: VecDeque<Queued> = (0..40).map(|_| queued(ITEM_LIMIT)).collect();
+        assert_eq!(take(&mut waiting).len(), BATCH_BYTES / ITEM_LIMIT);
+
+        // One upload over the byte limit still goes (on its own).
+        let mut waiting: VecDeque<Queued> = [queued(BATCH_BYTES + 1), queued(10)].into_iter().collect();
+        assert_eq!(take(&mut waiting).len(), 1);
+        assert_eq!(take(&mut waiting).len(), 1);
+    }
+}
