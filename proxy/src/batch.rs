@@ -22,7 +22,6 @@ use std::{
         atomic::{AtomicBool, Ordering},
         Arc,
     },
-    time::Duration,
 };
 
 use actix_web::ResponseError;
@@ -40,7 +39,7 @@ use thread_local::ThreadLocal;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use crate::{upstream::Whole, ProxyState};
+use crate::{http::UPSTREAM_SLACK, upstream::Whole, ProxyState};
 
 /// Requests to the broker one thread keeps in flight from its queue.
 pub const SENDERS: usize = 2;
@@ -168,13 +167,10 @@ fn take(waiting: &mut VecDeque<Queued>) -> Vec<Queued> {
     waiting.drain(..n).collect()
 }
 
-/// Extra time over the exchange itself before the proxy gives up on the broker.
-const TIMEOUT: Duration = Duration::from_secs(30);
-
 /// The upload on its own, as its own request.
 async fn single(state: &ProxyState, upload: Upload) -> Answer {
     let path = upload.path();
-    Ok(state.upstream.call(upload.method(), &path, &upload.app, upload.json, Some(TIMEOUT)).await?)
+    Ok(state.upstream.call(upload.method(), &path, &upload.app, upload.json, Some(UPSTREAM_SLACK)).await?)
 }
 
 /// The uploads as one batch; each gets its own answer.
@@ -194,7 +190,7 @@ async fn many(state: &ProxyState, batch: Vec<Queued>) {
     }
     body.push(b']');
     let proxy = state.config.proxy_id.as_str();
-    let sent = state.upstream.call_as(Method::POST, BATCH_PATH, proxy, body.into(), Some(TIMEOUT)).await;
+    let sent = state.upstream.call_as(Method::POST, BATCH_PATH, proxy, body.into(), Some(UPSTREAM_SLACK)).await;
     state.upstream.metrics.count("uploads.batched", batch.len() as u64, &[]);
     let answer = match sent {
         Ok(answer) => answer,

@@ -35,7 +35,7 @@ use crate::{
 type State = web::Data<Arc<ProxyState>>;
 
 /// Extra time over a long-poll's own limit before the proxy gives up on the broker.
-const UPSTREAM_SLACK: Duration = Duration::from_secs(30);
+pub(crate) const UPSTREAM_SLACK: Duration = Duration::from_secs(30);
 /// A broker stream line longer than this ends the stream (a sealed 10 MiB body fits).
 const MAX_LINE: usize = 64 * 1024 * 1024;
 /// The last line of an event stream the broker ends because it is shutting down.
