@@ -12,22 +12,27 @@
 //! Each upload keeps its own answer: the broker stores or refuses each on its own and answers
 //! the status and error body its own request would have had. Uploads of more than
 //! [`ITEM_LIMIT`] bytes always go on their own (a large body gains nothing from company and
-//! would hold the others up). A broker without the batch endpoint (`404`, an older version)
-//! gets every upload on its own from then on.
+//! would hold the others up). A batch refused as a whole before anything of it was stored
+//! (`400`, `404`, `413`) is sent again upload by upload; after a `404` (no batch endpoint: an
+//! older broker), every upload goes on its own for a minute. An upload whose app has gone
+//! before it was sent is dropped unsent; a batch's uploads share its fate in the exchange
+//! (a timeout or a broker failure answers all of them).
 
 use std::{
     cell::{Cell, RefCell},
     collections::VecDeque,
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicU64, Ordering},
         Arc,
     },
+    time::Duration,
 };
 
 use actix_web::ResponseError;
 use bytes::Bytes;
 use futures_util::future::join_all;
 use photon::{
+    crypto::unix_millis,
     http::ApiError,
     wire::{
         broker::{Outcome, BATCH_PATH, MAX_BATCH},
@@ -103,57 +108,92 @@ struct Queue {
 #[derive(Default)]
 pub struct Uploads {
     queues: ThreadLocal<Queue>,
-    /// The broker has no batch endpoint: every upload goes on its own.
-    unbatched: AtomicBool,
+    /// Until when (Unix ms) every upload goes on its own: a while after the broker answered a
+    /// batch `404` (no such endpoint: an older broker, or a gateway's hiccup).
+    unbatched_until: AtomicU64,
 }
+
+/// How long uploads go on their own after a batch was answered `404`.
+const UNBATCHED_FOR: Duration = Duration::from_secs(60);
+
+/// The longest an app's upload waits for its answer, queue included: behind at most one
+/// exchange, then its own, each bounded by [`UPSTREAM_SLACK`]. A backstop, not a schedule.
+const ANSWER_WITHIN: Duration = Duration::from_secs(3 * UPSTREAM_SLACK.as_secs());
 
 impl Uploads {
     /// Sends `upload` to the broker, with others if there is a queue; its own answer.
     /// Call on an HTTP worker (the senders are spawned on the calling thread).
     pub async fn send(state: &Arc<ProxyState>, upload: Upload) -> Answer {
         let this = &state.uploads;
-        if upload.json.len() > ITEM_LIMIT || this.unbatched.load(Ordering::Relaxed) {
+        if upload.json.len() > ITEM_LIMIT || !this.batching() {
             return single(state, upload).await;
         }
         let (done, answer) = oneshot::channel();
         let queue = this.queues.get_or_default();
         queue.waiting.borrow_mut().push_back(Queued { upload, done });
         if queue.senders.get() < SENDERS {
-            queue.senders.set(queue.senders.get() + 1);
-            actix_web::rt::spawn(drain(state.clone()));
+            actix_web::rt::spawn(drain(Sender::count(state.clone())));
         }
-        answer.await.unwrap_or_else(|_| Err(ApiError::Unavailable("the proxy is shutting down".into())))
+        match tokio::time::timeout(ANSWER_WITHIN, answer).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => Err(ApiError::Unavailable("the proxy is shutting down".into())),
+            Err(_) => Err(ApiError::GatewayTimeout("the broker did not take this upload in time".into())),
+        }
+    }
+
+    fn batching(&self) -> bool {
+        unix_millis() >= self.unbatched_until.load(Ordering::Relaxed)
+    }
+}
+
+/// A sender, counted on this thread's queue from before it is spawned until it is dropped,
+/// however it ends (dropped unpolled with its worker included).
+struct Sender {
+    state: Arc<ProxyState>,
+}
+
+impl Sender {
+    fn count(state: Arc<ProxyState>) -> Self {
+        let queue = state.uploads.queues.get_or_default();
+        queue.senders.set(queue.senders.get() + 1);
+        Self { state }
+    }
+
+    fn queue(&self) -> &Queue {
+        self.state.uploads.queues.get_or_default()
+    }
+}
+
+impl Drop for Sender {
+    fn drop(&mut self) {
+        let queue = self.queue();
+        queue.senders.set(queue.senders.get().saturating_sub(1));
     }
 }
 
 /// One sender: sends what is queued on this thread, as it comes, until the queue is empty.
-async fn drain(state: Arc<ProxyState>) {
-    let queue = state.uploads.queues.get_or_default();
-    // Counted off however this ends (a sender dropped with its worker included).
-    struct Out<'q>(&'q Queue);
-    impl Drop for Out<'_> {
-        fn drop(&mut self) {
-            self.0.senders.set(self.0.senders.get() - 1);
-        }
-    }
-    let _out = Out(queue);
+async fn drain(sender: Sender) {
+    let state = &sender.state;
     loop {
-        let mut batch = take(&mut queue.waiting.borrow_mut());
+        let mut batch = take(&mut sender.queue().waiting.borrow_mut());
         match batch.len() {
             0 => return,
             1 => {
                 let queued = batch.pop().expect("one upload");
-                let answer = single(&state, queued.upload).await;
+                let answer = single(state, queued.upload).await;
                 let _ = queued.done.send(answer);
             }
-            _ => many(&state, batch).await,
+            _ if !state.uploads.batching() => each_alone(state, batch).await,
+            _ => many(state, batch).await,
         }
     }
 }
 
 /// The next batch from the front of the queue: at most [`MAX_ITEMS`] uploads and
-/// [`BATCH_BYTES`] bytes (at least one upload if there is any).
+/// [`BATCH_BYTES`] bytes (at least one upload if there is any). Uploads whose app has gone
+/// (its request dropped) are dropped unsent, as they would have been without a queue.
 fn take(waiting: &mut VecDeque<Queued>) -> Vec<Queued> {
+    waiting.retain(|q| !q.done.is_closed());
     let mut bytes = 0;
     let n = waiting
         .iter()
@@ -191,9 +231,11 @@ async fn many(state: &ProxyState, batch: Vec<Queued>) {
     body.push(b']');
     let proxy = state.config.proxy_id.as_str();
     let sent = state.upstream.call_as(Method::POST, BATCH_PATH, proxy, body.into(), Some(UPSTREAM_SLACK)).await;
-    state.upstream.metrics.count("uploads.batched", batch.len() as u64, &[]);
     let answer = match sent {
-        Ok(answer) => answer,
+        Ok(answer) => {
+            state.upstream.metrics.count("uploads.batched", batch.len() as u64, &[]);
+            answer
+        }
         Err(e) => {
             let e = ApiError::from(e);
             let (status, body) = (e.status_code(), e.json_body());
@@ -217,17 +259,22 @@ async fn many(state: &ProxyState, batch: Vec<Queued>) {
                 }
             }
         },
-        // An older broker without batches, or one whose body limit a batch exceeds: nothing of
-        // the batch was stored, so each upload goes on its own.
-        StatusCode::NOT_FOUND | StatusCode::PAYLOAD_TOO_LARGE => {
-            if answer.status == StatusCode::NOT_FOUND && !state.uploads.unbatched.swap(true, Ordering::Relaxed) {
-                tracing::info!("the broker has no batch endpoint; sending every upload on its own");
+        // Refused as a batch before anything of it was stored: an older broker without
+        // batches (404), a body over the broker's limit (413), or a batch the broker could not
+        // read whole (400: fewer uploads allowed, or one nested deeper than the batch's parse
+        // allows, which its own request may not be). Each upload goes on its own and gets the
+        // answer its own request gets.
+        StatusCode::NOT_FOUND | StatusCode::PAYLOAD_TOO_LARGE | StatusCode::BAD_REQUEST => {
+            if answer.status == StatusCode::NOT_FOUND {
+                let until = unix_millis() + UNBATCHED_FOR.as_millis() as u64;
+                if state.uploads.unbatched_until.swap(until, Ordering::Relaxed) < unix_millis() {
+                    tracing::info!(
+                        seconds = UNBATCHED_FOR.as_secs(),
+                        "the broker has no batch endpoint; sending every upload on its own for a while"
+                    );
+                }
             }
-            join_all(batch.into_iter().map(|queued| async move {
-                let answer = single(state, queued.upload).await;
-                let _ = queued.done.send(answer);
-            }))
-            .await;
+            each_alone(state, batch).await;
         }
         // Refused as a whole (the proxy's session, ...): each upload gets that answer.
         _ => {
@@ -236,6 +283,15 @@ async fn many(state: &ProxyState, batch: Vec<Queued>) {
             }
         }
     }
+}
+
+/// The uploads, each as its own request, side by side.
+async fn each_alone(state: &ProxyState, batch: Vec<Queued>) {
+    join_all(batch.into_iter().map(|queued| async move {
+        let answer = single(state, queued.upload).await;
+        let _ = queued.done.send(answer);
+    }))
+    .await;
 }
 
 /// One upload's outcome as if it had been its own request's answer.
@@ -250,25 +306,40 @@ fn answered(outcome: Outcome) -> Whole {
 mod tests {
     use super::*;
 
-    fn queued(bytes: usize) -> Queued {
-        let (done, _) = oneshot::channel();
+    /// A queued upload of `bytes` bytes, and the receiver of its answer (its app, waiting).
+    fn queued(bytes: usize) -> (Queued, oneshot::Receiver<Answer>) {
+        let (done, answer) = oneshot::channel();
         let app = AppId::parse("app1.proxy1.broker").unwrap();
-        Queued { upload: Upload { app, kind: Kind::Task, json: Bytes::from(vec![b' '; bytes]) }, done }
+        (Queued { upload: Upload { app, kind: Kind::Task, json: Bytes::from(vec![b' '; bytes]) }, done }, answer)
+    }
+
+    fn queue(sizes: impl IntoIterator<Item = usize>) -> (VecDeque<Queued>, Vec<oneshot::Receiver<Answer>>) {
+        sizes.into_iter().map(queued).unzip()
     }
 
     #[test]
     fn a_batch_takes_from_the_front_within_its_limits() {
-        let mut waiting: VecDeque<Queued> = (0..100).map(|_| queued(100)).collect();
+        let (mut waiting, _apps) = queue([100; 100]);
         assert_eq!(take(&mut waiting).len(), MAX_ITEMS);
         assert_eq!(take(&mut waiting).len(), 100 - MAX_ITEMS);
         assert!(take(&mut waiting).is_empty());
 
-        let mut waiting: VecDeque<Queued> = (0..40).map(|_| queued(ITEM_LIMIT)).collect();
+        let (mut waiting, _apps) = queue([ITEM_LIMIT; 40]);
         assert_eq!(take(&mut waiting).len(), BATCH_BYTES / ITEM_LIMIT);
 
         // One upload over the byte limit still goes (on its own).
-        let mut waiting: VecDeque<Queued> = [queued(BATCH_BYTES + 1), queued(10)].into_iter().collect();
+        let (mut waiting, _apps) = queue([BATCH_BYTES + 1, 10]);
         assert_eq!(take(&mut waiting).len(), 1);
         assert_eq!(take(&mut waiting).len(), 1);
+    }
+
+    #[test]
+    fn uploads_whose_app_has_gone_are_not_sent() {
+        let (mut waiting, mut apps) = queue([10, 20, 30, 40]);
+        drop(apps.remove(2)); // the app of the 30-byte upload
+        drop(apps.remove(0)); // the app of the 10-byte upload
+        let sizes: Vec<usize> = take(&mut waiting).iter().map(|q| q.upload.json.len()).collect();
+        assert_eq!(sizes, [20, 40]);
+        assert!(waiting.is_empty());
     }
 }
