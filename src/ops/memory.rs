@@ -29,29 +29,6 @@ pub fn release_free_memory() {
     }
 }
 
-/// Message buffers up to this size come from glibc's heap rather than their own `mmap`.
-pub const MMAP_THRESHOLD: usize = 32 << 20;
-/// Free memory at the top of a heap is kept up to this size instead of being returned at once.
-pub const TRIM_THRESHOLD: usize = 64 << 20;
-
-/// Tunes glibc's allocator for message-sized buffers: by default a buffer over its (adaptive)
-/// `mmap` threshold is mapped and unmapped on every use, and a heap's free top is returned as soon
-/// as it passes 128 KiB, so each large body pays for fresh zeroed pages several times per hop
-/// (measured: the 1 MiB round trip's p50 is 56–63 ms without this in the proxies, 41–44 ms with
-/// it). The proxy calls it once at start. The broker does not: there it made no difference to
-/// that round trip, and it kept more of what expired tasks freed (90 % instead of 98 % given
-/// back within 2 s). Elsewhere than Linux/glibc it does nothing.
-pub fn keep_large_buffers() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: `mallopt` only changes glibc's allocator parameters (it takes the main arena lock
-    // itself); both values are within the ranges glibc documents.
-    #[allow(unsafe_code)]
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD as libc::c_int);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD as libc::c_int);
-    }
-}
-
 /// glibc's tunable for how many freed chunks of each small size a thread keeps to itself.
 pub const TCACHE_TUNABLE: &str = "glibc.malloc.tcache_count";
 /// The broker's value for it (glibc's default is 7).
