@@ -10,7 +10,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::future::join_all;
 use futures_util::StreamExt;
 use photon::{
-    http::{body, json_answer, parse_task_id, ApiError},
+    http::{body, json_answer, on, parse_task_id, ApiError},
     wire::{
         app::{single_line, NewTask, RawBody, Task, TaskResult},
         broker::{StreamEvent, WireResult, WireTask},
@@ -46,13 +46,14 @@ pub(crate) const PROXY_STOPPING: &str = "the proxy is shutting down; reconnect w
 pub(crate) const LOST: &str = "lost the connection to the broker; reconnect with Last-Event-ID";
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/v1/health", web::get().to(health))
-        .route("/v1/health", web::head().to(health))
-        .route("/v1/tasks", web::post().to(create_task))
-        .route("/v1/tasks", web::get().to(list_tasks))
-        .route("/v1/tasks/{id}", web::get().to(get_task))
-        .route("/v1/tasks/{id}/results", web::get().to(get_results))
-        .route("/v1/tasks/{id}/results/{app_id}", web::put().to(put_result))
+    use actix_web::http::Method as M;
+    cfg.route("/v1/health", on(M::GET).to(health))
+        .route("/v1/health", on(M::HEAD).to(health))
+        .route("/v1/tasks", on(M::POST).to(create_task))
+        .route("/v1/tasks", on(M::GET).to(list_tasks))
+        .route("/v1/tasks/{id}", on(M::GET).to(get_task))
+        .route("/v1/tasks/{id}/results", on(M::GET).to(get_results))
+        .route("/v1/tasks/{id}/results/{app_id}", on(M::PUT).to(put_result))
         .default_service(web::to(photon::http::no_such_endpoint));
 }
 
