@@ -17,7 +17,7 @@ PARTS = [
     ("hyper (client protocol)", ("hyper::proto",)),
     ("syscalls (kernel: sockets, epoll, wake-ups)", ("entry_SYSCALL",)),
     ("page faults", ("exc_page_fault", "asm_exc_page_fault")),
-    ("malloc and free", ("malloc", "_int_free", "__libc_free", "cfree", "realloc", "unlink_chunk", "tcache_")),
+    ("malloc and free", ("malloc", "_int_free", "__libc_free", "cfree", "realloc", "unlink_chunk", "tcache_", "mi_free", "_mi_", "mimalloc::")),
     ("memcpy", ("__memcpy", "__memmove")),
     ("SHA-256", ("sha2::",)),
     ("XChaCha20-Poly1305", ("chacha20::", "poly1305::")),

@@ -25,14 +25,13 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use actix_web::ResponseError;
 use bytes::Bytes;
 use futures_util::future::join_all;
 use photon::{
-    crypto::unix_millis,
     http::ApiError,
     wire::{
         broker::{Outcome, BATCH_PATH, MAX_BATCH},
@@ -93,6 +92,8 @@ impl Upload {
 pub type Answer = Result<Whole, ApiError>;
 
 struct Queued {
+    /// Its place in its thread's queue, to find it there again.
+    ticket: u64,
     upload: Upload,
     done: oneshot::Sender<Answer>,
 }
@@ -102,23 +103,32 @@ struct Queued {
 struct Queue {
     waiting: RefCell<VecDeque<Queued>>,
     senders: Cell<usize>,
+    tickets: Cell<u64>,
 }
 
 /// Every thread's upload queue (see the module's documentation).
-#[derive(Default)]
 pub struct Uploads {
     queues: ThreadLocal<Queue>,
-    /// Until when (Unix ms) every upload goes on its own: a while after the broker answered a
-    /// batch `404` (no such endpoint: an older broker, or a gateway's hiccup).
+    /// The clock of `unbatched_until` (monotonic).
+    started: Instant,
+    /// Until when (ms after `started`) every upload goes on its own: a while after the broker
+    /// answered a batch `404` (no such endpoint: an older broker, or a gateway's hiccup).
     unbatched_until: AtomicU64,
+}
+
+impl Default for Uploads {
+    fn default() -> Self {
+        Self { queues: ThreadLocal::new(), started: Instant::now(), unbatched_until: AtomicU64::new(0) }
+    }
 }
 
 /// How long uploads go on their own after a batch was answered `404`.
 const UNBATCHED_FOR: Duration = Duration::from_secs(60);
 
-/// The longest an app's upload waits for its answer, queue included: behind at most one
-/// exchange, then its own, each bounded by [`UPSTREAM_SLACK`]. A backstop, not a schedule.
-const ANSWER_WITHIN: Duration = Duration::from_secs(3 * UPSTREAM_SLACK.as_secs());
+/// An upload still queued after this long (its thread's senders held up by a broker that does
+/// not answer) is taken back unsent and answered `504`. Once taken it is in an exchange, which
+/// has its own bounds, and its app waits for that exchange's answer.
+const QUEUED_AT_MOST: Duration = Duration::from_secs(2 * UPSTREAM_SLACK.as_secs());
 
 impl Uploads {
     /// Sends `upload` to the broker, with others if there is a queue; its own answer.
@@ -128,21 +138,38 @@ impl Uploads {
         if upload.json.len() > ITEM_LIMIT || !this.batching() {
             return single(state, upload).await;
         }
-        let (done, answer) = oneshot::channel();
+        let (done, mut answer) = oneshot::channel();
         let queue = this.queues.get_or_default();
-        queue.waiting.borrow_mut().push_back(Queued { upload, done });
+        let ticket = queue.tickets.get();
+        queue.tickets.set(ticket + 1);
+        queue.waiting.borrow_mut().push_back(Queued { ticket, upload, done });
         if queue.senders.get() < SENDERS {
             actix_web::rt::spawn(drain(Sender::count(state.clone())));
         }
-        match tokio::time::timeout(ANSWER_WITHIN, answer).await {
-            Ok(Ok(answer)) => answer,
-            Ok(Err(_)) => Err(ApiError::Unavailable("the proxy is shutting down".into())),
-            Err(_) => Err(ApiError::GatewayTimeout("the broker did not take this upload in time".into())),
+        let stopped = |_| Err(ApiError::Unavailable("the proxy is shutting down".into()));
+        if let Ok(answered) = tokio::time::timeout(QUEUED_AT_MOST, &mut answer).await {
+            return answered.unwrap_or_else(stopped);
         }
+        let unsent = {
+            let mut waiting = queue.waiting.borrow_mut();
+            waiting.iter().position(|q| q.ticket == ticket).and_then(|i| waiting.remove(i))
+        };
+        if unsent.is_some() {
+            return Err(ApiError::GatewayTimeout(format!(
+                "the broker took no upload for {} s; this one was not sent",
+                QUEUED_AT_MOST.as_secs()
+            )));
+        }
+        answer.await.unwrap_or_else(stopped)
+    }
+
+    /// Milliseconds on this instance's monotonic clock.
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
     }
 
     fn batching(&self) -> bool {
-        unix_millis() >= self.unbatched_until.load(Ordering::Relaxed)
+        self.now_ms() >= self.unbatched_until.load(Ordering::Relaxed)
     }
 }
 
@@ -266,8 +293,9 @@ async fn many(state: &ProxyState, batch: Vec<Queued>) {
         // answer its own request gets.
         StatusCode::NOT_FOUND | StatusCode::PAYLOAD_TOO_LARGE | StatusCode::BAD_REQUEST => {
             if answer.status == StatusCode::NOT_FOUND {
-                let until = unix_millis() + UNBATCHED_FOR.as_millis() as u64;
-                if state.uploads.unbatched_until.swap(until, Ordering::Relaxed) < unix_millis() {
+                let uploads = &state.uploads;
+                let until = uploads.now_ms() + UNBATCHED_FOR.as_millis() as u64;
+                if uploads.unbatched_until.swap(until, Ordering::Relaxed) < uploads.now_ms() {
                     tracing::info!(
                         seconds = UNBATCHED_FOR.as_secs(),
                         "the broker has no batch endpoint; sending every upload on its own for a while"
@@ -285,9 +313,10 @@ async fn many(state: &ProxyState, batch: Vec<Queued>) {
     }
 }
 
-/// The uploads, each as its own request, side by side.
+/// The uploads, each as its own request, side by side (those whose app has gone meanwhile are
+/// dropped unsent).
 async fn each_alone(state: &ProxyState, batch: Vec<Queued>) {
-    join_all(batch.into_iter().map(|queued| async move {
+    join_all(batch.into_iter().filter(|queued| !queued.done.is_closed()).map(|queued| async move {
         let answer = single(state, queued.upload).await;
         let _ = queued.done.send(answer);
     }))
@@ -310,7 +339,10 @@ mod tests {
     fn queued(bytes: usize) -> (Queued, oneshot::Receiver<Answer>) {
         let (done, answer) = oneshot::channel();
         let app = AppId::parse("app1.proxy1.broker").unwrap();
-        (Queued { upload: Upload { app, kind: Kind::Task, json: Bytes::from(vec![b' '; bytes]) }, done }, answer)
+        (
+            Queued { ticket: 0, upload: Upload { app, kind: Kind::Task, json: Bytes::from(vec![b' '; bytes]) }, done },
+            answer,
+        )
     }
 
     fn queue(sizes: impl IntoIterator<Item = usize>) -> (VecDeque<Queued>, Vec<oneshot::Receiver<Answer>>) {
