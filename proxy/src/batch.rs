@@ -15,7 +15,7 @@
 //! would hold the others up). A batch refused as a whole before anything of it was stored
 //! (`400`, `404`, `413`) is sent again upload by upload; after a `404` (no batch endpoint: an
 //! older broker), every upload goes on its own for a minute. An upload whose app has gone
-//! before it was sent is dropped unsent, and one still queued after [`QUEUED_AT_MOST`] is taken
+//! before it was sent is dropped unsent, and one still queued after `QUEUED_AT_MOST` (60 s) is taken
 //! back unsent (`504`); a batch's uploads share its fate in the exchange (a timeout or a broker
 //! failure answers all of them, as it would have each of them alone).
 
