@@ -239,14 +239,12 @@ async fn bodies_arrive_as_sent_and_streams_stay_one_line_each() {
     let got = net.get(APP2, &format!("/v1/tasks/{id}")).send().await.unwrap().text().await.unwrap();
     assert!(got.contains("12345678901234567890"), "big numbers pass untouched: {got}");
     assert_eq!(serde_json::from_str::<serde_json::Value>(&got).unwrap()["body"], want);
-    let mut todo = Sse::new(
-        net.get(APP2, "/v1/tasks?filter=todo").header(header::ACCEPT, "text/event-stream").send().await.unwrap(),
-    );
+    let mut todo = Sse::new(net.events(APP2, "/v1/tasks?filter=todo").send().await.unwrap());
     assert_eq!(todo.next_event(SECS(10)).await.unwrap().json()["body"], want);
 
     // A result sent pretty-printed reaches both a lone stream and one sharing a hub intact.
     let results_stream = || async {
-        let req = net.get(APP1, &format!("/v1/tasks/{id}/results")).header(header::ACCEPT, "text/event-stream");
+        let req = net.events(APP1, &format!("/v1/tasks/{id}/results"));
         Sse::new(req.send().await.unwrap())
     };
     let streams = [results_stream().await, results_stream().await];

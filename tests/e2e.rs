@@ -290,7 +290,7 @@ async fn altered_task_on_a_stream_is_skipped() {
     });
     let bad = net.create(APP1, &[APP2], json!("first"), "60s").await;
     let good = net.create(APP1, &[APP2], json!("second"), "60s").await;
-    let res = net.get(APP2, "/v1/tasks?filter=todo").header("accept", "text/event-stream").send().await.unwrap();
+    let res = net.events(APP2, "/v1/tasks?filter=todo").send().await.unwrap();
     let mut sse = Sse::new(res);
     let ev = sse.next_event(SECS(10)).await.unwrap();
     assert_eq!(ev.event, "new_task");
@@ -387,8 +387,7 @@ async fn a_refused_task_does_not_count_on_a_stream() {
             v["new_task"]["task"]["metadata"] = json!("altered");
         }
     });
-    let open =
-        |q: &str| net.get(APP2, &format!("/v1/tasks?filter=todo{q}")).header("accept", "text/event-stream").send();
+    let open = |q: &str| net.events(APP2, &format!("/v1/tasks?filter=todo{q}")).send();
     let mut sse = Sse::new(open("&wait_count=1").await.unwrap());
     assert!(
         tokio::time::timeout(Duration::from_millis(500), sse.next_event(SECS(10))).await.is_err(),
@@ -444,12 +443,7 @@ async fn a_refused_result_does_not_count_towards_wait_count() {
         assert_eq!(json_of(res).await, json!([]));
     }
 
-    let res = net
-        .get(APP1, &format!("/v1/tasks/{id}/results?wait_count=1"))
-        .header("accept", "text/event-stream")
-        .send()
-        .await
-        .unwrap();
+    let res = net.events(APP1, &format!("/v1/tasks/{id}/results?wait_count=1")).send().await.unwrap();
     let mut sse = Sse::new(res);
     assert!(
         tokio::time::timeout(Duration::from_millis(500), sse.next_event(SECS(10))).await.is_err(),

@@ -114,12 +114,7 @@ async fn statsd_reports_what_the_network_does() {
     let held = net.create(APP1, &[APP2], json!("held"), "60s").await;
     let waiter = tokio::spawn(net.get(APP1, &format!("/v1/tasks/{held}/results?wait_count=1&wait_time=3s")).send());
     let streamed = net.create(APP1, &[APP2], json!("streamed"), "60s").await;
-    let stream = net
-        .get(APP1, &format!("/v1/tasks/{streamed}/results"))
-        .header("accept", "text/event-stream")
-        .send()
-        .await
-        .unwrap();
+    let stream = net.events(APP1, &format!("/v1/tasks/{streamed}/results")).send().await.unwrap();
     let mut events = Sse::new(stream);
 
     let mut ids = vec![];

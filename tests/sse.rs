@@ -5,14 +5,9 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use reqwest::header;
 use serde_json::json;
 
 const T: Duration = Duration::from_secs(10);
-
-fn sse(net: &Net, app: &str, path: &str) -> reqwest::RequestBuilder {
-    net.get(app, path).header(header::ACCEPT, "text/event-stream")
-}
 
 #[tokio::test]
 async fn results_in_order_with_ids_and_resume() {
@@ -20,7 +15,7 @@ async fn results_in_order_with_ids_and_resume() {
     let id = net.create(APP1, &[APP2, APP3], json!("t"), "1m").await;
     assert_eq!(net.answer(APP2, &id, APP1, "claimed", json!(null)).await, 201);
 
-    let mut s = Sse::new(sse(&net, APP1, &format!("/v1/tasks/{id}/results")).send().await.unwrap());
+    let mut s = Sse::new(net.events(APP1, &format!("/v1/tasks/{id}/results")).send().await.unwrap());
     let first = s.next_event(T).await.unwrap();
     assert_eq!((first.event.as_str(), first.id.as_deref()), ("new_result", Some("1")));
     assert_eq!(first.json()["status"], "claimed");
@@ -35,12 +30,12 @@ async fn results_in_order_with_ids_and_resume() {
 
     // Meanwhile another update; a reconnect from id 2 gets exactly what came after.
     assert_eq!(net.answer(APP3, &id, APP1, "succeeded", json!("c")).await, 204);
-    let res = sse(&net, APP1, &format!("/v1/tasks/{id}/results")).header("Last-Event-ID", "2").send().await.unwrap();
+    let res = net.events(APP1, &format!("/v1/tasks/{id}/results")).header("Last-Event-ID", "2").send().await.unwrap();
     let mut s = Sse::new(res);
     let e = s.next_event(T).await.unwrap();
     assert_eq!((e.id.as_deref(), e.json()["body"].as_str()), (Some("4"), Some("c")));
     // The same resume point through the query parameter.
-    let mut q = Sse::new(sse(&net, APP1, &format!("/v1/tasks/{id}/results?last_event_id=2")).send().await.unwrap());
+    let mut q = Sse::new(net.events(APP1, &format!("/v1/tasks/{id}/results?last_event_id=2")).send().await.unwrap());
     assert_eq!(q.next_event(T).await.unwrap().id.as_deref(), Some("4"));
     // Nothing twice: the next thing on the stream is a new update.
     assert_eq!(net.answer(APP2, &id, APP1, "permfailed", json!("d")).await, 204);
@@ -52,7 +47,7 @@ async fn results_in_order_with_ids_and_resume() {
 async fn stream_ends_after_wait_count_answers() {
     let net = Net::start();
     let id = net.create(APP1, &[APP2], json!("t"), "1m").await;
-    let mut s = Sse::new(sse(&net, APP1, &format!("/v1/tasks/{id}/results?wait_count=1")).send().await.unwrap());
+    let mut s = Sse::new(net.events(APP1, &format!("/v1/tasks/{id}/results?wait_count=1")).send().await.unwrap());
     assert_eq!(net.answer(APP2, &id, APP1, "claimed", json!(null)).await, 201);
     assert_eq!(s.next_event(T).await.unwrap().json()["status"], "claimed");
     assert_eq!(net.answer(APP2, &id, APP1, "succeeded", json!(1)).await, 204);
@@ -64,7 +59,7 @@ async fn stream_ends_after_wait_count_answers() {
 async fn wait_expired_and_keep_alive() {
     let net = Net::start_with(Options { keepalive: Duration::from_millis(300), ..Options::default() });
     let id = net.create(APP1, &[APP2], json!("t"), "1m").await;
-    let mut s = Sse::new(sse(&net, APP1, &format!("/v1/tasks/{id}/results?wait_time=1500ms")).send().await.unwrap());
+    let mut s = Sse::new(net.events(APP1, &format!("/v1/tasks/{id}/results?wait_time=1500ms")).send().await.unwrap());
     let mut n_comments = 0;
     let end = loop {
         let e = s.next(T).await.unwrap();
@@ -85,13 +80,13 @@ async fn wait_expired_and_keep_alive() {
 async fn deleted_task_ends_streams_on_expiry() {
     let net = Net::start();
     let id = net.create(APP1, &[APP2], json!("t"), "1s").await;
-    let mut s = Sse::new(sse(&net, APP1, &format!("/v1/tasks/{id}/results")).send().await.unwrap());
+    let mut s = Sse::new(net.events(APP1, &format!("/v1/tasks/{id}/results")).send().await.unwrap());
     let e = s.next_event(T).await.unwrap();
     assert_eq!(e.event, "deleted_task");
     assert_eq!(e.json(), json!({"task_id": id}));
     assert_eq!(s.next(T).await, None);
     // Streams on an unknown task are refused with 404, not opened.
-    let res = sse(&net, APP1, &format!("/v1/tasks/{id}/results")).send().await.unwrap();
+    let res = net.events(APP1, &format!("/v1/tasks/{id}/results")).send().await.unwrap();
     assert_eq!(res.status(), 404);
 }
 
@@ -99,7 +94,7 @@ async fn deleted_task_ends_streams_on_expiry() {
 async fn new_task_stream_pushes_and_resumes() {
     let net = Net::start();
     let old = net.create(APP1, &[APP2], json!("old"), "1m").await;
-    let mut s = Sse::new(sse(&net, APP2, "/v1/tasks?filter=todo").send().await.unwrap());
+    let mut s = Sse::new(net.events(APP2, "/v1/tasks?filter=todo").send().await.unwrap());
     let e = s.next_event(T).await.unwrap();
     assert_eq!(e.event, "new_task");
     assert_eq!(e.json()["id"], old.as_str());
@@ -111,7 +106,7 @@ async fn new_task_stream_pushes_and_resumes() {
     drop(s);
 
     // Resume after the first: only the second comes back.
-    let res = sse(&net, APP2, "/v1/tasks?filter=todo").header("Last-Event-ID", old_seq).send().await.unwrap();
+    let res = net.events(APP2, "/v1/tasks?filter=todo").header("Last-Event-ID", old_seq).send().await.unwrap();
     let mut s = Sse::new(res);
     assert_eq!(s.next_event(T).await.unwrap().json()["id"], new.as_str());
     // A claimed task that then fails temporarily comes back on the stream.
@@ -120,6 +115,6 @@ async fn new_task_stream_pushes_and_resumes() {
     assert_eq!(s.next_event(T).await.unwrap().json()["id"], old.as_str());
 
     // Streams of tasks need filter=todo.
-    let res = sse(&net, APP2, &format!("/v1/tasks?to={APP2}")).send().await.unwrap();
+    let res = net.events(APP2, &format!("/v1/tasks?to={APP2}")).send().await.unwrap();
     assert_eq!(res.status(), 400);
 }

@@ -182,11 +182,17 @@ fn authenticate(state: &BrokerState, req: &HttpRequest, body: &BodyDigest) -> Re
     let app_text = header_text(req, bw::APP_HEADER).ok_or_else(|| refused(state, AuthError::Header(bw::APP_HEADER)))?;
     let proxy = verify_request(state, req, app_text, body)?;
     let app = AppId::parse(app_text).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    if !may_sign_for(proxy.as_str(), app.as_str()) {
-        state.observer.metrics.count("requests.refused", 1, &[("reason", "not_signer")]);
-        return Err(ApiError::Forbidden(format!("proxy {proxy} may not act for {app}")));
-    }
+    may_act_for(state, &proxy, &app)?;
     Ok(app)
+}
+
+/// `403` (counted as `not_signer`) unless `proxy` may act for `app` (the label boundary).
+fn may_act_for(state: &BrokerState, proxy: &ProxyId, app: &AppId) -> Result<(), ApiError> {
+    if may_sign_for(proxy.as_str(), app.as_str()) {
+        return Ok(());
+    }
+    state.observer.metrics.count("requests.refused", 1, &[("reason", "not_signer")]);
+    Err(ApiError::Forbidden(format!("proxy {proxy} may not act for {app}")))
 }
 
 /// A request a proxy makes as itself (its control connection, its upload batches):
@@ -304,41 +310,39 @@ async fn batch(state: State, req: HttpRequest, payload: web::Payload) -> Result<
     state.observer.metrics.count("batches", 1, &[]);
     // Polled in order: each task is stored during the first poll, before any later upload
     // looks for it; result puts then wait for their task actors side by side.
-    let outcomes = futures_util::future::join_all(uploads.into_iter().map(|upload| {
-        let (state, proxy) = (&state, &proxy);
-        async move {
-            let stored = async {
-                let from = match &upload {
-                    bw::Upload::Task(t) => &t.from,
-                    bw::Upload::Result(r) => &r.from,
-                };
-                if !may_sign_for(proxy.as_str(), from.as_str()) {
-                    state.observer.metrics.count("requests.refused", 1, &[("reason", "not_signer")]);
-                    return Err(ApiError::Forbidden(format!("proxy {proxy} may not act for {from}")));
-                }
-                let caller = from.clone();
-                Ok(match upload {
-                    bw::Upload::Task(t) => store_task(state, &caller, t).await.map(|_| StatusCode::CREATED)?,
-                    bw::Upload::Result(r) => match store_result(state, &caller, r).await? {
-                        PutOutcome::Created => StatusCode::CREATED,
-                        PutOutcome::Replaced | PutOutcome::Ignored => StatusCode::NO_CONTENT,
-                    },
-                })
-            };
-            match stored.await {
-                Ok(status) => bw::Outcome { status: status.as_u16(), error: None },
-                Err(e) => bw::Outcome {
-                    status: actix_web::ResponseError::status_code(&e).as_u16(),
-                    error: serde_json::value::RawValue::from_string(
-                        String::from_utf8(e.json_body().to_vec()).expect("error bodies are JSON text"),
-                    )
-                    .ok(),
-                },
-            }
+    let outcomes = futures_util::future::join_all(uploads.into_iter().map(|upload| async {
+        match store_upload(&state, &proxy, upload).await {
+            Ok(status) => bw::Outcome { status: status.as_u16(), error: None },
+            Err(e) => bw::Outcome {
+                status: actix_web::ResponseError::status_code(&e).as_u16(),
+                error: String::from_utf8(e.json_body().to_vec())
+                    .ok()
+                    .and_then(|text| serde_json::value::RawValue::from_string(text).ok()),
+            },
         }
     }))
     .await;
     Ok(HttpResponse::Ok().json(outcomes))
+}
+
+/// One upload of `proxy`'s batch, checked and stored as its own request would be; the status
+/// that request would have answered.
+async fn store_upload(state: &BrokerState, proxy: &ProxyId, upload: bw::Upload) -> Result<StatusCode, ApiError> {
+    match upload {
+        bw::Upload::Task(task) => {
+            let caller = task.from.clone();
+            may_act_for(state, proxy, &caller)?;
+            store_task(state, &caller, task).await.map(|_| StatusCode::CREATED)
+        }
+        bw::Upload::Result(result) => {
+            let caller = result.from.clone();
+            may_act_for(state, proxy, &caller)?;
+            Ok(match store_result(state, &caller, result).await? {
+                PutOutcome::Created => StatusCode::CREATED,
+                PutOutcome::Replaced | PutOutcome::Ignored => StatusCode::NO_CONTENT,
+            })
+        }
+    }
 }
 
 async fn list_tasks(state: State, req: HttpRequest) -> Result<HttpResponse, ApiError> {

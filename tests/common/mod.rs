@@ -326,6 +326,11 @@ impl Net {
             .header(header::AUTHORIZATION, format!("ApiKey {app} {KEY}"))
     }
 
+    /// `GET path` as `app`, asking for Server-Sent Events.
+    pub fn events(&self, app: &str, path: &str) -> reqwest::RequestBuilder {
+        self.get(app, path).header(header::ACCEPT, "text/event-stream")
+    }
+
     pub fn post(&self, app: &str, path: &str) -> reqwest::RequestBuilder {
         self.http
             .post(format!("{}{path}", self.proxy_of(app)))
