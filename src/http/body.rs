@@ -13,8 +13,9 @@ use actix_web::{
     web, HttpRequest,
 };
 use bytes::{Bytes, BytesMut};
-use futures_util::StreamExt;
+use futures_util::{Stream, StreamExt};
 use serde::de::DeserializeOwned;
+use tokio::time::Instant;
 
 use super::ApiError;
 use crate::{
@@ -28,20 +29,59 @@ use crate::{
 /// would otherwise hold its buffer and connection for good.
 pub const BODY_STALL: Duration = Duration::from_secs(15);
 
+/// The slowest a request body may arrive on average, in bytes per second, after a grace of
+/// [`BODY_STALL`]: by then it must have sent `BODY_MIN_RATE` bytes for every second since it
+/// began, or it is refused with `408`. A client that trickles a byte now and then never stalls
+/// for [`BODY_STALL`], but without this it would hold its connection and buffer for as long as it
+/// liked. 4 KiB/s is 32 kbit/s, below any link a site would run on; a 16 MiB body may take 68
+/// minutes.
+pub const BODY_MIN_RATE: u64 = 4 * 1024;
+
+/// When a body that began at `began` and has `received` bytes so far is too slow: after the
+/// grace, one second per [`BODY_MIN_RATE`] bytes received.
+fn slow_after(began: Instant, received: usize) -> Instant {
+    began + BODY_STALL + Duration::from_millis(received as u64 * 1000 / BODY_MIN_RATE)
+}
+
+/// The next chunk of a body, or why it is refused: it stalled for [`BODY_STALL`], or fell below
+/// [`BODY_MIN_RATE`]. `None` at its end.
+async fn next_chunk<S, E>(payload: &mut S, began: Instant, received: usize) -> Result<Option<Bytes>, ApiError>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    let stalled = Instant::now() + BODY_STALL;
+    let slow = slow_after(began, received);
+    match tokio::time::timeout_at(stalled.min(slow), payload.next()).await {
+        Ok(next) => next.transpose().map_err(|e| ApiError::BadRequest(format!("cannot read the request body: {e}"))),
+        Err(_) if Instant::now() >= stalled => {
+            Err(ApiError::RequestTimeout(format!("the request body stalled for {} s", BODY_STALL.as_secs())))
+        }
+        Err(_) => Err(ApiError::RequestTimeout(format!(
+            "the request body arrived at under {} KiB/s ({received} bytes in {} s)",
+            BODY_MIN_RATE / 1024,
+            began.elapsed().as_secs()
+        ))),
+    }
+}
+
 /// Reads the whole body, refusing (`413`) anything over `limit` bytes before reading it all,
-/// and (`408`) a body that stalls for [`BODY_STALL`].
-pub async fn read_limited(req: &HttpRequest, mut payload: web::Payload, limit: usize) -> Result<Bytes, ApiError> {
-    let declared = declared_length(req);
+/// and (`408`) a body that stalls for [`BODY_STALL`] or arrives slower than [`BODY_MIN_RATE`].
+pub async fn read_limited(req: &HttpRequest, payload: web::Payload, limit: usize) -> Result<Bytes, ApiError> {
+    read_body(payload, declared_length(req), limit).await
+}
+
+async fn read_body<S, E>(mut payload: S, declared: Option<u64>, limit: usize) -> Result<Bytes, ApiError>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::TooLarge { limit });
     }
+    let began = Instant::now();
     let mut body = BytesMut::with_capacity(declared.unwrap_or(0).min(limit as u64) as usize);
-    loop {
-        let next = tokio::time::timeout(BODY_STALL, payload.next()).await.map_err(|_| {
-            ApiError::RequestTimeout(format!("the request body stalled for {} s", BODY_STALL.as_secs()))
-        })?;
-        let Some(chunk) = next else { break };
-        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("cannot read the request body: {e}")))?;
+    while let Some(chunk) = next_chunk(&mut payload, began, body.len()).await? {
         if body.len() + chunk.len() > limit {
             return Err(ApiError::TooLarge { limit });
         }
@@ -58,16 +98,18 @@ fn declared_length(req: &HttpRequest) -> Option<u64> {
 }
 
 /// Reads and drops the rest of a request body (at most `limit` bytes, stopping when it stalls
-/// for [`BODY_STALL`]): for a request refused before its body was read, so that a client still
-/// sending it reads the refusal cleanly rather than a broken connection. Nothing is kept.
+/// for [`BODY_STALL`] or falls below [`BODY_MIN_RATE`]): for a request refused before its body
+/// was read, so that a client still sending it reads the refusal cleanly rather than a broken
+/// connection. Nothing is kept.
 pub async fn discard(req: &HttpRequest, mut payload: web::Payload, limit: usize) {
     if declared_length(req).is_some_and(|n| n > limit as u64) {
         return; // it would not be read whole anyway
     }
+    let began = Instant::now();
     let mut read = 0;
     while read <= limit {
-        match tokio::time::timeout(BODY_STALL, payload.next()).await {
-            Ok(Some(Ok(chunk))) => read += chunk.len(),
+        match next_chunk(&mut payload, began, read).await {
+            Ok(Some(chunk)) => read += chunk.len(),
             _ => return,
         }
     }
@@ -167,6 +209,62 @@ mod tests {
     use std::future::poll_fn;
 
     use super::*;
+
+    #[allow(non_snake_case)]
+    const fn SECS(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
+    /// A body that sends `piece` bytes every `every`, `pieces` times.
+    fn trickle(piece: usize, every: Duration, pieces: usize) -> impl Stream<Item = Result<Bytes, Infallible>> + Unpin {
+        Box::pin(futures_util::stream::unfold(0, move |sent| async move {
+            (sent < pieces).then_some(())?;
+            tokio::time::sleep(every).await;
+            Some((Ok(Bytes::from(vec![b'x'; piece])), sent + 1))
+        }))
+    }
+
+    async fn read_timed(
+        body: impl Stream<Item = Result<Bytes, Infallible>> + Unpin,
+    ) -> (Result<Bytes, ApiError>, Duration) {
+        let began = Instant::now();
+        let read = read_body(body, None, 16 << 20).await;
+        (read, began.elapsed())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_trickled_below_the_minimum_rate_is_408_once_it_falls_behind() {
+        // A byte every 10 s never stalls for BODY_STALL, and is far below BODY_MIN_RATE.
+        let (read, took) = read_timed(trickle(1, SECS(10), 1_000)).await;
+        assert!(matches!(&read, Err(ApiError::RequestTimeout(m)) if m.contains("KiB/s")), "{read:?}");
+        // Refused at the end of the grace, plus a millisecond or two for the bytes it sent.
+        assert!(took >= BODY_STALL && took < BODY_STALL + SECS(1), "{took:?}");
+
+        // Half the minimum rate: refused once what it sent no longer covers the time taken.
+        let half = BODY_MIN_RATE as usize / 2;
+        let (read, took) = read_timed(trickle(half, SECS(1), 1_000)).await;
+        assert!(matches!(read, Err(ApiError::RequestTimeout(_))));
+        assert!(took >= SECS(29) && took <= SECS(31), "{took:?}"); // t/2 s of data = 15 s + t/2
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_body_at_the_minimum_rate_is_read_whole() {
+        let (read, took) = read_timed(trickle(BODY_MIN_RATE as usize, SECS(1), 100)).await;
+        assert_eq!(read.unwrap().len(), 100 * BODY_MIN_RATE as usize);
+        assert_eq!(took, SECS(100));
+        // Pauses up to just under BODY_STALL are fine while the average keeps up.
+        let (read, _) = read_timed(trickle(16 * BODY_MIN_RATE as usize, SECS(14), 10)).await;
+        assert_eq!(read.unwrap().len(), 160 * BODY_MIN_RATE as usize);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_stops_is_408_after_the_stall_limit() {
+        let stops =
+            futures_util::stream::iter([Ok(Bytes::from(vec![b'x'; 1 << 20]))]).chain(futures_util::stream::pending());
+        let (read, took) = read_timed(stops).await;
+        assert!(matches!(&read, Err(ApiError::RequestTimeout(m)) if m.contains("stalled")), "{read:?}");
+        assert_eq!(took, BODY_STALL);
+    }
 
     #[tokio::test]
     async fn a_sliced_body_is_the_whole_body_in_pieces_no_larger_than_a_slice() {
