@@ -152,5 +152,9 @@ async fn rotated_key_and_certificate_are_used_without_restart() {
     let res = net.get(APP1, &format!("/v1/tasks/{early}/results")).send().await.unwrap();
     assert_eq!(json_of(res).await[0]["body"], "from the new key");
     assert_eq!(net.refused(&net.proxy1).await, json!({}));
-    assert_eq!(net.refused(&net.proxy2).await, json!({}));
+    // proxy1 may seal for proxy2's new key a moment before proxy2 has read it (each looks again
+    // every CERT_REFRESH): such a task is refused `not_for_us` until proxy2 has, then opens
+    // (above). Nothing else is refused.
+    let refused = net.refused(&net.proxy2).await;
+    assert!(refused.as_object().unwrap().keys().all(|reason| reason == "not_for_us"), "{refused}");
 }

@@ -473,3 +473,88 @@ async fn a_refused_task_that_expires_during_a_wait_leaves_the_wait_to_the_next_t
     let tasks: Vec<Value> = res.json().await.unwrap();
     assert_eq!(tasks.iter().map(|t| t["id"].clone()).collect::<Vec<_>>(), vec![json!(good)]);
 }
+
+/// Large bodies travel detached: the ciphertext beside the message's JSON, fetched by the
+/// recipient's proxy from the broker on its own. Whatever the broker does to that fetch (a
+/// changed ciphertext byte, a shortened ciphertext, a changed field in the message fetched with
+/// it, no separator, no answer) is refused and counted like any other tampering, and the app
+/// sees nothing; honest, the task and its result arrive whole.
+#[tokio::test]
+async fn detached_bodies_are_checked_like_inline_ones() {
+    let net = mitm();
+    let big = "x".repeat(100_000);
+    let id = net.create(APP1, &[APP2], json!(big), "60s").await;
+    let uploads = relay(&net).requests_to("POST", "/v1/tasks?body=detached");
+    assert_eq!(uploads.len(), 1, "a large task goes detached");
+    let sealed = &uploads[0].body;
+    let at = sealed.iter().position(|b| *b == b'\n').unwrap();
+    let json: Value = serde_json::from_slice(&sealed[..at]).unwrap();
+    assert_eq!(json["body"]["ct"], "", "no ciphertext inside the JSON");
+    assert_eq!(json["body"]["detached"], sealed.len() - at - 1);
+
+    type Garble = Box<dyn Fn(&mut Vec<u8>) + Send + Sync>;
+    let newline = |b: &Vec<u8>| b.iter().position(|c| *c == b'\n').unwrap();
+    let cases: Vec<(&str, Garble)> = vec![
+        ("forged", Box::new(|b: &mut Vec<u8>| *b.last_mut().unwrap() ^= 1)),
+        (
+            "forged",
+            Box::new(move |b: &mut Vec<u8>| {
+                let first = newline(b) + 1;
+                b[first] ^= 0x80;
+            }),
+        ),
+        ("malformed", Box::new(|b: &mut Vec<u8>| b.truncate(b.len() - 1))),
+        (
+            "forged",
+            Box::new(move |b: &mut Vec<u8>| {
+                let at = newline(b);
+                let mut task: Value = serde_json::from_slice(&b[..at]).unwrap();
+                task["metadata"] = json!("altered");
+                let mut out = serde_json::to_vec(&task).unwrap();
+                out.extend_from_slice(&b[at..]);
+                *b = out;
+            }),
+        ),
+        ("malformed", Box::new(move |b: &mut Vec<u8>| b.retain(|c| *c != b'\n'))),
+        ("malformed", Box::new(|b: &mut Vec<u8>| b.clear())),
+    ];
+    let cases = std::sync::Arc::new(cases);
+    for i in 0..cases.len() {
+        let c = cases.clone();
+        relay(&net).rewrite_raw_answers(move |what, b| {
+            if what.ends_with("/sealed") {
+                (c[i].1)(b);
+            }
+        });
+        assert!(todo(&net, APP2).await.is_empty(), "case {i}");
+    }
+    relay(&net).honest();
+    relay(&net).without_endpoint(&format!("GET /v1/tasks/{id}/sealed"));
+    assert!(todo(&net, APP2).await.is_empty(), "no detached body to fetch");
+    let counts = net.refused(&net.proxy2).await;
+    for reason in ["forged", "malformed"] {
+        let want = cases.iter().filter(|(r, _)| *r == reason).count() as u64;
+        assert_eq!(counts[reason].as_u64(), Some(want), "{reason}: {counts}");
+    }
+    assert_eq!(counts["detached_unavailable"], 1, "{counts}");
+    relay(&net).honest();
+    let tasks = todo(&net, APP2).await;
+    assert_eq!(tasks.len(), 1);
+    assert_eq!((tasks[0]["id"].as_str(), tasks[0]["body"].as_str()), (Some(id.as_str()), Some(big.as_str())));
+
+    // A large result: the same.
+    let answer = "y".repeat(90_000);
+    assert_eq!(net.answer(APP2, &id, APP1, "succeeded", json!(answer)).await, 201);
+    assert_eq!(relay(&net).requests_to("PUT", &format!("/v1/tasks/{id}/results/{APP2}?body=detached")).len(), 1);
+    relay(&net).rewrite_raw_answers(|what, b| {
+        if what.ends_with("/sealed") {
+            *b.last_mut().unwrap() ^= 1;
+        }
+    });
+    assert!(results(&net, APP1, &id).await.is_empty());
+    assert_eq!(refused(&net, &net.proxy1, "forged").await, 1);
+    relay(&net).honest();
+    let got = results(&net, APP1, &id).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0]["body"], answer.as_str());
+}

@@ -242,3 +242,81 @@ async fn proxy_of_another_ca_gets_nowhere() {
     );
     let _ = std::fs::remove_dir_all(other);
 }
+
+/// A detached upload (the message's JSON, a newline, the ciphertext) is authenticated whole,
+/// stored as it came, and handed out whole only to those who may read its message; the message
+/// itself is listed as JSON like any other.
+#[tokio::test]
+async fn detached_uploads_are_stored_whole_and_served_to_readers_only() {
+    let net = Net::start();
+    let s = session_as_proxy1(&net).await;
+    let upload = |method: reqwest::Method, path: &str, app: &str, body: Vec<u8>| {
+        let auth = s.sign(method.as_str(), path, app, &body);
+        with_auth(net.http.request(method, format!("{}{path}", net.broker)), app, &auth).body(body).send()
+    };
+    let read = |path: String, app: &'static str| {
+        let auth = s.sign("GET", &path, app, b"");
+        with_auth(net.http.get(format!("{}{path}", net.broker)), app, &auth).send()
+    };
+    // Ciphertext bytes of every value, newlines included: only the first newline separates.
+    let ct: Vec<u8> = (0..200_000u32).map(|i| (i % 256) as u8).collect();
+    let detached = |json: serde_json::Value| {
+        let mut body = serde_json::to_vec(&json).unwrap();
+        body.push(b'\n');
+        body.extend_from_slice(&ct);
+        body
+    };
+    let sealed = serde_json::json!({"sealed": 1, "detached": ct.len(), "ct": ""});
+    let id = uuid::Uuid::new_v4();
+    let task = serde_json::json!({"id": id, "from": APP1, "to": [APP3], "ttl_ms": 60000,
+        "failure_strategy": "discard", "metadata": null, "body": sealed});
+    let task_path = format!("/v1/tasks?{}", bw::DETACHED_QUERY);
+
+    // Refused whole: no separator; a ciphertext changed after signing (the MAC covers it).
+    let res = upload(reqwest::Method::POST, &task_path, APP1, serde_json::to_vec(&task).unwrap()).await.unwrap();
+    assert_eq!(res.status(), 400);
+    assert!(json_of(res).await["error"].as_str().unwrap().contains("newline"));
+    let body = detached(task.clone());
+    let auth = s.sign("POST", &task_path, APP1, &body);
+    let mut changed = body.clone();
+    *changed.last_mut().unwrap() ^= 1;
+    let res = with_auth(net.http.post(format!("{}{task_path}", net.broker)), APP1, &auth).body(changed).send();
+    assert_eq!(res.await.unwrap().status(), 401);
+    assert_eq!(net.broker_tasks().await, 0, "nothing stored");
+
+    let res = upload(reqwest::Method::POST, &task_path, APP1, body.clone()).await.unwrap();
+    assert_eq!(res.status(), 201);
+    // Listed as its JSON; fetched whole by its creator and recipient, by no one else.
+    let listed: serde_json::Value = read(format!("/v1/tasks/{id}"), APP3).await.unwrap().json().await.unwrap();
+    assert_eq!(listed["body"], sealed);
+    let sealed_path = format!("/v1/tasks/{id}{}", bw::DETACHED_PATH);
+    for app in [APP1, APP3] {
+        let res = read(sealed_path.clone(), app).await.unwrap();
+        assert_eq!(res.status(), 200, "{app}");
+        assert_eq!(res.headers()["content-type"], "application/octet-stream");
+        assert_eq!(res.bytes().await.unwrap(), body, "{app}: the upload as it came");
+    }
+    assert_eq!(read(sealed_path.clone(), "app9.proxy1.broker").await.unwrap().status(), 404);
+
+    // A result, the same way; only the task's creator reads it (as it reads the task's results).
+    let result = serde_json::json!({"task": id, "from": APP3, "to": [APP1], "status": "succeeded",
+        "metadata": null, "body": sealed});
+    let result_path = format!("/v1/tasks/{id}/results/{APP3}?{}", bw::DETACHED_QUERY);
+    let body = detached(result);
+    assert_eq!(upload(reqwest::Method::PUT, &result_path, APP3, body.clone()).await.unwrap().status(), 201);
+    let sealed_result = format!("/v1/tasks/{id}/results/{APP3}{}", bw::DETACHED_PATH);
+    let res = read(sealed_result.clone(), APP1).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.bytes().await.unwrap(), body);
+    assert_eq!(read(sealed_result, APP3).await.unwrap().status(), 403);
+
+    // A message uploaded inline has nothing detached.
+    let inline = uuid::Uuid::new_v4();
+    let task = serde_json::json!({"id": inline, "from": APP1, "to": [APP3], "ttl_ms": 60000,
+        "failure_strategy": "discard", "metadata": null, "body": {"sealed": 2}});
+    let res = upload(reqwest::Method::POST, "/v1/tasks", APP1, serde_json::to_vec(&task).unwrap()).await.unwrap();
+    assert_eq!(res.status(), 201);
+    let res = read(format!("/v1/tasks/{inline}{}", bw::DETACHED_PATH), APP3).await.unwrap();
+    assert_eq!(res.status(), 404);
+    assert!(json_of(res).await["error"].as_str().unwrap().contains("no detached body"));
+}

@@ -35,7 +35,7 @@ use futures_util::future::join_all;
 use photon::{
     http::ApiError,
     wire::{
-        broker::{Outcome, BATCH_PATH, MAX_BATCH},
+        broker::{Detached, Outcome, BATCH_PATH, DETACHED_QUERY, MAX_BATCH},
         AppId,
     },
 };
@@ -70,10 +70,22 @@ pub enum Kind {
 pub struct Upload {
     pub app: AppId,
     pub kind: Kind,
+    /// The message's JSON, or a detached upload (`photon::wire::broker::Detached`).
     pub json: Bytes,
+    /// Whether `json` is a detached upload (which always goes on its own).
+    pub detached: bool,
 }
 
 impl Upload {
+    /// The upload of a message written as `json`, with its ciphertext beside it if that travels
+    /// detached.
+    pub fn new(app: AppId, kind: Kind, json: Bytes, detached: Option<Vec<u8>>) -> Self {
+        match detached {
+            Some(ct) => Self { app, kind, json: Detached::join(&json, &ct), detached: true },
+            None => Self { app, kind, json, detached: false },
+        }
+    }
+
     fn method(&self) -> Method {
         match self.kind {
             Kind::Task => Method::POST,
@@ -82,9 +94,10 @@ impl Upload {
     }
 
     fn path(&self) -> String {
+        let query = if self.detached { format!("?{DETACHED_QUERY}") } else { String::new() };
         match self.kind {
-            Kind::Task => "/v1/tasks".into(),
-            Kind::Result(task) => format!("/v1/tasks/{task}/results/{}", self.app),
+            Kind::Task => format!("/v1/tasks{query}"),
+            Kind::Result(task) => format!("/v1/tasks/{task}/results/{}{query}", self.app),
         }
     }
 }
@@ -136,7 +149,7 @@ impl Uploads {
     /// Call on an HTTP worker (the senders are spawned on the calling thread).
     pub async fn send(state: &Arc<ProxyState>, upload: Upload) -> Answer {
         let this = &state.uploads;
-        if upload.json.len() > ITEM_LIMIT || !this.batching() {
+        if upload.detached || upload.json.len() > ITEM_LIMIT || !this.batching() {
             return single(state, upload).await;
         }
         let (done, mut answer) = oneshot::channel();
@@ -340,10 +353,7 @@ mod tests {
     fn queued(bytes: usize) -> (Queued, oneshot::Receiver<Answer>) {
         let (done, answer) = oneshot::channel();
         let app = AppId::parse("app1.proxy1.broker").unwrap();
-        (
-            Queued { ticket: 0, upload: Upload { app, kind: Kind::Task, json: Bytes::from(vec![b' '; bytes]) }, done },
-            answer,
-        )
+        (Queued { ticket: 0, upload: Upload::new(app, Kind::Task, Bytes::from(vec![b' '; bytes]), None), done }, answer)
     }
 
     fn queue(sizes: impl IntoIterator<Item = usize>) -> (VecDeque<Queued>, Vec<oneshot::Receiver<Answer>>) {

@@ -234,9 +234,10 @@ async fn create_task(state: State, req: HttpRequest, payload: web::Payload) -> R
         failure_strategy: new.failure_strategy,
         metadata: new.metadata,
         body: Arc::new(serde_json::value::to_raw_value(&Value::Null).expect("null serializes")),
+        detached: None,
     };
-    seal::seal_task(&state.upstream, &mut wire, single_line(new.body)).await?;
-    let upload = Upload { app: caller, kind: Kind::Task, json: to_json(&wire) };
+    let detached = seal::seal_task(&state.upstream, &mut wire, single_line(new.body)).await?;
+    let upload = Upload::new(caller, Kind::Task, to_json(&wire), detached);
     let res = Uploads::send(&state, upload).await?;
     if res.status != StatusCode::CREATED {
         return Err(relayed_whole(res));
@@ -369,9 +370,10 @@ async fn put_result(
         task: id,
         status: result.status,
         metadata: result.metadata,
+        detached: None,
     };
-    seal::seal_result(&state.upstream, &mut wire, result.body.map(single_line)).await?;
-    let upload = Upload { app: caller, kind: Kind::Result(id), json: to_json(&wire) };
+    let detached = seal::seal_result(&state.upstream, &mut wire, result.body.map(single_line)).await?;
+    let upload = Upload::new(caller, Kind::Result(id), to_json(&wire), detached);
     let res = Uploads::send(&state, upload).await?;
     let answer = match res.status {
         StatusCode::CREATED => HttpResponse::Created().finish(),

@@ -10,6 +10,7 @@
 use std::{collections::BTreeMap, sync::Arc};
 
 use actix_web::web;
+use bytes::Bytes;
 use futures_util::future::join_all;
 use parking_lot::Mutex;
 use photon::{
@@ -20,20 +21,28 @@ use photon::{
     http::ApiError,
     wire::{
         app::{single_line, RawBody, Task, TaskResult},
-        broker::{Envelope, SealedBody, WireResult, WireTask},
+        broker::{Detached, Envelope, SealedBody, WireResult, WireTask, DETACHED_PATH},
         AppId, ProxyId,
     },
 };
+use reqwest::{Method, StatusCode};
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
 use crate::{
+    http::UPSTREAM_SLACK,
     keyring::{Peer, PeerError},
     upstream::Upstream,
 };
 
-/// Bodies (or base64 ciphertexts) larger than this are sealed and opened on the blocking pool.
+/// Bodies (or ciphertexts) larger than this are sealed and opened on the blocking pool.
 pub const INLINE_LIMIT: usize = 64 * 1024;
+/// Bodies larger than this travel detached (`photon::wire::broker::Detached`): their
+/// ciphertext beside the message's JSON, as raw bytes.
+pub const DETACH_LIMIT: usize = 64 * 1024;
+
+// A detached upload is never batched: it needs its own request (and query).
+const _: () = assert!(DETACH_LIMIT >= crate::batch::ITEM_LIMIT);
 /// How far the creator's clock may be off when checking that a task has not expired.
 const CLOCK_SKEW_MS: u64 = 300_000;
 
@@ -56,6 +65,8 @@ pub enum OpenError {
     WrongTask { got: Uuid, want: Uuid },
     #[error("not addressed to {0}")]
     NotAddressed(AppId),
+    #[error("its detached body could not be fetched: {0}")]
+    Unavailable(String),
 }
 
 impl OpenError {
@@ -75,6 +86,7 @@ impl OpenError {
             Self::Expired => "expired",
             Self::WrongTask { .. } => "wrong_task",
             Self::NotAddressed(_) => "not_addressed",
+            Self::Unavailable(_) => "detached_unavailable",
         }
     }
 }
@@ -155,17 +167,24 @@ async fn recipients(up: &Upstream, to: &[AppId]) -> Result<Vec<Arc<Peer>>, ApiEr
     Ok(peers)
 }
 
+/// A sealed body: the envelope, and the ciphertext when it travels detached.
+pub type Sealed = (SealedBody, Option<Vec<u8>>);
+
 fn seal_with(
     subject: &Subject<'_>,
     sender: KeyId,
     ttl_ms: Option<u64>,
     peers: &[Arc<Peer>],
     plaintext: &[u8],
-) -> SealedBody {
+) -> Sealed {
     let rs: Vec<Recipient<'_>> =
         peers.iter().map(|p| Recipient { proxy: &p.proxy, kid: p.kid, key: &p.to_peer }).collect();
+    if plaintext.len() > DETACH_LIMIT {
+        let (env, ct) = e2e::seal_detached(subject, sender, unix_millis(), ttl_ms, &rs, plaintext);
+        return (Arc::new(env.to_raw()), Some(ct));
+    }
     let env = e2e::seal(subject, sender, unix_millis(), ttl_ms, &rs, plaintext);
-    Arc::new(env.to_raw())
+    (Arc::new(env.to_raw()), None)
 }
 
 /// A body's JSON text as bytes, without copying it.
@@ -174,66 +193,108 @@ fn text_bytes(body: RawBody) -> Vec<u8> {
 }
 
 /// Seals `body` (its JSON text as the app sent it) into `task.body` (`task` holds every other
-/// field already; `to` deduplicated).
-pub async fn seal_task(up: &Upstream, task: &mut WireTask, body: RawBody) -> Result<(), ApiError> {
+/// field already; `to` deduplicated). Returns the ciphertext if it travels detached.
+pub async fn seal_task(up: &Upstream, task: &mut WireTask, body: RawBody) -> Result<Option<Vec<u8>>, ApiError> {
     dedup(&mut task.to);
     let peers = recipients(up, &task.to).await?;
     let plaintext = text_bytes(body);
     let sender = up.keys.own().kid;
-    task.body = if plaintext.len() <= INLINE_LIMIT {
+    let (sealed, detached) = if plaintext.len() <= INLINE_LIMIT {
         seal_with(&task_subject(task), sender, Some(task.ttl_ms), &peers, &plaintext)
     } else {
         let header = task.clone();
         on_pool(move || seal_with(&task_subject(&header), sender, Some(header.ttl_ms), &peers, &plaintext)).await?
     };
-    Ok(())
+    task.body = sealed;
+    Ok(detached)
 }
 
 /// Seals `body` (an absent body is sealed too, so every field stays covered) into
-/// `result.body`.
-pub async fn seal_result(up: &Upstream, result: &mut WireResult, body: Option<RawBody>) -> Result<(), ApiError> {
+/// `result.body`. Returns the ciphertext if it travels detached.
+pub async fn seal_result(
+    up: &Upstream,
+    result: &mut WireResult,
+    body: Option<RawBody>,
+) -> Result<Option<Vec<u8>>, ApiError> {
     dedup(&mut result.to);
     let peers = recipients(up, &result.to).await?;
     // An absent body seals as empty bytes, which is no JSON text.
     let plaintext = body.map(text_bytes).unwrap_or_default();
     let sender = up.keys.own().kid;
-    result.body = Some(if plaintext.len() <= INLINE_LIMIT {
+    let (sealed, detached) = if plaintext.len() <= INLINE_LIMIT {
         seal_with(&result_subject(result), sender, None, &peers, &plaintext)
     } else {
         let header = result.clone();
         on_pool(move || seal_with(&result_subject(&header), sender, None, &peers, &plaintext)).await?
-    });
-    Ok(())
+    };
+    result.body = Some(sealed);
+    Ok(detached)
 }
 
-/// Checks and opens the envelope of a message from `from`: the sender's key (certificate
-/// valid, unrevoked) and this proxy's wrapped key must verify every covered field.
+/// A message's envelope, and its ciphertext if that travelled detached. For a detached one the
+/// message is fetched again with it from the broker (`path`, as `caller`), and that message is
+/// the one returned: a result replaced meanwhile comes back whole in its newer version.
+async fn envelope_of<M: serde::de::DeserializeOwned>(
+    up: &Upstream,
+    caller: &AppId,
+    message: Arc<M>,
+    raw: fn(&M) -> Option<&RawValue>,
+    path: impl FnOnce(&M) -> String,
+) -> Result<(Arc<M>, Envelope, Option<Bytes>), OpenError> {
+    let malformed = |e: &dyn std::fmt::Display| OpenError::Malformed(e.to_string());
+    let env: Envelope =
+        serde_json::from_str(raw(&message).ok_or(OpenError::Unsealed)?.get()).map_err(|e| malformed(&e))?;
+    if env.detached.is_none() {
+        return Ok((message, env, None));
+    }
+    let path = path(&message);
+    let fetched = up
+        .call(Method::GET, &path, caller, Bytes::new(), Some(UPSTREAM_SLACK))
+        .await
+        .map_err(|e| OpenError::Unavailable(e.to_string()))?;
+    if fetched.status != StatusCode::OK {
+        return Err(OpenError::Unavailable(format!("the broker answered {} for {path}", fetched.status)));
+    }
+    let (json, ct) =
+        Detached::split(&fetched.body).ok_or_else(|| malformed(&"a detached upload without its newline"))?;
+    let ct_at = json.len() + 1;
+    let message: M = serde_json::from_slice(json).map_err(|e| malformed(&e))?;
+    let env: Envelope =
+        serde_json::from_str(raw(&message).ok_or(OpenError::Unsealed)?.get()).map_err(|e| malformed(&e))?;
+    debug_assert_eq!(ct.len(), fetched.body.len() - ct_at);
+    Ok((Arc::new(message), env, Some(fetched.body.slice(ct_at..))))
+}
+
+/// Checks and opens the envelope of a message from `from` (its ciphertext `ct` if detached):
+/// the sender's key (certificate valid, unrevoked) and this proxy's wrapped key must verify
+/// every covered field.
 async fn open_envelope<M: Send + Sync + 'static>(
     up: &Upstream,
     message: Arc<M>,
-    raw: Option<&RawValue>,
+    env: Envelope,
+    ct: Option<Bytes>,
     from: &AppId,
     subject: fn(&M) -> Subject<'_>,
 ) -> Result<(Envelope, Vec<u8>), OpenError> {
-    let raw = raw.ok_or(OpenError::Unsealed)?;
-    let env: Envelope = serde_json::from_str(raw.get()).map_err(|e| OpenError::Malformed(e.to_string()))?;
     let wrap = e2e::wrap_for(&env, up.keys.me())?;
     let my_kid = KeyId::parse(&wrap.k)?;
     let mine = up.keys.own_by_kid(&my_kid).ok_or(SealError::NotForUs)?;
     up.keys.check_own(&mine)?;
     let sender = up.peer(&from.proxy_id(), Some(KeyId::parse(&env.sk)?)).await?;
     let keys = up.keys.open_key(&mine, sender);
-    if env.ct.len() <= INLINE_LIMIT {
-        let plaintext = e2e::open(&env, &subject(&message), wrap, keys.key())?;
+    let open = move |env: &Envelope, wrap: &photon::wire::broker::WrappedKey| match &ct {
+        Some(ct) => e2e::open_detached(env, ct, &subject(&message), wrap, keys.key()),
+        None => e2e::open(env, &subject(&message), wrap, keys.key()),
+    };
+    if env.ct.len() + env.detached.unwrap_or(0) as usize <= INLINE_LIMIT {
+        let plaintext = open(&env, wrap)?;
         return Ok((env, plaintext));
     }
     let wrap = wrap.clone();
-    on_pool(move || {
-        let plaintext = e2e::open(&env, &subject(&message), &wrap, keys.key())?;
-        Ok((env, plaintext))
-    })
-    .await
-    .map_err(|e| OpenError::Malformed(e.to_string()))?
+    on_pool(move || open(&env, &wrap).map(|plaintext| (env, plaintext)))
+        .await
+        .map_err(|e| OpenError::Malformed(e.to_string()))?
+        .map_err(OpenError::from)
 }
 
 /// The opened body as JSON text, checked, on one line.
@@ -245,10 +306,24 @@ fn json_body(plaintext: Vec<u8>) -> Result<RawBody, OpenError> {
 
 /// The task as the app `caller` sees it, if it verifies and is addressed to or from `caller`.
 pub async fn open_task(up: &Upstream, caller: &AppId, task: Arc<WireTask>) -> Result<Task<RawBody>, OpenError> {
-    if &task.from != caller && !task.to.contains(caller) {
-        return Err(OpenError::NotAddressed(caller.clone()));
+    let addressed = |t: &WireTask| match &t.from == caller || t.to.contains(caller) {
+        true => Ok(()),
+        false => Err(OpenError::NotAddressed(caller.clone())),
+    };
+    addressed(&task)?;
+    let (listed_id, listed_ttl_ms) = (task.id, task.ttl_ms);
+    let path = |t: &WireTask| format!("/v1/tasks/{}{DETACHED_PATH}", t.id);
+    let (task, env, ct) = envelope_of(up, caller, task, |t| Some(&*t.body), path).await?;
+    // Fetched again (detached): the same task, with the lifetime it had when it was listed.
+    if task.id != listed_id {
+        return Err(OpenError::Malformed(format!("the detached upload of task {listed_id} is of {}", task.id)));
     }
-    let (env, plaintext) = open_envelope(up, task.clone(), Some(&task.body), &task.from, task_subject).await?;
+    addressed(&task)?;
+    let task = match task.ttl_ms == listed_ttl_ms {
+        true => task,
+        false => Arc::new(WireTask { ttl_ms: listed_ttl_ms, ..(*task).clone() }),
+    };
+    let (env, plaintext) = open_envelope(up, task.clone(), env, ct, &task.from, task_subject).await?;
     let sealed_ms = env.ttl_ms.ok_or(OpenError::Malformed("a task envelope without ttl_ms".into()))?;
     if task.ttl_ms > sealed_ms {
         return Err(OpenError::TtlExtended { broker_ms: task.ttl_ms, sealed_ms });
@@ -274,14 +349,28 @@ pub async fn open_result(
     task_id: Uuid,
     result: Arc<WireResult>,
 ) -> Result<TaskResult<RawBody>, OpenError> {
-    if result.task != task_id {
-        return Err(OpenError::WrongTask { got: result.task, want: task_id });
+    let check = |r: &WireResult| {
+        if r.task != task_id {
+            return Err(OpenError::WrongTask { got: r.task, want: task_id });
+        }
+        match r.to.contains(caller) {
+            true => Ok(()),
+            false => Err(OpenError::NotAddressed(caller.clone())),
+        }
+    };
+    check(&result)?;
+    let listed_from = result.from.clone();
+    let path = |r: &WireResult| format!("/v1/tasks/{}/results/{}{DETACHED_PATH}", r.task, r.from);
+    let (result, env, ct) = envelope_of(up, caller, result, |r| r.body.as_deref().map(|b| &**b), path).await?;
+    // Fetched again (detached): its newer version, if it was replaced meanwhile.
+    if result.from != listed_from {
+        return Err(OpenError::Malformed(format!(
+            "the detached upload of {listed_from}'s result is {}'s",
+            result.from
+        )));
     }
-    if !result.to.contains(caller) {
-        return Err(OpenError::NotAddressed(caller.clone()));
-    }
-    let (env, plaintext) =
-        open_envelope(up, result.clone(), result.body.as_deref().map(|b| &**b), &result.from, result_subject).await?;
+    check(&result)?;
+    let (env, plaintext) = open_envelope(up, result.clone(), env, ct, &result.from, result_subject).await?;
     if env.ttl_ms.is_some() {
         return Err(OpenError::Malformed("a result envelope with ttl_ms".into()));
     }

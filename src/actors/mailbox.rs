@@ -276,6 +276,7 @@ mod tests {
             failure_strategy: FailureStrategy::Discard,
             metadata: serde_json::Value::Null,
             body: Arc::new(serde_json::value::to_raw_value("x").unwrap()),
+            detached: None,
         };
         Arc::new(TaskRecord { task, expires_at: tokio::time::Instant::now() + std::time::Duration::from_secs(60) })
     }

@@ -399,6 +399,7 @@ mod tests {
             failure_strategy: FailureStrategy::default(),
             metadata: Value::Null,
             body: serde_json::value::to_raw_value("sealed").unwrap().into(),
+            detached: None,
         };
         let record = Arc::new(TaskRecord { task, expires_at: Instant::now() + ttl });
         let actor = TaskActor::new(record.clone(), registry.clone(), mailboxes.clone(), mailboxes.clone());
@@ -441,6 +442,7 @@ mod tests {
                 status: WorkStatus::Succeeded,
                 metadata: Value::Null,
                 body: None,
+                detached: None,
             };
             assert_eq!(addr.send(PutResult(result.clone())).await.unwrap(), Ok(PutOutcome::Created));
             tokio::time::sleep(Duration::from_millis(40)).await;

@@ -232,6 +232,23 @@ pub fn seal(
     recipients: &[Recipient<'_>],
     plaintext: &[u8],
 ) -> Envelope {
+    let (mut env, ct) = seal_detached(subject, sender_kid, ts, ttl_ms, recipients, plaintext);
+    env.detached = None;
+    env.ct = encode_bulk(&ct);
+    env
+}
+
+/// [`seal`], with the ciphertext beside the envelope instead of in it: the envelope's `ct` is
+/// empty and `detached` its length (see `wire::broker::Detached`). What is sealed and bound is
+/// the same either way.
+pub fn seal_detached(
+    subject: &Subject<'_>,
+    sender_kid: KeyId,
+    ts: u64,
+    ttl_ms: Option<u64>,
+    recipients: &[Recipient<'_>],
+    plaintext: &[u8],
+) -> (Envelope, Vec<u8>) {
     let nonce_bytes: [u8; NONCE_LEN] = rand::random();
     let mut content_key: [u8; KEY_LEN] = rand::random();
     let nonce = XNonce::from_slice(&nonce_bytes);
@@ -245,6 +262,7 @@ pub fn seal(
             .iter()
             .map(|r| WrappedKey { p: r.proxy.clone(), k: r.kid.to_string(), w: String::new() })
             .collect(),
+        detached: None,
         ct: String::new(),
     };
     let header = header(subject, &env.sk, env.ts, env.ttl_ms, &env.n, &env.keys);
@@ -259,8 +277,8 @@ pub fn seal(
         slot.w = b64().encode(wrapped);
     }
     content_key.zeroize();
-    env.ct = encode_bulk(&ct);
-    env
+    env.detached = Some(ct.len() as u64);
+    (env, ct)
 }
 
 // === opening ===
@@ -279,9 +297,37 @@ fn decode_nonce(env: &Envelope) -> Result<[u8; NONCE_LEN], SealError> {
 /// is this proxy's entry, `key` the sender→this proxy pairwise key for the key ids it names.
 /// Any change to a covered field, the ciphertext or the wrap makes it [`SealError::Forged`].
 pub fn open(env: &Envelope, subject: &Subject<'_>, wrap: &WrappedKey, key: &PairKey) -> Result<Vec<u8>, SealError> {
+    if env.detached.is_some() {
+        return Err(SealError::Malformed("a detached ciphertext opened as inline"));
+    }
+    let ct = decode_bulk(&env.ct).ok_or(SealError::Malformed("ciphertext encoding"))?;
+    open_with(env, &ct, subject, wrap, key)
+}
+
+/// [`open`] for a message whose ciphertext `ct` travelled detached: `env.detached` must give its
+/// length, and `env.ct` must be empty.
+pub fn open_detached(
+    env: &Envelope,
+    ct: &[u8],
+    subject: &Subject<'_>,
+    wrap: &WrappedKey,
+    key: &PairKey,
+) -> Result<Vec<u8>, SealError> {
+    if env.detached != Some(ct.len() as u64) || !env.ct.is_empty() {
+        return Err(SealError::Malformed("detached ciphertext length"));
+    }
+    open_with(env, ct, subject, wrap, key)
+}
+
+fn open_with(
+    env: &Envelope,
+    ct: &[u8],
+    subject: &Subject<'_>,
+    wrap: &WrappedKey,
+    key: &PairKey,
+) -> Result<Vec<u8>, SealError> {
     let nonce_bytes = decode_nonce(env)?;
     let nonce = XNonce::from_slice(&nonce_bytes);
-    let ct = decode_bulk(&env.ct).ok_or(SealError::Malformed("ciphertext encoding"))?;
     if ct.len() < TAG_LEN {
         return Err(SealError::Malformed("ciphertext shorter than its tag"));
     }
@@ -290,7 +336,7 @@ pub fn open(env: &Envelope, subject: &Subject<'_>, wrap: &WrappedKey, key: &Pair
         return Err(SealError::Malformed("wrapped key length"));
     }
     let header = header(subject, &env.sk, env.ts, env.ttl_ms, &env.n, &env.keys);
-    let bound = binding(&header, &ct);
+    let bound = binding(&header, ct);
     // Unwrapped in place, in a buffer wiped when dropped (all of it, spare capacity included):
     // the content key is never copied to memory that is freed unwiped.
     let mut content_key = zeroize::Zeroizing::new(wrapped);
@@ -301,7 +347,7 @@ pub fn open(env: &Envelope, subject: &Subject<'_>, wrap: &WrappedKey, key: &Pair
         return Err(SealError::Forged);
     }
     XChaCha20Poly1305::new(chacha20poly1305::Key::from_slice(&content_key))
-        .decrypt(nonce, Payload { msg: &ct, aad: &header })
+        .decrypt(nonce, Payload { msg: ct, aad: &header })
         .map_err(|_| SealError::Forged)
 }
 

@@ -18,6 +18,7 @@ use actix_web::{
     http::{header, Method, StatusCode},
     web, HttpRequest, HttpResponse,
 };
+use bytes::Bytes;
 
 pub use body::parse_task_id;
 pub use error::ApiError;
@@ -86,6 +87,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route("", on(Method::GET).to(list_tasks))
             .route("/{id}/results", on(Method::GET).to(get_results))
             .route("/{id}/results/{app_id}", on(Method::PUT).to(put_result))
+            .route("/{id}/results/{app_id}/sealed", on(Method::GET).to(get_detached_result))
+            .route("/{id}/sealed", on(Method::GET).to(get_detached_task))
             .route("/{id}", on(Method::GET).to(get_task)),
     )
     .route(bw::BATCH_PATH, on(Method::POST).to(batch))
@@ -260,12 +263,35 @@ fn check_recipients(state: &BrokerState, to: &[AppId]) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// A task or result upload's digest and message: plain JSON, or detached (`bw::Detached`), its
+/// JSON parsed and the upload kept whole in `detached`.
+async fn read_upload<T: serde::de::DeserializeOwned>(
+    state: &BrokerState,
+    req: &HttpRequest,
+    payload: web::Payload,
+) -> Result<(BodyDigest, Result<(T, Option<Bytes>), ApiError>), ApiError> {
+    let payload = precheck_upload(state, req, payload).await?;
+    let body = body::read_limited(req, payload, state.max_body).await?;
+    if req.query_string() != bw::DETACHED_QUERY {
+        let (digest, message) = body::digest_beside(&body, body::parse_json::<T>).await;
+        return Ok((digest, message.map(|m| (m, None))));
+    }
+    let (digest, message) = body::digest_beside(&body, |upload| {
+        let (json, _) = bw::Detached::split(upload).ok_or_else(|| {
+            ApiError::BadRequest("a detached upload is its JSON, a newline, then the ciphertext".into())
+        })?;
+        body::parse_json::<T>(json)
+    })
+    .await;
+    Ok((digest, message.map(|m| (m, Some(body)))))
+}
+
 async fn create_task(state: State, req: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
-    let payload = precheck_upload(&state, &req, payload).await?;
-    let body = body::read_limited(&req, payload, state.max_body).await?;
-    let (digest, task) = body::digest_beside(&body, body::parse_json::<WireTask>).await;
+    let (digest, task) = read_upload::<WireTask>(&state, &req, payload).await?;
     let caller = authenticate(&state, &req, &digest)?;
-    let id = store_task(&state, &caller, task?).await?;
+    let (mut task, detached) = task?;
+    task.detached = detached;
+    let id = store_task(&state, &caller, task).await?;
     Ok(HttpResponse::Created().insert_header((header::LOCATION, format!("/v1/tasks/{id}"))).finish())
 }
 
@@ -390,13 +416,12 @@ async fn put_result(
     path: web::Path<(String, String)>,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let payload = precheck_upload(&state, &req, payload).await?;
-    let body = body::read_limited(&req, payload, state.max_body).await?;
-    let (digest, result) = body::digest_beside(&body, body::parse_json::<WireResult>).await;
+    let (digest, result) = read_upload::<WireResult>(&state, &req, payload).await?;
     let caller = authenticate(&state, &req, &digest)?;
     let (task_text, app_text) = path.into_inner();
     let id = parse_task_id(&task_text)?;
-    let result = result?;
+    let (mut result, detached) = result?;
+    result.detached = detached;
     if result.task != id || result.from.as_str() != app_text {
         return Err(ApiError::BadRequest(
             "the task id and app id in the path must match the result's task and from".into(),
@@ -419,4 +444,33 @@ async fn get_results(state: State, req: HttpRequest, path: web::Path<String>) ->
     }
     let _waiting = state.waiting(&wait);
     Ok(json_listing(state.engine.read_results(&caller, id, wait).await?))
+}
+
+/// A detached upload as an answer (`application/octet-stream`, in slices).
+fn detached_answer(upload: Option<Bytes>, what: &str) -> Result<HttpResponse, ApiError> {
+    let upload = upload.ok_or_else(|| ApiError::NotFound(format!("the {what} has no detached body")))?;
+    Ok(HttpResponse::Ok().content_type("application/octet-stream").body(body::Sliced(upload)))
+}
+
+/// `GET /v1/tasks/{id}/sealed`: the task's detached upload, for whoever may read the task.
+async fn get_detached_task(state: State, req: HttpRequest, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let caller = authenticate(&state, &req, &EMPTY_BODY)?;
+    let id = parse_task_id(&path)?;
+    let task = state.engine.get(&caller, id, Wait::default()).await?;
+    detached_answer(task.detached, "task")
+}
+
+/// `GET /v1/tasks/{id}/results/{app}/sealed`: the detached upload of `app`'s result as it is
+/// now (a replaced result's newer one), for whoever may read the task's results.
+async fn get_detached_result(
+    state: State,
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    let caller = authenticate(&state, &req, &EMPTY_BODY)?;
+    let (task_text, app_text) = path.into_inner();
+    let id = parse_task_id(&task_text)?;
+    let results = state.engine.read_results(&caller, id, Wait::default()).await?;
+    let result = results.items.into_iter().find(|r| r.from.as_str() == app_text);
+    detached_answer(result.and_then(|r| r.detached.clone()), "result")
 }

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::{value::RawValue, Value};
 use uuid::Uuid;
@@ -45,6 +46,9 @@ pub struct WireTask {
     pub failure_strategy: FailureStrategy,
     pub metadata: Value,
     pub body: SealedBody,
+    /// A detached upload as the broker received it ([`Detached`]); never in JSON.
+    #[serde(skip)]
+    pub detached: Option<Bytes>,
 }
 
 /// A result between proxy and broker.
@@ -57,6 +61,44 @@ pub struct WireResult {
     pub metadata: Value,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body: Option<SealedBody>,
+    /// A detached upload as the broker received it ([`Detached`]); never in JSON.
+    #[serde(skip)]
+    pub detached: Option<Bytes>,
+}
+
+/// Large sealed bodies travel between proxy and broker *detached*: their ciphertext as raw bytes
+/// beside the message's JSON instead of base64 inside it. A detached upload (`POST /v1/tasks`
+/// or a result `PUT`, with the query [`DETACHED_QUERY`]) is the message's JSON, one newline,
+/// then the ciphertext (compact JSON has no raw newline); its envelope has an empty `ct` and
+/// names the ciphertext's length in `detached`. The broker stores the upload as it came and
+/// hands out the message's JSON as usual; a recipient's proxy then fetches the upload whole
+/// ([`DETACHED_PATH`] after the task's or the result's path). Neither side writes, scans or
+/// decodes a megabyte of base64 inside JSON, and the broker stores and serves the upload
+/// without copying it. The request MAC covers the upload whole, as it covers any body; the
+/// envelope binds the ciphertext exactly as it binds an inline one.
+pub struct Detached;
+
+/// The query of a detached upload.
+pub const DETACHED_QUERY: &str = "body=detached";
+/// Appended to a task's path (`/v1/tasks/{id}`) or a result's (`/v1/tasks/{id}/results/{app}`):
+/// `GET` answers that message's detached upload.
+pub const DETACHED_PATH: &str = "/sealed";
+
+impl Detached {
+    /// A detached upload: `json`, a newline, `ct`.
+    pub fn join(json: &[u8], ct: &[u8]) -> Bytes {
+        let mut upload = Vec::with_capacity(json.len() + 1 + ct.len());
+        upload.extend_from_slice(json);
+        upload.push(b'\n');
+        upload.extend_from_slice(ct);
+        upload.into()
+    }
+
+    /// A detached upload's JSON and ciphertext; `None` without the newline.
+    pub fn split(upload: &[u8]) -> Option<(&[u8], &[u8])> {
+        let at = memchr::memchr(b'\n', upload)?;
+        Some((&upload[..at], &upload[at + 1..]))
+    }
 }
 
 /// Path of the upload batch: several task creations and result puts from one proxy in one
@@ -142,7 +184,10 @@ pub struct Envelope {
     pub n: String,
     /// The content key, wrapped once per recipient proxy (the sender's own included).
     pub keys: Vec<WrappedKey>,
-    /// The body's ciphertext with its tag.
+    /// The ciphertext's length when it travels detached (see [`Detached`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detached: Option<u64>,
+    /// The body's ciphertext with its tag, base64; empty when it travels detached.
     pub ct: String,
 }
 
@@ -161,12 +206,22 @@ impl Envelope {
             ttl_ms: Option<u64>,
             n: &'a str,
             keys: &'a [WrappedKey],
+            #[serde(skip_serializing_if = "Option::is_none")]
+            detached: Option<u64>,
         }
         // Only a `"` or `\\` could end the string early; anything else invalid fails the check below.
         if memchr::memchr2(b'"', b'\\', self.ct.as_bytes()).is_some() {
             return serde_json::value::to_raw_value(self).expect("envelopes serialize");
         }
-        let head = Head { alg: self.alg, sk: &self.sk, ts: self.ts, ttl_ms: self.ttl_ms, n: &self.n, keys: &self.keys };
+        let head = Head {
+            alg: self.alg,
+            sk: &self.sk,
+            ts: self.ts,
+            ttl_ms: self.ttl_ms,
+            n: &self.n,
+            keys: &self.keys,
+            detached: self.detached,
+        };
         let mut json = serde_json::to_string(&head).expect("envelopes serialize");
         json.pop(); // the closing brace
         json.reserve(self.ct.len() + 9);
@@ -235,6 +290,7 @@ mod tests {
             ttl_ms,
             n: "bm9uY2U=".into(),
             keys: vec![WrappedKey { p: ProxyId::parse("proxy1.broker").unwrap(), k: "k".into(), w: "dw==".into() }],
+            detached: None,
             ct: ct.into(),
         }
     }

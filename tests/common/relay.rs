@@ -12,6 +12,7 @@ use serde_json::Value;
 
 /// Rewrites a JSON value passing through; gets `METHOD path?query`.
 pub type Rewrite = Box<dyn FnMut(&str, &mut Value) + Send>;
+pub type RawRewrite = Box<dyn FnMut(&str, &mut Vec<u8>) + Send>;
 
 /// One request as the relay received it from a proxy.
 #[derive(Clone, Debug)]
@@ -30,6 +31,7 @@ pub struct Relay {
     pub bytes_in: Mutex<Vec<u8>>,
     on_request: Mutex<Option<Rewrite>>,
     on_answer: Mutex<Option<Rewrite>>,
+    on_raw_answer: Mutex<Option<RawRewrite>>,
     /// Requests (`METHOD path` prefix) answered `404 no such endpoint`, as an older broker would.
     missing: Mutex<Option<String>>,
 }
@@ -45,6 +47,11 @@ impl Relay {
         *self.on_answer.lock() = Some(Box::new(f));
     }
 
+    /// From now on, binary answers (`application/octet-stream`: detached uploads) pass through `f`.
+    pub fn rewrite_raw_answers(&self, f: impl FnMut(&str, &mut Vec<u8>) + Send + 'static) {
+        *self.on_raw_answer.lock() = Some(Box::new(f));
+    }
+
     /// From now on, requests starting `METHOD path` get `404 no such endpoint` (recorded, not
     /// forwarded): a broker without that endpoint.
     pub fn without_endpoint(&self, what: &str) {
@@ -55,6 +62,8 @@ impl Relay {
     pub fn honest(&self) {
         *self.on_request.lock() = None;
         *self.on_answer.lock() = None;
+        *self.on_raw_answer.lock() = None;
+        *self.missing.lock() = None;
     }
 
     pub fn requests_to(&self, method: &str, path_prefix: &str) -> Vec<Captured> {
@@ -117,6 +126,14 @@ async fn forward(relay: web::Data<Arc<Relay>>, req: HttpRequest, body: web::Byte
         }
     }
     let streaming = res.headers().get("content-type").is_some_and(|v| v.to_str().unwrap_or("").contains("ndjson"));
+    let binary = res.headers().get("content-type").is_some_and(|v| v == "application/octet-stream");
+    if binary {
+        let mut bytes = res.bytes().await.unwrap_or_default().to_vec();
+        if let Some(f) = relay.on_raw_answer.lock().as_mut() {
+            f(&what, &mut bytes);
+        }
+        return answer.body(bytes);
+    }
     if !streaming {
         let bytes = res.bytes().await.unwrap_or_default();
         return answer.body(relay.rewrite(&relay.on_answer, &what, bytes));
