@@ -284,6 +284,33 @@ async fn detached_uploads_are_stored_whole_and_served_to_readers_only() {
     assert_eq!(res.await.unwrap().status(), 401);
     assert_eq!(net.broker_tasks().await, 0, "nothing stored");
 
+    // Without a Content-Length (chunked): refused, as its buffer would be kept grown by doubling.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let authority = net.broker.trim_start_matches("http://").to_owned();
+        let auth = s.sign("POST", &task_path, APP1, &body);
+        let mut head = format!("POST {task_path} HTTP/1.1\r\nhost: {authority}\r\ntransfer-encoding: chunked\r\n");
+        let signed = [
+            (bw::APP_HEADER, APP1.to_owned()),
+            (bw::SESSION_HEADER, auth.session.clone()),
+            (bw::SEQ_HEADER, auth.seq.to_string()),
+            (bw::TS_HEADER, auth.ts.to_string()),
+            (bw::MAC_HEADER, auth.mac.clone()),
+        ];
+        for (name, value) in signed {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        let mut tcp = tokio::net::TcpStream::connect(&authority).await.unwrap();
+        tcp.write_all(format!("{head}\r\n{:x}\r\n", body.len()).as_bytes()).await.unwrap();
+        tcp.write_all(&body).await.unwrap();
+        tcp.write_all(b"\r\n0\r\n\r\n").await.unwrap();
+        let mut answer = vec![0; 512];
+        let n = tokio::time::timeout(SECS(5), tcp.read(&mut answer)).await.expect("answered").unwrap();
+        let answer = String::from_utf8_lossy(&answer[..n]);
+        assert!(answer.starts_with("HTTP/1.1 400") && answer.contains("Content-Length"), "{answer}");
+    }
+    assert_eq!(net.broker_tasks().await, 0, "nothing stored");
+
     let res = upload(reqwest::Method::POST, &task_path, APP1, body.clone()).await.unwrap();
     assert_eq!(res.status(), 201);
     // Listed as its JSON; fetched whole by its creator and recipient, by no one else.

@@ -418,7 +418,7 @@ async fn get_results(state: State, req: HttpRequest, path: web::Path<String>) ->
         let n_counting = listed.iter().filter(|r| r.status.is_answer()).count();
         let results = open_results(st, who, id, listed).await;
         let counted = results.iter().filter(|r| r.status.is_answer()).count();
-        Ok(Opened { counted, refused: n_counting - counted, items: results })
+        Ok(Opened { counted, refused: n_counting.saturating_sub(counted), items: results })
     })
     .await;
     drop(direct);

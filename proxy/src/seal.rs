@@ -7,7 +7,7 @@
 //! stretch its lifetime. Anything else is refused, logged and counted in [`Refusals`].
 //! Bodies over [`INLINE_LIMIT`] are sealed and opened on the blocking pool, off the workers.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use actix_web::web;
 use bytes::Bytes;
@@ -32,7 +32,7 @@ use uuid::Uuid;
 use crate::{
     http::UPSTREAM_SLACK,
     keyring::{Peer, PeerError},
-    upstream::Upstream,
+    upstream::{Upstream, Whole},
 };
 
 /// Bodies (or ciphertexts) larger than this are sealed and opened on the blocking pool.
@@ -247,14 +247,7 @@ async fn envelope_of<M: serde::de::DeserializeOwned>(
     if env.detached.is_none() {
         return Ok((message, env, None));
     }
-    let path = path(&message);
-    let fetched = up
-        .call(Method::GET, &path, caller, Bytes::new(), Some(UPSTREAM_SLACK))
-        .await
-        .map_err(|e| OpenError::Unavailable(e.to_string()))?;
-    if fetched.status != StatusCode::OK {
-        return Err(OpenError::Unavailable(format!("the broker answered {} for {path}", fetched.status)));
-    }
+    let fetched = fetch_detached(up, caller, &path(&message)).await?;
     let (json, ct) =
         Detached::split(&fetched.body).ok_or_else(|| malformed(&"a detached upload without its newline"))?;
     let ct_at = json.len() + 1;
@@ -263,6 +256,34 @@ async fn envelope_of<M: serde::de::DeserializeOwned>(
         serde_json::from_str(raw(&message).ok_or(OpenError::Unsealed)?.get()).map_err(|e| malformed(&e))?;
     debug_assert_eq!(ct.len(), fetched.body.len() - ct_at);
     Ok((Arc::new(message), env, Some(fetched.body.slice(ct_at..))))
+}
+
+/// Tries of a detached body's fetch that fails on the way (not with a 4xx), and the pause before
+/// the second; each further pause doubles.
+const FETCH_TRIES: u32 = 3;
+const FETCH_PAUSE: Duration = Duration::from_millis(100);
+
+/// A detached upload from the broker. A failure on the way (unreachable, a timeout, a 5xx) is
+/// tried again a few times, so that a broker restarting or a moment's overload does not cost a
+/// stream reader its message; a 4xx (the message has expired, or never had one) is final.
+async fn fetch_detached(up: &Upstream, caller: &AppId, path: &str) -> Result<Whole, OpenError> {
+    let mut pause = FETCH_PAUSE;
+    for attempt in 1..=FETCH_TRIES {
+        let failed = match up.call(Method::GET, path, caller, Bytes::new(), Some(UPSTREAM_SLACK)).await {
+            Ok(fetched) if fetched.status == StatusCode::OK => return Ok(fetched),
+            Ok(fetched) if fetched.status.is_client_error() => {
+                return Err(OpenError::Unavailable(format!("the broker answered {} for {path}", fetched.status)))
+            }
+            Ok(fetched) => format!("the broker answered {} for {path}", fetched.status),
+            Err(e) => e.to_string(),
+        };
+        if attempt == FETCH_TRIES {
+            return Err(OpenError::Unavailable(failed));
+        }
+        tokio::time::sleep(pause).await;
+        pause *= 2;
+    }
+    unreachable!("the last try returns")
 }
 
 /// Checks and opens the envelope of a message from `from` (its ciphertext `ct` if detached):
@@ -282,11 +303,12 @@ async fn open_envelope<M: Send + Sync + 'static>(
     up.keys.check_own(&mine)?;
     let sender = up.peer(&from.proxy_id(), Some(KeyId::parse(&env.sk)?)).await?;
     let keys = up.keys.open_key(&mine, sender);
+    let ct_len = ct.as_ref().map_or(env.ct.len(), Bytes::len);
     let open = move |env: &Envelope, wrap: &photon::wire::broker::WrappedKey| match &ct {
         Some(ct) => e2e::open_detached(env, ct, &subject(&message), wrap, keys.key()),
         None => e2e::open(env, &subject(&message), wrap, keys.key()),
     };
-    if env.ct.len() + env.detached.unwrap_or(0) as usize <= INLINE_LIMIT {
+    if ct_len <= INLINE_LIMIT {
         let plaintext = open(&env, wrap)?;
         return Ok((env, plaintext));
     }
@@ -359,15 +381,20 @@ pub async fn open_result(
         }
     };
     check(&result)?;
-    let listed_from = result.from.clone();
+    let listed = result.clone();
     let path = |r: &WireResult| format!("/v1/tasks/{}/results/{}{DETACHED_PATH}", r.task, r.from);
     let (result, env, ct) = envelope_of(up, caller, result, |r| r.body.as_deref().map(|b| &**b), path).await?;
-    // Fetched again (detached): its newer version, if it was replaced meanwhile.
-    if result.from != listed_from {
+    // Fetched again (detached): the result as listed, or its newer version if it was replaced
+    // meanwhile. Only the listed one is opened: callers count what they hand out by the status
+    // listed, and a newer version comes in its own listing or event.
+    if result.from != listed.from {
         return Err(OpenError::Malformed(format!(
-            "the detached upload of {listed_from}'s result is {}'s",
-            result.from
+            "the detached upload of {}'s result is {}'s",
+            listed.from, result.from
         )));
+    }
+    if (result.status, &result.to, &result.metadata) != (listed.status, &listed.to, &listed.metadata) {
+        return Err(OpenError::Unavailable(format!("{}'s result was replaced since it was listed", result.from)));
     }
     check(&result)?;
     let (env, plaintext) = open_envelope(up, result.clone(), env, ct, &result.from, result_subject).await?;

@@ -271,8 +271,15 @@ async fn read_upload<T: serde::de::DeserializeOwned>(
     payload: web::Payload,
 ) -> Result<(BodyDigest, Result<(T, Option<Bytes>), ApiError>), ApiError> {
     let payload = precheck_upload(state, req, payload).await?;
+    let detached = req.query_string() == bw::DETACHED_QUERY;
+    // A detached upload is kept as it was read: sized by its Content-Length, its buffer is
+    // exactly as large (a body without one is read into a buffer grown by doubling).
+    if detached && !req.headers().contains_key(header::CONTENT_LENGTH) {
+        body::discard(req, payload, state.max_body).await;
+        return Err(ApiError::BadRequest("a detached upload needs a Content-Length".into()));
+    }
     let body = body::read_limited(req, payload, state.max_body).await?;
-    if req.query_string() != bw::DETACHED_QUERY {
+    if !detached {
         let (digest, message) = body::digest_beside(&body, body::parse_json::<T>).await;
         return Ok((digest, message.map(|m| (m, None))));
     }
