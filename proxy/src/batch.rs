@@ -33,6 +33,7 @@ use actix_web::ResponseError;
 use bytes::Bytes;
 use futures_util::future::join_all;
 use photon::{
+    crypto::session::{self, BodyDigest},
     http::ApiError,
     wire::{
         broker::{Detached, Outcome, BATCH_PATH, DETACHED_QUERY, MAX_BATCH},
@@ -44,7 +45,7 @@ use thread_local::ThreadLocal;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use crate::{http::UPSTREAM_SLACK, upstream::Whole, ProxyState};
+use crate::{http::UPSTREAM_SLACK, seal::DetachedCt, upstream::Whole, ProxyState};
 
 /// Requests to the broker one thread keeps in flight from its queue.
 pub const SENDERS: usize = 2;
@@ -72,17 +73,21 @@ pub struct Upload {
     pub kind: Kind,
     /// The message's JSON, or a detached upload (`photon::wire::broker::Detached`).
     pub json: Bytes,
-    /// Whether `json` is a detached upload (which always goes on its own).
-    pub detached: bool,
+    /// A detached upload's [`BodyDigest`] (`session::detached_digest`); such an upload always
+    /// goes on its own.
+    pub detached: Option<BodyDigest>,
 }
 
 impl Upload {
     /// The upload of a message written as `json`, with its ciphertext beside it if that travels
     /// detached.
-    pub fn new(app: AppId, kind: Kind, json: Bytes, detached: Option<Vec<u8>>) -> Self {
+    pub fn new(app: AppId, kind: Kind, json: Bytes, detached: Option<DetachedCt>) -> Self {
         match detached {
-            Some(ct) => Self { app, kind, json: Detached::join(&json, &ct), detached: true },
-            None => Self { app, kind, json, detached: false },
+            Some(d) => {
+                let digest = session::detached_digest(&json, &d.digest);
+                Self { app, kind, json: Detached::join(&json, &d.ct), detached: Some(digest) }
+            }
+            None => Self { app, kind, json, detached: None },
         }
     }
 
@@ -94,7 +99,7 @@ impl Upload {
     }
 
     fn path(&self) -> String {
-        let query = if self.detached { format!("?{DETACHED_QUERY}") } else { String::new() };
+        let query = if self.detached.is_some() { format!("?{DETACHED_QUERY}") } else { String::new() };
         match self.kind {
             Kind::Task => format!("/v1/tasks{query}"),
             Kind::Result(task) => format!("/v1/tasks/{task}/results/{}{query}", self.app),
@@ -149,7 +154,7 @@ impl Uploads {
     /// Call on an HTTP worker (the senders are spawned on the calling thread).
     pub async fn send(state: &Arc<ProxyState>, upload: Upload) -> Answer {
         let this = &state.uploads;
-        if upload.detached || upload.json.len() > ITEM_LIMIT || !this.batching() {
+        if upload.detached.is_some() || upload.json.len() > ITEM_LIMIT || !this.batching() {
             return single(state, upload).await;
         }
         let (done, mut answer) = oneshot::channel();
@@ -250,8 +255,13 @@ fn take(waiting: &mut VecDeque<Queued>) -> Vec<Queued> {
 
 /// The upload on its own, as its own request.
 async fn single(state: &ProxyState, upload: Upload) -> Answer {
-    let path = upload.path();
-    Ok(state.upstream.call(upload.method(), &path, &upload.app, upload.json, Some(UPSTREAM_SLACK)).await?)
+    let (path, method, up) = (upload.path(), upload.method(), &state.upstream);
+    Ok(match &upload.detached {
+        Some(digest) => {
+            up.call_digested(method, &path, upload.app.as_str(), upload.json, digest, Some(UPSTREAM_SLACK)).await?
+        }
+        None => up.call(method, &path, &upload.app, upload.json, Some(UPSTREAM_SLACK)).await?,
+    })
 }
 
 /// The uploads as one batch; each gets its own answer.

@@ -167,8 +167,14 @@ async fn recipients(up: &Upstream, to: &[AppId]) -> Result<Vec<Arc<Peer>>, ApiEr
     Ok(peers)
 }
 
+/// A ciphertext that travels detached, and its SHA-256.
+pub struct DetachedCt {
+    pub ct: Vec<u8>,
+    pub digest: [u8; 32],
+}
+
 /// A sealed body: the envelope, and the ciphertext when it travels detached.
-pub type Sealed = (SealedBody, Option<Vec<u8>>);
+pub type Sealed = (SealedBody, Option<DetachedCt>);
 
 fn seal_with(
     subject: &Subject<'_>,
@@ -180,8 +186,8 @@ fn seal_with(
     let rs: Vec<Recipient<'_>> =
         peers.iter().map(|p| Recipient { proxy: &p.proxy, kid: p.kid, key: &p.to_peer }).collect();
     if plaintext.len() > DETACH_LIMIT {
-        let (env, ct) = e2e::seal_detached(subject, sender, unix_millis(), ttl_ms, &rs, plaintext);
-        return (Arc::new(env.to_raw()), Some(ct));
+        let (env, ct, digest) = e2e::seal_detached(subject, sender, unix_millis(), ttl_ms, &rs, plaintext);
+        return (Arc::new(env.to_raw()), Some(DetachedCt { ct, digest }));
     }
     let env = e2e::seal(subject, sender, unix_millis(), ttl_ms, &rs, plaintext);
     (Arc::new(env.to_raw()), None)
@@ -194,7 +200,7 @@ fn text_bytes(body: RawBody) -> Vec<u8> {
 
 /// Seals `body` (its JSON text as the app sent it) into `task.body` (`task` holds every other
 /// field already; `to` deduplicated). Returns the ciphertext if it travels detached.
-pub async fn seal_task(up: &Upstream, task: &mut WireTask, body: RawBody) -> Result<Option<Vec<u8>>, ApiError> {
+pub async fn seal_task(up: &Upstream, task: &mut WireTask, body: RawBody) -> Result<Option<DetachedCt>, ApiError> {
     dedup(&mut task.to);
     let peers = recipients(up, &task.to).await?;
     let plaintext = text_bytes(body);
@@ -215,7 +221,7 @@ pub async fn seal_result(
     up: &Upstream,
     result: &mut WireResult,
     body: Option<RawBody>,
-) -> Result<Option<Vec<u8>>, ApiError> {
+) -> Result<Option<DetachedCt>, ApiError> {
     dedup(&mut result.to);
     let peers = recipients(up, &result.to).await?;
     // An absent body seals as empty bytes, which is no JSON text.

@@ -17,7 +17,7 @@ use photon::{
         ca,
         cert::VerifiedCert,
         e2e::KeyId,
-        session::{self, ClientSession, Identity},
+        session::{self, BodyDigest, ClientSession, Identity},
         unix_millis, CryptoError, RootCert,
     },
     http::{error::REAUTH_HEADER, ApiError},
@@ -374,8 +374,22 @@ impl Upstream {
         body: Bytes,
         timeout: Option<Duration>,
     ) -> Result<reqwest::Response, UpstreamError> {
+        let digest = session::body_digest(&body);
+        self.send_digested(method, path_and_query, actor, body, &digest, timeout).await
+    }
+
+    /// [`Upstream::send_as`] for a body whose digest is `digest`.
+    async fn send_digested(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        actor: &str,
+        body: Bytes,
+        digest: &BodyDigest,
+        timeout: Option<Duration>,
+    ) -> Result<reqwest::Response, UpstreamError> {
         let started = Instant::now();
-        let sent = self.signed(method.clone(), path_and_query, actor, body, timeout).await;
+        let sent = self.signed(method.clone(), path_and_query, actor, body, digest, timeout).await;
         self.record(&method, started, &sent);
         sent
     }
@@ -404,8 +418,23 @@ impl Upstream {
         body: Bytes,
         timeout: Option<Duration>,
     ) -> Result<Whole, UpstreamError> {
+        let digest = session::body_digest(&body);
+        self.call_digested(method, path_and_query, actor, body, &digest, timeout).await
+    }
+
+    /// [`Upstream::call_as`] for a body whose [`BodyDigest`] is known: a detached upload's
+    /// (`session::detached_digest`), which is not the plain SHA-256 of its bytes.
+    pub async fn call_digested(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        actor: &str,
+        body: Bytes,
+        digest: &BodyDigest,
+        timeout: Option<Duration>,
+    ) -> Result<Whole, UpstreamError> {
         let Some((authority, pools)) = &self.lean else {
-            let res = self.send_as(method, path_and_query, actor, body, timeout).await?;
+            let res = self.send_digested(method, path_and_query, actor, body, digest, timeout).await?;
             let status = res.status();
             // `send` counted a failure up to the head; one while reading the body counts too.
             let read = res.bytes().await.map_err(UpstreamError::from);
@@ -416,7 +445,7 @@ impl Upstream {
         };
         let started = Instant::now();
         let pool = pools.get_or(|| http1::Pool::new(authority, LEAN_IDLE, http1::Resend::Never));
-        let sent = self.signed_lean(pool, &method, path_and_query, actor, &body, timeout).await;
+        let sent = self.signed_lean(pool, &method, path_and_query, actor, (&body, digest), timeout).await;
         self.record(&method, started, &sent);
         sent
     }
@@ -442,13 +471,13 @@ impl Upstream {
         method: &Method,
         path_and_query: &str,
         app: &str,
-        body: &Bytes,
+        (body, digest): (&Bytes, &BodyDigest),
         timeout: Option<Duration>,
     ) -> Result<Whole, UpstreamError> {
         let (_, target) = self.signed_url(path_and_query);
         for attempt in 0..2 {
             let session = self.bounded_session(timeout).await?;
-            let auth = session.sign(method.as_str(), &target, app, body);
+            let auth = session.sign_digest(method.as_str(), &target, app, digest);
             let headers = [
                 format!("{}: {app}", bw::APP_HEADER),
                 format!("{}: {}", bw::INSTANCE_HEADER, self.instance.to_str().unwrap_or_default()),
@@ -504,12 +533,13 @@ impl Upstream {
         path_and_query: &str,
         app: &str,
         body: Bytes,
+        digest: &BodyDigest,
         timeout: Option<Duration>,
     ) -> Result<reqwest::Response, UpstreamError> {
         let (url, signed_path) = self.signed_url(path_and_query);
         for attempt in 0..2 {
             let session = self.bounded_session(timeout).await?;
-            let auth = session.sign(method.as_str(), &signed_path, app, &body);
+            let auth = session.sign_digest(method.as_str(), &signed_path, app, digest);
             let mut req = self
                 .http()?
                 .request(method.clone(), url.clone())

@@ -207,9 +207,14 @@ fn header(subject: &Subject<'_>, sk: &str, ts: u64, ttl_ms: Option<u64>, nonce: 
 
 /// What each wrapped key authenticates: the header and the exact ciphertext.
 fn binding(header: &[u8], ct: &[u8]) -> [u8; 32] {
+    binding_of(header, &Sha256::digest(ct).into())
+}
+
+/// [`binding`] from the ciphertext's SHA-256.
+fn binding_of(header: &[u8], ct_digest: &[u8; 32]) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(header);
-    h.update(Sha256::digest(ct));
+    h.update(ct_digest);
     h.finalize().into()
 }
 
@@ -232,7 +237,7 @@ pub fn seal(
     recipients: &[Recipient<'_>],
     plaintext: &[u8],
 ) -> Envelope {
-    let (mut env, ct) = seal_detached(subject, sender_kid, ts, ttl_ms, recipients, plaintext);
+    let (mut env, ct, _) = seal_detached(subject, sender_kid, ts, ttl_ms, recipients, plaintext);
     env.detached = None;
     env.ct = encode_bulk(&ct);
     env
@@ -240,7 +245,8 @@ pub fn seal(
 
 /// [`seal`], with the ciphertext beside the envelope instead of in it: the envelope's `ct` is
 /// empty and `detached` its length (see `wire::broker::Detached`). What is sealed and bound is
-/// the same either way.
+/// the same either way. Also returns the ciphertext's SHA-256 (a detached upload's request MAC
+/// covers it, `session::detached_digest`).
 pub fn seal_detached(
     subject: &Subject<'_>,
     sender_kid: KeyId,
@@ -248,7 +254,7 @@ pub fn seal_detached(
     ttl_ms: Option<u64>,
     recipients: &[Recipient<'_>],
     plaintext: &[u8],
-) -> (Envelope, Vec<u8>) {
+) -> (Envelope, Vec<u8>, [u8; 32]) {
     let nonce_bytes: [u8; NONCE_LEN] = rand::random();
     let mut content_key: [u8; KEY_LEN] = rand::random();
     let nonce = XNonce::from_slice(&nonce_bytes);
@@ -269,7 +275,8 @@ pub fn seal_detached(
     let ct = XChaCha20Poly1305::new(&content_key.into())
         .encrypt(nonce, Payload { msg: plaintext, aad: &header })
         .expect("XChaCha20-Poly1305 seals any length a proxy accepts");
-    let bound = binding(&header, &ct);
+    let ct_digest: [u8; 32] = Sha256::digest(&ct).into();
+    let bound = binding_of(&header, &ct_digest);
     for (slot, r) in env.keys.iter_mut().zip(recipients) {
         let wrapped = XChaCha20Poly1305::new(&r.key.0.into())
             .encrypt(nonce, Payload { msg: &content_key, aad: &bound })
@@ -278,7 +285,7 @@ pub fn seal_detached(
     }
     content_key.zeroize();
     env.detached = Some(ct.len() as u64);
-    (env, ct)
+    (env, ct, ct_digest)
 }
 
 // === opening ===

@@ -149,17 +149,27 @@ const HASH_BESIDE: usize = 256 * 1024;
 /// thread meanwhile: on two cores a 1 MiB body's MAC check then adds little latency of its own.
 /// The parsed value must not be acted on before the MAC verifies.
 pub async fn digest_beside<T>(body: &Bytes, parse: impl FnOnce(&[u8]) -> T) -> (BodyDigest, T) {
+    digest_beside_with(body, body_digest, parse).await
+}
+
+/// [`digest_beside`] with the digest `digest` makes of the body (a detached upload's,
+/// `session::detached_upload_digest`).
+pub async fn digest_beside_with<T>(
+    body: &Bytes,
+    digest: fn(&[u8]) -> BodyDigest,
+    parse: impl FnOnce(&[u8]) -> T,
+) -> (BodyDigest, T) {
     if body.len() < HASH_BESIDE {
-        return (body_digest(body), parse(body));
+        return (digest(body), parse(body));
     }
     let hashing = tokio::task::spawn_blocking({
         let body = body.clone();
-        move || body_digest(&body)
+        move || digest(&body)
     });
     let parsed = parse(body);
     let digest = match hashing.await {
         Ok(digest) => digest,
-        Err(_) => body_digest(body), // the blocking pool is shutting down: hash here instead
+        Err(_) => digest(body), // the blocking pool is shutting down: hash here instead
     };
     (digest, parsed)
 }

@@ -33,7 +33,7 @@ use crate::{
     config::Secret,
     crypto::{
         directory::CertDirectory,
-        session::{AuthError, BodyDigest, SessionStore, EMPTY_BODY},
+        session::{self, AuthError, BodyDigest, SessionStore, EMPTY_BODY},
     },
     ops::{metrics::LevelGuard, requests::Observer, Level, Shutdown},
     presence::Presence,
@@ -283,7 +283,7 @@ async fn read_upload<T: serde::de::DeserializeOwned>(
         let (digest, message) = body::digest_beside(&body, body::parse_json::<T>).await;
         return Ok((digest, message.map(|m| (m, None))));
     }
-    let (digest, message) = body::digest_beside(&body, |upload| {
+    let (digest, message) = body::digest_beside_with(&body, session::detached_upload_digest, |upload| {
         let (json, _) = bw::Detached::split(upload).ok_or_else(|| {
             ApiError::BadRequest("a detached upload is its JSON, a newline, then the ciphertext".into())
         })?;
