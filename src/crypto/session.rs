@@ -146,12 +146,13 @@ pub fn detached_digest(json: &[u8], ct_digest: &[u8; 32]) -> BodyDigest {
     h.finalize().into()
 }
 
-/// The [`BodyDigest`] of a whole detached upload, as the broker computes it. An upload without
-/// its newline is digested as a plain body (its MAC, made as a detached one's, then fails).
+/// The [`BodyDigest`] of a whole detached upload, as the broker computes it. The broker refuses
+/// an upload without its newline before its MAC; should one get here, it is digested under a
+/// label of its own, so that its digest is neither a plain body's nor a detached upload's.
 pub fn detached_upload_digest(upload: &[u8]) -> BodyDigest {
     match crate::wire::broker::Detached::split(upload) {
         Some((json, ct)) => detached_digest(json, &Sha256::digest(ct).into()),
-        None => body_digest(upload),
+        None => Sha256::new().chain_update(b"photon-detached-unsplit-v1").chain_update(upload).finalize().into(),
     }
 }
 
@@ -619,8 +620,14 @@ mod tests {
         assert_ne!(digest, body_digest(&upload), "not the plain digest of its bytes");
         // Where the JSON ends is covered: the same bytes split elsewhere digest differently.
         assert_ne!(detached_digest(br#"{"id":1}"#, &body_digest(b"\ncipher\ntext")), digest);
-        // Without the newline it is digested as a plain body.
-        assert_eq!(detached_upload_digest(json), body_digest(json));
+        // Without the newline: neither a plain body's digest nor a detached upload's. (Were it
+        // the plain digest of its bytes, the bytes a detached digest hashes, sent as a body
+        // without a newline, would carry that upload's MAC.)
+        assert_ne!(detached_upload_digest(json), body_digest(json));
+        let hashed =
+            [b"photon-detached-v1".as_slice(), &(json.len() as u64).to_be_bytes(), json, &body_digest(ct)].concat();
+        assert!(!hashed.contains(&b'\n'));
+        assert_ne!(detached_upload_digest(&hashed), digest);
     }
 
     #[test]

@@ -283,10 +283,13 @@ async fn read_upload<T: serde::de::DeserializeOwned>(
         let (digest, message) = body::digest_beside(&body, body::parse_json::<T>).await;
         return Ok((digest, message.map(|m| (m, None))));
     }
+    // Refused before its MAC is checked (its sequence number stays unspent): without the
+    // newline there is no JSON and ciphertext for the MAC's digest to cover.
+    if bw::Detached::split(&body).is_none() {
+        return Err(ApiError::BadRequest("a detached upload is its JSON, a newline, then the ciphertext".into()));
+    }
     let (digest, message) = body::digest_beside_with(&body, session::detached_upload_digest, |upload| {
-        let (json, _) = bw::Detached::split(upload).ok_or_else(|| {
-            ApiError::BadRequest("a detached upload is its JSON, a newline, then the ciphertext".into())
-        })?;
+        let (json, _) = bw::Detached::split(upload).expect("checked above");
         body::parse_json::<T>(json)
     })
     .await;

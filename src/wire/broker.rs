@@ -74,8 +74,9 @@ pub struct WireResult {
 /// hands out the message's JSON as usual; a recipient's proxy then fetches the upload whole
 /// ([`DETACHED_PATH`] after the task's or the result's path). Neither side writes, scans or
 /// decodes a megabyte of base64 inside JSON, and the broker stores and serves the upload
-/// without copying it. The request MAC covers the upload whole, as it covers any body; the
-/// envelope binds the ciphertext exactly as it binds an inline one.
+/// without copying it. The request MAC covers the upload's JSON and its ciphertext's digest
+/// (`crypto::session::detached_digest`); the envelope binds the ciphertext exactly as it binds
+/// an inline one.
 pub struct Detached;
 
 /// The query of a detached upload.
