@@ -537,6 +537,15 @@ async fn detached_bodies_are_checked_like_inline_ones() {
         assert_eq!(counts[reason].as_u64(), Some(want), "{reason}: {counts}");
     }
     assert_eq!(counts["detached_unavailable"], 1, "{counts}");
+    // A fetch that fails on the way (a 503) is tried again: twice is still delivered, and not
+    // counted; three times is a refusal.
+    relay(&net).honest();
+    relay(&net).fail_next(&format!("GET /v1/tasks/{id}/sealed"), 3);
+    assert!(todo(&net, APP2).await.is_empty(), "three failed fetches");
+    assert_eq!(net.refused(&net.proxy2).await["detached_unavailable"], 2);
+    relay(&net).fail_next(&format!("GET /v1/tasks/{id}/sealed"), 2);
+    assert_eq!(todo(&net, APP2).await.len(), 1, "delivered on the third try");
+    assert_eq!(net.refused(&net.proxy2).await["detached_unavailable"], 2);
     relay(&net).honest();
     let tasks = todo(&net, APP2).await;
     assert_eq!(tasks.len(), 1);

@@ -34,6 +34,9 @@ pub struct Relay {
     on_raw_answer: Mutex<Option<RawRewrite>>,
     /// Requests (`METHOD path` prefix) answered `404 no such endpoint`, as an older broker would.
     missing: Mutex<Option<String>>,
+    /// Requests (`METHOD path` prefix) answered `503` this many more times, as a broker
+    /// restarting or a gateway's hiccup would.
+    failing: Mutex<Option<(String, usize)>>,
 }
 
 impl Relay {
@@ -58,12 +61,18 @@ impl Relay {
         *self.missing.lock() = Some(what.to_owned());
     }
 
+    /// The next `times` requests starting `METHOD path` get `503` (recorded, not forwarded).
+    pub fn fail_next(&self, what: &str, times: usize) {
+        *self.failing.lock() = Some((what.to_owned(), times));
+    }
+
     /// Back to an honest relay.
     pub fn honest(&self) {
         *self.on_request.lock() = None;
         *self.on_answer.lock() = None;
         *self.on_raw_answer.lock() = None;
         *self.missing.lock() = None;
+        *self.failing.lock() = None;
     }
 
     pub fn requests_to(&self, method: &str, path_prefix: &str) -> Vec<Captured> {
@@ -107,6 +116,12 @@ async fn forward(relay: web::Data<Arc<Relay>>, req: HttpRequest, body: web::Byte
     });
     if relay.missing.lock().as_deref().is_some_and(|m| what.starts_with(m)) {
         return HttpResponse::NotFound().json(serde_json::json!({"error": "no such endpoint"}));
+    }
+    if let Some((prefix, left)) = relay.failing.lock().as_mut() {
+        if *left > 0 && what.starts_with(prefix.as_str()) {
+            *left -= 1;
+            return HttpResponse::ServiceUnavailable().json(serde_json::json!({"error": "try again"}));
+        }
     }
     let body = relay.rewrite(&relay.on_request, &what, body);
     let url = format!("{}{path}", relay.broker.lock());
