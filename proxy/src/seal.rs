@@ -239,7 +239,8 @@ pub async fn seal_result(
 
 /// A message's envelope, and its ciphertext if that travelled detached. For a detached one the
 /// message is fetched again with it from the broker (`path`, as `caller`), and that message is
-/// the one returned: a result replaced meanwhile comes back whole in its newer version.
+/// the one returned, never half old and half new: a result replaced meanwhile comes back whole
+/// in its newer version (which `open_result` then leaves out: it opens only the version listed).
 async fn envelope_of<M: serde::de::DeserializeOwned>(
     up: &Upstream,
     caller: &AppId,
