@@ -45,7 +45,12 @@ use thread_local::ThreadLocal;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use crate::{http::UPSTREAM_SLACK, seal::DetachedCt, upstream::Whole, ProxyState};
+use crate::{
+    http::UPSTREAM_SLACK,
+    seal::DetachedCt,
+    upstream::{SignedBody, Whole},
+    ProxyState,
+};
 
 /// Requests to the broker one thread keeps in flight from its queue.
 pub const SENDERS: usize = 2;
@@ -255,13 +260,12 @@ fn take(waiting: &mut VecDeque<Queued>) -> Vec<Queued> {
 
 /// The upload on its own, as its own request.
 async fn single(state: &ProxyState, upload: Upload) -> Answer {
-    let (path, method, up) = (upload.path(), upload.method(), &state.upstream);
-    Ok(match &upload.detached {
-        Some(digest) => {
-            up.call_digested(method, &path, upload.app.as_str(), upload.json, digest, Some(UPSTREAM_SLACK)).await?
-        }
-        None => up.call(method, &path, &upload.app, upload.json, Some(UPSTREAM_SLACK)).await?,
-    })
+    let (path, method) = (upload.path(), upload.method());
+    let body = match upload.detached {
+        Some(digest) => SignedBody { bytes: upload.json, digest },
+        None => upload.json.into(),
+    };
+    Ok(state.upstream.call(method, &path, &upload.app, body, Some(UPSTREAM_SLACK)).await?)
 }
 
 /// The uploads as one batch; each gets its own answer.
@@ -281,7 +285,7 @@ async fn many(state: &ProxyState, batch: Vec<Queued>) {
     }
     body.push(b']');
     let proxy = state.config.proxy_id.as_str();
-    let sent = state.upstream.call_as(Method::POST, BATCH_PATH, proxy, body.into(), Some(UPSTREAM_SLACK)).await;
+    let sent = state.upstream.call_as(Method::POST, BATCH_PATH, proxy, Bytes::from(body), Some(UPSTREAM_SLACK)).await;
     let answer = match sent {
         Ok(answer) => {
             state.upstream.metrics.count("uploads.batched", batch.len() as u64, &[]);

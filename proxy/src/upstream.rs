@@ -357,7 +357,7 @@ impl Upstream {
         method: Method,
         path_and_query: &str,
         app: &AppId,
-        body: Bytes,
+        body: impl Into<SignedBody>,
         timeout: Option<Duration>,
     ) -> Result<reqwest::Response, UpstreamError> {
         self.send_as(method, path_and_query, app.as_str(), body, timeout).await
@@ -371,25 +371,11 @@ impl Upstream {
         method: Method,
         path_and_query: &str,
         actor: &str,
-        body: Bytes,
-        timeout: Option<Duration>,
-    ) -> Result<reqwest::Response, UpstreamError> {
-        let digest = session::body_digest(&body);
-        self.send_digested(method, path_and_query, actor, body, &digest, timeout).await
-    }
-
-    /// [`Upstream::send_as`] for a body whose digest is `digest`.
-    async fn send_digested(
-        &self,
-        method: Method,
-        path_and_query: &str,
-        actor: &str,
-        body: Bytes,
-        digest: &BodyDigest,
+        body: impl Into<SignedBody>,
         timeout: Option<Duration>,
     ) -> Result<reqwest::Response, UpstreamError> {
         let started = Instant::now();
-        let sent = self.signed(method.clone(), path_and_query, actor, body, digest, timeout).await;
+        let sent = self.signed(method.clone(), path_and_query, actor, &body.into(), timeout).await;
         self.record(&method, started, &sent);
         sent
     }
@@ -402,7 +388,7 @@ impl Upstream {
         method: Method,
         path_and_query: &str,
         app: &AppId,
-        body: Bytes,
+        body: impl Into<SignedBody>,
         timeout: Option<Duration>,
     ) -> Result<Whole, UpstreamError> {
         self.call_as(method, path_and_query, app.as_str(), body, timeout).await
@@ -415,26 +401,12 @@ impl Upstream {
         method: Method,
         path_and_query: &str,
         actor: &str,
-        body: Bytes,
+        body: impl Into<SignedBody>,
         timeout: Option<Duration>,
     ) -> Result<Whole, UpstreamError> {
-        let digest = session::body_digest(&body);
-        self.call_digested(method, path_and_query, actor, body, &digest, timeout).await
-    }
-
-    /// [`Upstream::call_as`] for a body whose [`BodyDigest`] is known: a detached upload's
-    /// (`session::detached_digest`), which is not the plain SHA-256 of its bytes.
-    pub async fn call_digested(
-        &self,
-        method: Method,
-        path_and_query: &str,
-        actor: &str,
-        body: Bytes,
-        digest: &BodyDigest,
-        timeout: Option<Duration>,
-    ) -> Result<Whole, UpstreamError> {
+        let body = body.into();
         let Some((authority, pools)) = &self.lean else {
-            let res = self.send_digested(method, path_and_query, actor, body, digest, timeout).await?;
+            let res = self.send_as(method, path_and_query, actor, body, timeout).await?;
             let status = res.status();
             // `send` counted a failure up to the head; one while reading the body counts too.
             let read = res.bytes().await.map_err(UpstreamError::from);
@@ -445,7 +417,7 @@ impl Upstream {
         };
         let started = Instant::now();
         let pool = pools.get_or(|| http1::Pool::new(authority, LEAN_IDLE, http1::Resend::Never));
-        let sent = self.signed_lean(pool, &method, path_and_query, actor, (&body, digest), timeout).await;
+        let sent = self.signed_lean(pool, &method, path_and_query, actor, &body, timeout).await;
         self.record(&method, started, &sent);
         sent
     }
@@ -471,10 +443,11 @@ impl Upstream {
         method: &Method,
         path_and_query: &str,
         app: &str,
-        (body, digest): (&Bytes, &BodyDigest),
+        body: &SignedBody,
         timeout: Option<Duration>,
     ) -> Result<Whole, UpstreamError> {
         let (_, target) = self.signed_url(path_and_query);
+        let SignedBody { bytes: body, digest } = body;
         for attempt in 0..2 {
             let session = self.bounded_session(timeout).await?;
             let auth = session.sign_digest(method.as_str(), &target, app, digest);
@@ -532,11 +505,11 @@ impl Upstream {
         method: Method,
         path_and_query: &str,
         app: &str,
-        body: Bytes,
-        digest: &BodyDigest,
+        body: &SignedBody,
         timeout: Option<Duration>,
     ) -> Result<reqwest::Response, UpstreamError> {
         let (url, signed_path) = self.signed_url(path_and_query);
+        let SignedBody { bytes: body, digest } = body;
         for attempt in 0..2 {
             let session = self.bounded_session(timeout).await?;
             let auth = session.sign_digest(method.as_str(), &signed_path, app, digest);
@@ -565,6 +538,20 @@ impl Upstream {
             }
         }
         Err(UpstreamError::Refused("session renewal failed".into()))
+    }
+}
+
+/// A request body and the [`BodyDigest`] its MAC covers: the SHA-256 of its bytes (`From<Bytes>`),
+/// or, for a detached upload, `session::detached_digest` of its JSON and its ciphertext's digest.
+pub struct SignedBody {
+    pub bytes: Bytes,
+    pub digest: BodyDigest,
+}
+
+impl From<Bytes> for SignedBody {
+    fn from(bytes: Bytes) -> Self {
+        let digest = if bytes.is_empty() { session::EMPTY_BODY } else { session::body_digest(&bytes) };
+        Self { bytes, digest }
     }
 }
 
