@@ -103,6 +103,19 @@ fn passes(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(1 << 20));
     g.bench_function("XChaCha20-Poly1305 seal", |b| b.iter(|| aead.encrypt(nonce, body.as_slice()).unwrap()));
     g.bench_function("SHA-256", |b| b.iter(|| Sha256::digest(&body)));
+    g.bench_function("seal, then SHA-256 of the ciphertext (one thread)", |b| {
+        b.iter(|| Sha256::digest(aead.encrypt(nonce, body.as_slice()).unwrap()))
+    });
+    g.bench_function("seal and SHA-256 of the ciphertext (crypto::bulk, two threads)", |b| {
+        b.iter(|| photon::crypto::bulk::seal(&[7; 32], &[1; 24], b"", &body))
+    });
+    let ct = aead.encrypt(nonce, body.as_slice()).unwrap();
+    g.bench_function("XChaCha20-Poly1305 open (one thread)", |b| {
+        b.iter(|| aead.decrypt(nonce, ct.as_slice()).unwrap())
+    });
+    g.bench_function("XChaCha20-Poly1305 open (crypto::bulk, two threads)", |b| {
+        b.iter(|| photon::crypto::bulk::open(&[7; 32], &[1; 24], b"", &ct).unwrap())
+    });
     g.bench_function("SHA-256 of 1.33 MiB (base64 in JSON)", |b| b.iter(|| Sha256::digest(&wire)));
     g.bench_function("base64 encode (SIMD)", |b| b.iter(|| base64_simd::STANDARD.encode_to_string(&body)));
     g.bench_function("base64 decode (SIMD)", |b| b.iter(|| base64_simd::STANDARD.decode_to_vec(&b64).unwrap()));

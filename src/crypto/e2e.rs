@@ -30,7 +30,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 use zeroize::Zeroize;
 
-use super::{b64, decode_bulk, encode_bulk, put_lp};
+use super::{b64, bulk, decode_bulk, encode_bulk, put_lp};
 use crate::wire::{
     broker::{Envelope, SealAlg, WrappedKey},
     AppId, FailureStrategy, ProxyId, WorkStatus,
@@ -40,7 +40,6 @@ const PAIR_SALT: &[u8] = b"photon/e2e/pair/v1";
 const HEADER_LABEL: &[u8] = b"photon/e2e/header/v1";
 const NONCE_LEN: usize = 24;
 const KEY_LEN: usize = 32;
-const TAG_LEN: usize = 16;
 
 /// Why a sealed message was refused. Never carries key material or plaintext.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -272,10 +271,7 @@ pub fn seal_detached(
         ct: String::new(),
     };
     let header = header(subject, &env.sk, env.ts, env.ttl_ms, &env.n, &env.keys);
-    let ct = XChaCha20Poly1305::new(&content_key.into())
-        .encrypt(nonce, Payload { msg: plaintext, aad: &header })
-        .expect("XChaCha20-Poly1305 seals any length a proxy accepts");
-    let ct_digest: [u8; 32] = Sha256::digest(&ct).into();
+    let (ct, ct_digest) = bulk::seal(&content_key, &nonce_bytes, &header, plaintext);
     let bound = binding_of(&header, &ct_digest);
     for (slot, r) in env.keys.iter_mut().zip(recipients) {
         let wrapped = XChaCha20Poly1305::new(&r.key.0.into())
@@ -335,11 +331,11 @@ fn open_with(
 ) -> Result<Vec<u8>, SealError> {
     let nonce_bytes = decode_nonce(env)?;
     let nonce = XNonce::from_slice(&nonce_bytes);
-    if ct.len() < TAG_LEN {
+    if ct.len() < bulk::TAG_LEN {
         return Err(SealError::Malformed("ciphertext shorter than its tag"));
     }
     let wrapped = b64().decode(&wrap.w).map_err(|_| SealError::Malformed("wrapped key encoding"))?;
-    if wrapped.len() != KEY_LEN + TAG_LEN {
+    if wrapped.len() != KEY_LEN + bulk::TAG_LEN {
         return Err(SealError::Malformed("wrapped key length"));
     }
     let header = header(subject, &env.sk, env.ts, env.ttl_ms, &env.n, &env.keys);
@@ -350,12 +346,8 @@ fn open_with(
     XChaCha20Poly1305::new(&key.0.into())
         .decrypt_in_place(nonce, &bound, &mut *content_key)
         .map_err(|_| SealError::Forged)?;
-    if content_key.len() != KEY_LEN {
-        return Err(SealError::Forged);
-    }
-    XChaCha20Poly1305::new(chacha20poly1305::Key::from_slice(&content_key))
-        .decrypt(nonce, Payload { msg: ct, aad: &header })
-        .map_err(|_| SealError::Forged)
+    let content_key: &[u8; KEY_LEN] = content_key[..].try_into().map_err(|_| SealError::Forged)?;
+    bulk::open(content_key, &nonce_bytes, &header, ct).map_err(|_| SealError::Forged)
 }
 
 /// What a dishonest *recipient* can do with what it legitimately holds: unwrap the content key

@@ -2,6 +2,7 @@
 //! ([`ca`]), certificate checks against the pinned root ([`cert`]), and the authenticated,
 //! replay-proof session every proxy request rides on ([`session`]).
 
+pub mod bulk;
 pub mod ca;
 pub mod cert;
 pub mod directory;
