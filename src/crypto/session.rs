@@ -146,9 +146,11 @@ pub fn detached_digest(json: &[u8], ct_digest: &[u8; 32]) -> BodyDigest {
     h.finalize().into()
 }
 
-/// The [`BodyDigest`] of a whole detached upload, as the broker computes it. The broker refuses
-/// an upload without its newline before its MAC; should one get here, it is digested under a
-/// label of its own, so that its digest is neither a plain body's nor a detached upload's.
+/// The [`BodyDigest`] of a whole detached upload, as the broker computes it (it hashes the
+/// ciphertext as it arrives, `http::body::read_detached`, then calls [`detached_digest`]). The
+/// broker refuses an upload without its newline before its MAC; should one get here, it is
+/// digested under a label of its own, so that its digest is neither a plain body's nor a
+/// detached upload's.
 pub fn detached_upload_digest(upload: &[u8]) -> BodyDigest {
     match crate::wire::broker::Detached::split(upload) {
         Some((json, ct)) => detached_digest(json, &Sha256::digest(ct).into()),

@@ -278,22 +278,20 @@ async fn read_upload<T: serde::de::DeserializeOwned>(
         body::discard(req, payload, state.max_body).await;
         return Err(ApiError::BadRequest("a detached upload needs a Content-Length".into()));
     }
-    let body = body::read_limited(req, payload, state.max_body).await?;
     if !detached {
+        let body = body::read_limited(req, payload, state.max_body).await?;
         let (digest, message) = body::digest_beside(&body, body::parse_json::<T>).await;
         return Ok((digest, message.map(|m| (m, None))));
     }
     // Refused before its MAC is checked (its sequence number stays unspent): without the
     // newline there is no JSON and ciphertext for the MAC's digest to cover.
-    if bw::Detached::split(&body).is_none() {
+    let (upload, Some((json_len, ct_digest))) = body::read_detached(req, payload, state.max_body).await? else {
         return Err(ApiError::BadRequest("a detached upload is its JSON, a newline, then the ciphertext".into()));
-    }
-    let (digest, message) = body::digest_beside_with(&body, session::detached_upload_digest, |upload| {
-        let (json, _) = bw::Detached::split(upload).expect("checked above");
-        body::parse_json::<T>(json)
-    })
-    .await;
-    Ok((digest, message.map(|m| (m, Some(body)))))
+    };
+    let json = &upload[..json_len];
+    let digest = session::detached_digest(json, &ct_digest);
+    let message = body::parse_json::<T>(json);
+    Ok((digest, message.map(|m| (m, Some(upload)))))
 }
 
 async fn create_task(state: State, req: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
