@@ -88,15 +88,14 @@ pub fn seal(key: &[u8; 32], nonce: &[u8; 24], aad: &[u8], plaintext: &[u8]) -> (
         // which cost the encrypting thread as much as the hash it moved away.
         let chunks: Vec<&mut [u8]> = body.chunks_mut(CHUNK).chain([tag_slot]).collect();
         let finished: Vec<OnceLock<&[u8]>> = chunks.iter().map(|_| OnceLock::new()).collect();
-        let mut digest = [0u8; 32];
-        helper().in_place_scope(|s| {
-            s.spawn(|_| {
-                let mut h = Sha256::new();
-                for slot in &finished {
-                    h.update(wait_for(slot));
-                }
-                digest = h.finalize().into();
-            });
+        let hash = || {
+            let mut h = Sha256::new();
+            for slot in &finished {
+                h.update(wait_for(slot));
+            }
+            <[u8; 32]>::from(h.finalize())
+        };
+        let encrypt_all = || {
             let _unblock = Unblock(&finished);
             let mut chunks = chunks.into_iter();
             for (from, (to, slot)) in plaintext.chunks(CHUNK).zip(chunks.by_ref().zip(&finished)) {
@@ -107,7 +106,8 @@ pub fn seal(key: &[u8; 32], nonce: &[u8; 24], aad: &[u8], plaintext: &[u8]) -> (
             mac.update(&[lengths(aad, plaintext.len())]);
             tag_slot.copy_from_slice(&mac.finalize());
             let _ = finished.last().expect("the tag's slot").set(tag_slot);
-        });
+        };
+        let (digest, ()) = beside(hash, encrypt_all);
         digest
     };
     (out, digest)
@@ -156,8 +156,19 @@ fn wait_for<'a>(slot: &OnceLock<&'a [u8]>) -> &'a [u8] {
     }
 }
 
-/// Opens a ciphertext [`seal`] made (tag appended): the plaintext, or [`Refused`].
+/// Opens a ciphertext [`seal`] made (tag appended): the plaintext, or [`Refused`]. From
+/// [`PARALLEL_MIN`] the helper checks the tag while this thread decrypts.
 pub fn open(key: &[u8; 32], nonce: &[u8; 24], aad: &[u8], ct: &[u8]) -> Result<Vec<u8>, Refused> {
+    open_on(key, nonce, aad, ct, ct.len() >= PARALLEL_MIN + TAG_LEN)
+}
+
+/// [`open`] all on the calling thread, whatever the length: for a caller that has given the
+/// helper other work meanwhile.
+pub fn open_here(key: &[u8; 32], nonce: &[u8; 24], aad: &[u8], ct: &[u8]) -> Result<Vec<u8>, Refused> {
+    open_on(key, nonce, aad, ct, false)
+}
+
+fn open_on(key: &[u8; 32], nonce: &[u8; 24], aad: &[u8], ct: &[u8], beside: bool) -> Result<Vec<u8>, Refused> {
     let (body, tag) = ct.split_at(ct.len().checked_sub(TAG_LEN).ok_or(Refused)?);
     let (mut cipher, mut mac) = start(key, nonce, aad);
     let mut out = vec![0u8; body.len()];
@@ -167,19 +178,15 @@ pub fn open(key: &[u8; 32], nonce: &[u8; 24], aad: &[u8], ct: &[u8]) -> Result<V
         mac.verify(poly1305::Block::from_slice(tag)).is_ok()
     };
     let mut decrypt = || cipher.apply_keystream_b2b(body, &mut out).expect("the output is as long as the input");
-    let genuine = if body.len() < PARALLEL_MIN {
+    let genuine = if beside {
+        let (genuine, ()) = self::beside(authenticate, decrypt);
+        genuine
+    } else {
         // As the crate does: nothing is decrypted unless the tag verifies.
         let genuine = authenticate();
         if genuine {
             decrypt();
         }
-        genuine
-    } else {
-        let mut genuine = false;
-        helper().in_place_scope(|s| {
-            s.spawn(|_| genuine = authenticate());
-            decrypt();
-        });
         genuine
     };
     if !genuine {
@@ -187,6 +194,29 @@ pub fn open(key: &[u8; 32], nonce: &[u8; 24], aad: &[u8], ct: &[u8]) -> Result<V
         return Err(Refused);
     }
     Ok(out)
+}
+
+/// Runs `on_helper` on the helper thread and `here` on this one, at the same time; returns
+/// both results once both are done.
+pub fn beside<A: Send, B>(on_helper: impl FnOnce() -> A + Send, here: impl FnOnce() -> B) -> (A, B) {
+    let mut a = None;
+    let b = helper().in_place_scope(|s| {
+        s.spawn(|_| a = Some(on_helper()));
+        here()
+    });
+    (a.expect("the scope ends after its jobs"), b)
+}
+
+/// The AEAD's decryption of a 32-byte message **without checking its tag**: the keystream
+/// applied, nothing verified. Only for guessing a wrapped key to start work with while the
+/// wrap is checked in full elsewhere; whatever is computed from the guess must be thrown away
+/// unless that check passes and gives the same key.
+pub fn unwrap_unchecked(key: &[u8; 32], nonce: &[u8; 24], wrapped: &[u8; 32]) -> zeroize::Zeroizing<[u8; 32]> {
+    let mut cipher = XChaCha20::new(key.into(), nonce.into());
+    cipher.seek(BLOCK);
+    let mut guess = zeroize::Zeroizing::new(*wrapped);
+    cipher.apply_keystream(&mut guess[..]);
+    guess
 }
 
 #[cfg(test)]
@@ -251,6 +281,15 @@ mod tests {
     }
 
     #[test]
+    fn unwrap_unchecked_is_the_decryption_without_the_tag() {
+        let message = [5u8; 32];
+        let wrapped = reference(b"bound", &message);
+        let guess = unwrap_unchecked(&KEY, &NONCE, wrapped[..32].try_into().unwrap());
+        assert_eq!(*guess, message);
+        assert_eq!(open_here(&KEY, &NONCE, b"bound", &wrapped).unwrap(), message);
+    }
+
+    #[test]
     fn refuses_any_change() {
         for len in [100, PARALLEL_MIN + 5] {
             let ct = reference(b"header", &body(len));
@@ -263,6 +302,7 @@ mod tests {
             assert_eq!(open(&[8; 32], &NONCE, b"header", &ct), Err(Refused), "length {len}: other key");
             assert_eq!(open(&KEY, &[8; 24], b"header", &ct), Err(Refused), "length {len}: other nonce");
             assert_eq!(open(&KEY, &NONCE, b"header", &ct[..ct.len() - 1]), Err(Refused), "length {len}: cut");
+            assert_eq!(open_here(&KEY, &NONCE, b"headex", &ct), Err(Refused), "length {len}: here, other aad");
         }
         assert_eq!(open(&KEY, &NONCE, b"", &[0; TAG_LEN - 1]), Err(Refused));
     }

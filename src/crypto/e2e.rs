@@ -27,6 +27,7 @@ use hkdf::Hkdf;
 use p256::{ecdh::diffie_hellman, PublicKey, SecretKey};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 use uuid::Uuid;
 use zeroize::Zeroize;
 
@@ -330,7 +331,6 @@ fn open_with(
     key: &PairKey,
 ) -> Result<Vec<u8>, SealError> {
     let nonce_bytes = decode_nonce(env)?;
-    let nonce = XNonce::from_slice(&nonce_bytes);
     if ct.len() < bulk::TAG_LEN {
         return Err(SealError::Malformed("ciphertext shorter than its tag"));
     }
@@ -339,15 +339,49 @@ fn open_with(
         return Err(SealError::Malformed("wrapped key length"));
     }
     let header = header(subject, &env.sk, env.ts, env.ttl_ms, &env.n, &env.keys);
-    let bound = binding(&header, ct);
-    // Unwrapped in place, in a buffer wiped when dropped (all of it, spare capacity included):
-    // the content key is never copied to memory that is freed unwiped.
+    if ct.len() < bulk::PARALLEL_MIN {
+        let content_key = unwrap_key(key, &nonce_bytes, &binding(&header, ct), wrapped)?;
+        let content_key: &[u8; KEY_LEN] = content_key[..].try_into().map_err(|_| SealError::Forged)?;
+        return bulk::open(content_key, &nonce_bytes, &header, ct).map_err(|_| SealError::Forged);
+    }
+    // A large body is opened while its wrap is checked: the helper hashes the ciphertext for
+    // the binding and unwraps the content key in full, while this thread decrypts and checks the
+    // body under the key the wrap gives unchecked. The body counts only if the checked key is
+    // that very key; otherwise what was decrypted is wiped.
+    let guess = bulk::unwrap_unchecked(
+        &key.0,
+        &nonce_bytes,
+        wrapped[..KEY_LEN].try_into().expect("its length was checked above"),
+    );
+    let (unwrapped, opened) = bulk::beside(
+        || unwrap_key(key, &nonce_bytes, &binding(&header, ct), wrapped),
+        || bulk::open_here(&guess, &nonce_bytes, &header, ct),
+    );
+    let same_key = unwrapped.is_ok_and(|checked| bool::from(checked[..].ct_eq(&guess[..])));
+    match opened {
+        Ok(plaintext) if same_key => Ok(plaintext),
+        Ok(mut plaintext) => {
+            plaintext.zeroize();
+            Err(SealError::Forged)
+        }
+        Err(_) => Err(SealError::Forged),
+    }
+}
+
+/// The content key from this proxy's `wrapped` entry, checked against `bound` (the binding).
+/// Unwrapped in place, in a buffer wiped when dropped (all of it, spare capacity included): the
+/// content key is never copied to memory that is freed unwiped.
+fn unwrap_key(
+    key: &PairKey,
+    nonce: &[u8; NONCE_LEN],
+    bound: &[u8; 32],
+    wrapped: Vec<u8>,
+) -> Result<zeroize::Zeroizing<Vec<u8>>, SealError> {
     let mut content_key = zeroize::Zeroizing::new(wrapped);
     XChaCha20Poly1305::new(&key.0.into())
-        .decrypt_in_place(nonce, &bound, &mut *content_key)
+        .decrypt_in_place(XNonce::from_slice(nonce), bound, &mut *content_key)
         .map_err(|_| SealError::Forged)?;
-    let content_key: &[u8; KEY_LEN] = content_key[..].try_into().map_err(|_| SealError::Forged)?;
-    bulk::open(content_key, &nonce_bytes, &header, ct).map_err(|_| SealError::Forged)
+    Ok(content_key)
 }
 
 /// What a dishonest *recipient* can do with what it legitimately holds: unwrap the content key
@@ -591,6 +625,52 @@ mod tests {
         assert_eq!(open_at(&f.c, &f.a, &forged, &subject), Err(SealError::Forged));
         // The untouched message still opens at c.
         assert_eq!(open_at(&f.c, &f.a, &env, &subject).unwrap(), b"\"original\"");
+    }
+
+    /// From `bulk::PARALLEL_MIN` a body is opened while its wrap is checked, under the key the
+    /// wrap gives unchecked: every change is still refused, including each that leaves that key
+    /// right (a wrap's tag, another body under the same key).
+    #[test]
+    fn a_large_body_is_checked_as_a_small_one() {
+        let f = fixture();
+        let id = Uuid::new_v4();
+        let subject = task(&f, id);
+        let body = vec![b'x'; bulk::PARALLEL_MIN + 100];
+        let env = sealed(&f, &subject, &body);
+        for site in [&f.a, &f.b, &f.c] {
+            assert_eq!(open_at(site, &f.a, &env, &subject).unwrap(), body);
+        }
+        let other_meta = json!({"kind": "test", "n": 2});
+        let altered = Subject::Task {
+            id,
+            from: &f.from,
+            to: &f.to,
+            failure_strategy: &FailureStrategy::Discard,
+            metadata: &other_meta,
+        };
+        assert_eq!(open_at(&f.b, &f.a, &env, &task(&f, Uuid::new_v4())), Err(SealError::Forged));
+        assert_eq!(open_at(&f.b, &f.a, &env, &altered), Err(SealError::Forged));
+        assert_eq!(open_at(&f.b, &f.c, &env, &subject), Err(SealError::Forged), "another sender's key");
+        let ct = b64().decode(&env.ct).unwrap();
+        for at in [0, ct.len() / 2, ct.len() - 1] {
+            let mut flipped = ct.clone();
+            flipped[at] ^= 1;
+            let e = Envelope { ct: b64().encode(flipped), ..env.clone() };
+            assert_eq!(open_at(&f.b, &f.a, &e, &subject), Err(SealError::Forged), "ciphertext byte {at}");
+        }
+        let w = b64().decode(&wrap_for(&env, &f.b.proxy).unwrap().w).unwrap();
+        for at in [0, KEY_LEN - 1, KEY_LEN, w.len() - 1] {
+            let mut flipped = w.clone();
+            flipped[at] ^= 1;
+            let mut e = env.clone();
+            e.keys[1].w = b64().encode(flipped);
+            assert_eq!(open_at(&f.b, &f.a, &e, &subject), Err(SealError::Forged), "wrap byte {at}");
+        }
+        // b, a recipient, seals another large body under the content key it learnt; the
+        // key c guesses from a's wrap is right, and the body's tag verifies under it.
+        let (_, a_to_b) = f.b.keys_with(&f.a);
+        let forged = reseal_as_recipient(&env, &subject, &f.b.proxy, &a_to_b, &vec![b'y'; body.len()]).unwrap();
+        assert_eq!(open_at(&f.c, &f.a, &forged, &subject), Err(SealError::Forged));
     }
 
     #[test]
