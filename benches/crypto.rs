@@ -113,7 +113,7 @@ fn passes(c: &mut Criterion) {
     g.bench_function("XChaCha20-Poly1305 open (one thread)", |b| {
         b.iter(|| aead.decrypt(nonce, ct.as_slice()).unwrap())
     });
-    g.bench_function("XChaCha20-Poly1305 open (crypto::bulk, two threads)", |b| {
+    g.bench_function("XChaCha20-Poly1305 open (crypto::bulk)", |b| {
         b.iter(|| photon::crypto::bulk::open(&[7; 32], &[1; 24], b"", &ct).unwrap())
     });
     g.bench_function("SHA-256 of 1.33 MiB (base64 in JSON)", |b| b.iter(|| Sha256::digest(&wire)));

@@ -478,11 +478,13 @@ async fn a_refused_task_that_expires_during_a_wait_leaves_the_wait_to_the_next_t
 /// recipient's proxy from the broker on its own. Whatever the broker does to that fetch (a
 /// changed ciphertext byte, a shortened ciphertext, a changed field in the message fetched with
 /// it, no separator, no answer) is refused and counted like any other tampering, and the app
-/// sees nothing; honest, the task and its result arrive whole.
+/// sees nothing; honest, the task and its result arrive whole. The body is over 256 KiB, so it
+/// is sealed with the hash on a helper thread, hashed by the broker as it arrives, and opened
+/// while its wrap is checked (`crypto::bulk`).
 #[tokio::test]
 async fn detached_bodies_are_checked_like_inline_ones() {
     let net = mitm();
-    let big = "x".repeat(100_000);
+    let big = "x".repeat(300_000);
     let id = net.create(APP1, &[APP2], json!(big), "60s").await;
     let uploads = relay(&net).requests_to("POST", "/v1/tasks?body=detached");
     assert_eq!(uploads.len(), 1, "a large task goes detached");

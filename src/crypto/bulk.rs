@@ -26,7 +26,10 @@ use poly1305::{
     Poly1305,
 };
 use sha2::{Digest, Sha256};
-use std::sync::OnceLock;
+use std::sync::{
+    atomic::{AtomicUsize, Ordering},
+    OnceLock,
+};
 use zeroize::Zeroize;
 
 /// Bytes of the Poly1305 tag at the end of a ciphertext.
@@ -113,18 +116,45 @@ pub fn seal(key: &[u8; 32], nonce: &[u8; 24], aad: &[u8], plaintext: &[u8]) -> (
     (out, digest)
 }
 
-/// The thread that takes the second half of the work on a large body. One is enough beside the
-/// calling thread; with two, rayon's idle workers took turns yielding to each other on a core
-/// before they slept, in the way of the work they were there to help.
-fn helper() -> &'static rayon::ThreadPool {
-    static HELPER: OnceLock<rayon::ThreadPool> = OnceLock::new();
-    HELPER.get_or_init(|| {
+/// The threads that take the second half of the work on large bodies: one fewer than the cores,
+/// at least one (the calling thread is the other half). Long-lived, so that a wake-up puts one on
+/// an idle core; a thread started per body ran on the busy core that started it. One on two
+/// cores: with two, rayon's idle workers took turns yielding to each other on a core before they
+/// slept, in the way of the work they were there to help.
+fn helpers() -> &'static rayon::ThreadPool {
+    HELPERS.get_or_init(|| {
         rayon::ThreadPoolBuilder::new()
-            .num_threads(1)
+            .num_threads(helper_count())
             .thread_name(|_| "photon-bulk".into())
             .build()
-            .expect("a thread can be started")
+            .expect("threads can be started")
     })
+}
+
+static HELPERS: OnceLock<rayon::ThreadPool> = OnceLock::new();
+
+fn helper_count() -> usize {
+    static COUNT: OnceLock<usize> = OnceLock::new();
+    *COUNT.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1)))
+}
+
+/// Helpers in use. A body finds one free or does without: it never queues behind another
+/// body's work.
+static IN_USE: AtomicUsize = AtomicUsize::new(0);
+
+struct Taken;
+
+impl Taken {
+    fn try_take() -> Option<Self> {
+        IN_USE.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < helper_count()).then_some(n + 1)).ok()?;
+        Some(Self)
+    }
+}
+
+impl Drop for Taken {
+    fn drop(&mut self) {
+        IN_USE.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Should the encrypting thread unwind, publishes an empty chunk in every slot still empty, so
@@ -156,51 +186,32 @@ fn wait_for<'a>(slot: &OnceLock<&'a [u8]>) -> &'a [u8] {
     }
 }
 
-/// Opens a ciphertext [`seal`] made (tag appended): the plaintext, or [`Refused`]. From
-/// [`PARALLEL_MIN`] the helper checks the tag while this thread decrypts.
+/// Opens a ciphertext [`seal`] made (tag appended): the plaintext, or [`Refused`]. As the crate
+/// does, on this thread: the tag is checked before anything is decrypted. (`e2e::open` runs it
+/// beside the binding's hash for a large body.)
 pub fn open(key: &[u8; 32], nonce: &[u8; 24], aad: &[u8], ct: &[u8]) -> Result<Vec<u8>, Refused> {
-    open_on(key, nonce, aad, ct, ct.len() >= PARALLEL_MIN + TAG_LEN)
-}
-
-/// [`open`] all on the calling thread, whatever the length: for a caller that has given the
-/// helper other work meanwhile.
-pub fn open_here(key: &[u8; 32], nonce: &[u8; 24], aad: &[u8], ct: &[u8]) -> Result<Vec<u8>, Refused> {
-    open_on(key, nonce, aad, ct, false)
-}
-
-fn open_on(key: &[u8; 32], nonce: &[u8; 24], aad: &[u8], ct: &[u8], beside: bool) -> Result<Vec<u8>, Refused> {
     let (body, tag) = ct.split_at(ct.len().checked_sub(TAG_LEN).ok_or(Refused)?);
     let (mut cipher, mut mac) = start(key, nonce, aad);
-    let mut out = vec![0u8; body.len()];
-    let authenticate = move || {
-        mac.update_padded(body);
-        mac.update(&[lengths(aad, body.len())]);
-        mac.verify(poly1305::Block::from_slice(tag)).is_ok()
-    };
-    let mut decrypt = || cipher.apply_keystream_b2b(body, &mut out).expect("the output is as long as the input");
-    let genuine = if beside {
-        let (genuine, ()) = self::beside(authenticate, decrypt);
-        genuine
-    } else {
-        // As the crate does: nothing is decrypted unless the tag verifies.
-        let genuine = authenticate();
-        if genuine {
-            decrypt();
-        }
-        genuine
-    };
-    if !genuine {
-        out.zeroize();
+    mac.update_padded(body);
+    mac.update(&[lengths(aad, body.len())]);
+    if mac.verify(poly1305::Block::from_slice(tag)).is_err() {
         return Err(Refused);
     }
+    let mut out = vec![0u8; body.len()];
+    cipher.apply_keystream_b2b(body, &mut out).expect("the output is as long as the input");
     Ok(out)
 }
 
-/// Runs `on_helper` on the helper thread and `here` on this one, at the same time; returns
-/// both results once both are done.
+/// Runs `on_helper` on a helper thread and `here` on this one, at the same time; returns both
+/// results once both are done. When every helper is taken (other bodies are being sealed or
+/// opened), both run here, `here` first: `on_helper` may wait for what `here` produces.
 pub fn beside<A: Send, B>(on_helper: impl FnOnce() -> A + Send, here: impl FnOnce() -> B) -> (A, B) {
+    let Some(_taken) = Taken::try_take() else {
+        let b = here();
+        return (on_helper(), b);
+    };
     let mut a = None;
-    let b = helper().in_place_scope(|s| {
+    let b = helpers().in_place_scope(|s| {
         s.spawn(|_| a = Some(on_helper()));
         here()
     });
@@ -286,7 +297,29 @@ mod tests {
         let wrapped = reference(b"bound", &message);
         let guess = unwrap_unchecked(&KEY, &NONCE, wrapped[..32].try_into().unwrap());
         assert_eq!(*guess, message);
-        assert_eq!(open_here(&KEY, &NONCE, b"bound", &wrapped).unwrap(), message);
+        assert_eq!(open(&KEY, &NONCE, b"bound", &wrapped).unwrap(), message);
+    }
+
+    /// More bodies at once than there are helpers: those that find none do without, and every
+    /// one is sealed and hashed as the crate would.
+    #[test]
+    fn many_at_once() {
+        std::thread::scope(|s| {
+            for t in 0..6 {
+                s.spawn(move || {
+                    for len in [PARALLEL_MIN + t, PARALLEL_MIN + CHUNK * 3 + t] {
+                        let plaintext = body(len);
+                        let (ct, digest) = seal(&KEY, &NONCE, b"header", &plaintext);
+                        assert_eq!(ct, reference(b"header", &plaintext), "length {len}");
+                        assert_eq!(digest, <[u8; 32]>::from(Sha256::digest(&ct)), "length {len}");
+                        let (checked, opened) = beside(|| Sha256::digest(&ct), || open(&KEY, &NONCE, b"header", &ct));
+                        assert_eq!(<[u8; 32]>::from(checked), digest);
+                        assert_eq!(opened.unwrap(), plaintext, "length {len}");
+                    }
+                });
+            }
+        });
+        assert_eq!(IN_USE.load(Ordering::Acquire), 0);
     }
 
     #[test]
@@ -302,7 +335,7 @@ mod tests {
             assert_eq!(open(&[8; 32], &NONCE, b"header", &ct), Err(Refused), "length {len}: other key");
             assert_eq!(open(&KEY, &[8; 24], b"header", &ct), Err(Refused), "length {len}: other nonce");
             assert_eq!(open(&KEY, &NONCE, b"header", &ct[..ct.len() - 1]), Err(Refused), "length {len}: cut");
-            assert_eq!(open_here(&KEY, &NONCE, b"headex", &ct), Err(Refused), "length {len}: here, other aad");
+            assert_eq!(open(&KEY, &NONCE, b"headex", &ct), Err(Refused), "length {len}: here, other aad");
         }
         assert_eq!(open(&KEY, &NONCE, b"", &[0; TAG_LEN - 1]), Err(Refused));
     }

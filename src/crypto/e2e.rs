@@ -339,15 +339,15 @@ fn open_with(
         return Err(SealError::Malformed("wrapped key length"));
     }
     let header = header(subject, &env.sk, env.ts, env.ttl_ms, &env.n, &env.keys);
-    if ct.len() < bulk::PARALLEL_MIN {
+    if ct.len() < bulk::PARALLEL_MIN + bulk::TAG_LEN {
         let content_key = unwrap_key(key, &nonce_bytes, &binding(&header, ct), wrapped)?;
         let content_key: &[u8; KEY_LEN] = content_key[..].try_into().map_err(|_| SealError::Forged)?;
         return bulk::open(content_key, &nonce_bytes, &header, ct).map_err(|_| SealError::Forged);
     }
-    // A large body is opened while its wrap is checked: the helper hashes the ciphertext for
-    // the binding and unwraps the content key in full, while this thread decrypts and checks the
+    // A large body is opened while its wrap is checked: a helper hashes the ciphertext for the
+    // binding and unwraps the content key in full, while this thread checks and decrypts the
     // body under the key the wrap gives unchecked. The body counts only if the checked key is
-    // that very key; otherwise what was decrypted is wiped.
+    // that very key; otherwise what was decrypted is wiped (also if the helper panicked).
     let guess = bulk::unwrap_unchecked(
         &key.0,
         &nonce_bytes,
@@ -355,16 +355,12 @@ fn open_with(
     );
     let (unwrapped, opened) = bulk::beside(
         || unwrap_key(key, &nonce_bytes, &binding(&header, ct), wrapped),
-        || bulk::open_here(&guess, &nonce_bytes, &header, ct),
+        || bulk::open(&guess, &nonce_bytes, &header, ct).map(zeroize::Zeroizing::new),
     );
     let same_key = unwrapped.is_ok_and(|checked| bool::from(checked[..].ct_eq(&guess[..])));
     match opened {
-        Ok(plaintext) if same_key => Ok(plaintext),
-        Ok(mut plaintext) => {
-            plaintext.zeroize();
-            Err(SealError::Forged)
-        }
-        Err(_) => Err(SealError::Forged),
+        Ok(mut plaintext) if same_key => Ok(std::mem::take(&mut *plaintext)),
+        _ => Err(SealError::Forged),
     }
 }
 
@@ -635,11 +631,18 @@ mod tests {
         let f = fixture();
         let id = Uuid::new_v4();
         let subject = task(&f, id);
+        for len in [bulk::PARALLEL_MIN - 1, bulk::PARALLEL_MIN, bulk::PARALLEL_MIN + 1] {
+            let body = vec![b'x'; len];
+            let env = sealed(&f, &subject, &body);
+            for site in [&f.a, &f.b, &f.c] {
+                assert_eq!(open_at(site, &f.a, &env, &subject).unwrap(), body, "length {len}");
+            }
+            let mut e = env.clone();
+            e.keys[1].w = b64().encode(b64().decode(&e.keys[1].w).unwrap().iter().map(|b| b ^ 1).collect::<Vec<_>>());
+            assert_eq!(open_at(&f.b, &f.a, &e, &subject), Err(SealError::Forged), "length {len}");
+        }
         let body = vec![b'x'; bulk::PARALLEL_MIN + 100];
         let env = sealed(&f, &subject, &body);
-        for site in [&f.a, &f.b, &f.c] {
-            assert_eq!(open_at(site, &f.a, &env, &subject).unwrap(), body);
-        }
         let other_meta = json!({"kind": "test", "n": 2});
         let altered = Subject::Task {
             id,

@@ -82,103 +82,143 @@ pub async fn read_detached(
     payload: web::Payload,
     limit: usize,
 ) -> Result<(Bytes, Option<(usize, [u8; 32])>), ApiError> {
-    let mut hasher = CtHasher::default();
-    let upload = read_body_seen(payload, declared_length(req), limit, |chunk| hasher.push(chunk)).await?;
-    let digest = hasher.finish(&upload).await;
-    Ok((upload, digest))
+    read_detached_from(payload, declared_length(req), limit).await
 }
 
-/// Ciphertext handed to the hashing thread at once: few hand-overs (each wakes it), and the
-/// first early enough that it hashes while the rest arrives.
-const HASH_BATCH: usize = 256 * 1024;
-
-/// The SHA-256 of a detached upload's ciphertext, computed as its chunks arrive: once
-/// [`HASH_BATCH`] bytes of it are in, they go to a blocking thread, which hashes each batch in
-/// order; a shorter ciphertext is hashed at the end, here.
-#[derive(Default)]
-struct CtHasher {
-    /// Bytes of the upload seen so far.
-    seen: usize,
-    /// Where the first newline is, once it has come.
-    json_len: Option<usize>,
-    batch: Vec<Bytes>,
-    batched: usize,
-    thread: Option<HashingThread>,
-}
-
-/// Where batches go, and the digest that comes back once the feed is dropped.
-type HashingThread = (std::sync::mpsc::Sender<Vec<Bytes>>, tokio::task::JoinHandle<[u8; 32]>);
-
-impl CtHasher {
-    fn push(&mut self, chunk: &Bytes) {
-        let ct = match self.json_len {
-            Some(_) => chunk.clone(),
-            None => match memchr::memchr(b'\n', chunk) {
-                Some(at) => {
-                    self.json_len = Some(self.seen + at);
-                    chunk.slice(at + 1..)
-                }
-                None => Bytes::new(),
-            },
-        };
-        self.seen += chunk.len();
-        if ct.is_empty() {
-            return;
-        }
-        self.batched += ct.len();
-        self.batch.push(ct);
-        if self.batched >= HASH_BATCH {
-            self.hand_over();
-        }
-    }
-
-    fn hand_over(&mut self) {
-        let batch = std::mem::take(&mut self.batch);
-        self.batched = 0;
-        let (feed, _) = self.thread.get_or_insert_with(|| {
-            let (feed, batches) = std::sync::mpsc::channel::<Vec<Bytes>>();
-            let hashing = tokio::task::spawn_blocking(move || {
-                let mut h = Sha256::new();
-                for batch in batches {
-                    batch.iter().for_each(|piece| h.update(piece));
-                }
-                h.finalize().into()
-            });
-            (feed, hashing)
-        });
-        let _ = feed.send(batch);
-    }
-
-    async fn finish(mut self, upload: &[u8]) -> Option<(usize, [u8; 32])> {
-        let json_len = self.json_len?;
-        let Some((feed, hashing)) = self.thread.take() else {
-            let mut h = Sha256::new();
-            self.batch.iter().for_each(|piece| h.update(piece));
-            return Some((json_len, h.finalize().into()));
-        };
-        let _ = feed.send(std::mem::take(&mut self.batch));
-        drop(feed);
-        // The blocking pool is shutting down: hash here instead.
-        let digest = hashing.await.unwrap_or_else(|_| Sha256::digest(&upload[json_len + 1..]).into());
-        Some((json_len, digest))
-    }
-}
-
-async fn read_body<S, E>(payload: S, declared: Option<u64>, limit: usize) -> Result<Bytes, ApiError>
+async fn read_detached_from<S, E>(
+    mut payload: S,
+    declared: Option<u64>,
+    limit: usize,
+) -> Result<(Bytes, Option<(usize, [u8; 32])>), ApiError>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: std::fmt::Display,
 {
-    read_body_seen(payload, declared, limit, |_| {}).await
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::TooLarge { limit });
+    }
+    let began = Instant::now();
+    let mut tail = BytesMut::with_capacity(declared.unwrap_or(0).min(limit as u64) as usize);
+    let mut hashing = CtHashing::default();
+    while let Some(chunk) = next_chunk(&mut payload, began, hashing.front() + tail.len()).await? {
+        if hashing.front() + tail.len() + chunk.len() > limit {
+            return Err(ApiError::TooLarge { limit });
+        }
+        tail.extend_from_slice(&chunk);
+        hashing.step(&mut tail).await?;
+    }
+    hashing.finish(tail).await
 }
 
-/// [`read_body`], showing each chunk to `seen` as it comes.
-async fn read_body_seen<S, E>(
-    mut payload: S,
-    declared: Option<u64>,
-    limit: usize,
-    mut seen: impl FnMut(&Bytes),
-) -> Result<Bytes, ApiError>
+/// Ciphertext hashed by one blocking task: few hand-overs (each wakes a thread), and the first
+/// early enough that the hash runs while the rest arrives.
+const HASH_BATCH: usize = 256 * 1024;
+
+/// A detached upload's ciphertext hash, made while the upload arrives. Once the newline has
+/// come and [`HASH_BATCH`] bytes more are in, they are split off the buffer (no copy: the same
+/// allocation) and handed to a blocking task, which hashes them and hands them back; the next
+/// piece goes when that task is done. So no thread ever waits for the client (a slow upload
+/// holds none), nothing is held twice, and the pieces join again into the one buffer the broker
+/// keeps.
+struct CtHashing {
+    /// The upload's front: hashed, handed back, joined.
+    done: BytesMut,
+    /// The piece a task has now, and its length.
+    task: Option<tokio::task::JoinHandle<(Sha256, BytesMut)>>,
+    in_task: usize,
+    /// The hash of the ciphertext so far, while no task has it.
+    sha: Option<Sha256>,
+    /// Where the first newline is, once it has come; how far it has been looked for.
+    json_len: Option<usize>,
+    scanned: usize,
+}
+
+impl Default for CtHashing {
+    fn default() -> Self {
+        Self { done: BytesMut::new(), task: None, in_task: 0, sha: Some(Sha256::new()), json_len: None, scanned: 0 }
+    }
+}
+
+/// The hashing task was lost (the runtime shutting down); the upload's bytes went with it.
+fn hashing_lost() -> ApiError {
+    ApiError::Unavailable("the broker is shutting down".into())
+}
+
+impl CtHashing {
+    /// Bytes of the upload not in the tail: done, or with the task.
+    fn front(&self) -> usize {
+        self.done.len() + self.in_task
+    }
+
+    /// Looks for the newline in what came, and hands a piece to a task when one is due and none
+    /// is busy.
+    async fn step(&mut self, tail: &mut BytesMut) -> Result<(), ApiError> {
+        if self.json_len.is_none() {
+            // Nothing is split off before the newline: the tail is the whole upload so far.
+            self.json_len = memchr::memchr(b'\n', &tail[self.scanned..]).map(|at| self.scanned + at);
+            self.scanned = tail.len();
+        }
+        if self.json_len.is_none() || tail.len() < HASH_BATCH {
+            return Ok(());
+        }
+        if self.task.as_ref().is_some_and(|task| !task.is_finished()) {
+            return Ok(());
+        }
+        self.collect().await?;
+        let piece = tail.split();
+        let skip = self.ct_skip(piece.len());
+        let mut sha = self.sha.take().expect("no task has it");
+        self.in_task = piece.len();
+        self.task = Some(tokio::task::spawn_blocking(move || {
+            sha.update(&piece[skip..]);
+            (sha, piece)
+        }));
+        Ok(())
+    }
+
+    /// Of a piece of `len` bytes starting at [`front`](Self::front), how many are JSON or its
+    /// newline (not ciphertext).
+    fn ct_skip(&self, len: usize) -> usize {
+        let ct_at = self.json_len.expect("known before any piece goes") + 1;
+        ct_at.saturating_sub(self.front()).min(len)
+    }
+
+    /// Takes back the task's piece and hash, if a task has them.
+    async fn collect(&mut self) -> Result<(), ApiError> {
+        if let Some(task) = self.task.take() {
+            let (sha, piece) = task.await.map_err(|_| hashing_lost())?;
+            self.done.unsplit(piece);
+            self.in_task = 0;
+            self.sha = Some(sha);
+        }
+        Ok(())
+    }
+
+    /// The whole upload, and the JSON's length with the ciphertext's SHA-256 (`None` without a
+    /// newline). The last piece is hashed here, or on a blocking thread if it is large.
+    async fn finish(mut self, mut tail: BytesMut) -> Result<(Bytes, Option<(usize, [u8; 32])>), ApiError> {
+        self.collect().await?;
+        let Some(json_len) = self.json_len else {
+            return Ok((tail.freeze(), None));
+        };
+        let skip = self.ct_skip(tail.len());
+        let mut sha = self.sha.take().expect("no task has it");
+        if tail.len() - skip >= HASH_BATCH {
+            (sha, tail) = tokio::task::spawn_blocking(move || {
+                sha.update(&tail[skip..]);
+                (sha, tail)
+            })
+            .await
+            .map_err(|_| hashing_lost())?;
+        } else {
+            sha.update(&tail[skip..]);
+        }
+        self.done.unsplit(tail);
+        Ok((self.done.freeze(), Some((json_len, sha.finalize().into()))))
+    }
+}
+
+async fn read_body<S, E>(mut payload: S, declared: Option<u64>, limit: usize) -> Result<Bytes, ApiError>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: std::fmt::Display,
@@ -193,7 +233,6 @@ where
             return Err(ApiError::TooLarge { limit });
         }
         body.extend_from_slice(&chunk);
-        seen(&chunk);
     }
     Ok(body.freeze())
 }
@@ -319,29 +358,49 @@ mod tests {
     use super::*;
 
     /// A detached upload's ciphertext digest, however its chunks fall: the newline at a
-    /// chunk's start, middle or end, a ciphertext over several hand-overs or none at all.
+    /// chunk's start, middle or end, a ciphertext over several pieces or none at all; and the
+    /// upload comes back whole, in one buffer.
     #[tokio::test]
     async fn a_detached_uploads_ciphertext_is_hashed_as_it_arrives() {
         let json = br#"{"id":"x"}"#;
         for ct_len in [0, 1, HASH_BATCH - 1, HASH_BATCH, 3 * HASH_BATCH + 17] {
             let ct: Vec<u8> = (0..ct_len).map(|i| (i % 251) as u8).collect();
             let upload = Bytes::from([&json[..], b"\n", &ct].concat());
-            for chunk in [1, 7, json.len(), json.len() + 1, 64 * 1024, upload.len().max(1)] {
-                let mut hasher = CtHasher::default();
-                let mut at = 0;
-                while at < upload.len() {
-                    let end = (at + chunk).min(upload.len());
-                    hasher.push(&upload.slice(at..end));
-                    at = end;
+            for chunk in [1, 7, json.len(), json.len() + 1, 64 * 1024, upload.len()] {
+                if chunk == 1 && ct_len > HASH_BATCH {
+                    continue; // a million one-byte chunks say nothing more
                 }
-                let (json_len, digest) = hasher.finish(&upload).await.expect("it has its newline");
+                let pieces = upload.chunks(chunk).map(|c| Ok::<_, Infallible>(Bytes::copy_from_slice(c)));
+                let stream = futures_util::stream::iter(pieces.collect::<Vec<_>>());
+                let declared = Some(upload.len() as u64);
+                let (read, digest) = read_detached_from(stream, declared, 16 << 20).await.unwrap();
+                let (json_len, digest) = digest.expect("it has its newline");
+                assert_eq!(read, upload, "ct {ct_len}, chunks of {chunk}");
                 assert_eq!(json_len, json.len(), "ct {ct_len}, chunks of {chunk}");
                 assert_eq!(digest, <[u8; 32]>::from(Sha256::digest(&ct)), "ct {ct_len}, chunks of {chunk}");
+                assert_eq!(
+                    crate::crypto::session::detached_digest(&read[..json_len], &digest),
+                    crate::crypto::session::detached_upload_digest(&read),
+                );
             }
         }
-        let mut hasher = CtHasher::default();
-        hasher.push(&Bytes::from_static(b"no newline at all"));
-        assert_eq!(hasher.finish(b"no newline at all").await, None);
+        let stream = futures_util::stream::iter([Ok::<_, Infallible>(Bytes::from_static(b"no newline at all"))]);
+        let (read, digest) = read_detached_from(stream, None, 1024).await.unwrap();
+        assert_eq!((&read[..], digest), (&b"no newline at all"[..], None));
+    }
+
+    /// Refused part-way, with pieces already hashed: too large, or too slow.
+    #[tokio::test(start_paused = true)]
+    async fn a_detached_upload_refused_part_way() {
+        let upload = Bytes::from([&b"{}\n"[..], &vec![7u8; 2 * HASH_BATCH]].concat());
+        let pieces: Vec<_> = upload.chunks(64 * 1024).map(|c| Ok::<_, Infallible>(Bytes::copy_from_slice(c))).collect();
+        let too_large = read_detached_from(futures_util::stream::iter(pieces), None, HASH_BATCH + HASH_BATCH / 2).await;
+        assert!(matches!(too_large, Err(ApiError::TooLarge { .. })), "{too_large:?}");
+        // 300 KiB at once, then nothing: the stall is refused, the piece's task long done.
+        let stalled = futures_util::stream::iter([Ok::<_, Infallible>(upload.slice(..300 * 1024))])
+            .chain(futures_util::stream::pending());
+        let refused = read_detached_from(Box::pin(stalled), Some(upload.len() as u64), 16 << 20).await;
+        assert!(matches!(refused, Err(ApiError::RequestTimeout(_))), "{refused:?}");
     }
 
     #[allow(non_snake_case)]
