@@ -86,9 +86,34 @@ pub async fn read_detached(
 }
 
 async fn read_detached_from<S, E>(
+    payload: S,
+    declared: Option<u64>,
+    limit: usize,
+) -> Result<(Bytes, Option<(usize, [u8; 32])>), ApiError>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    read_hashing(payload, declared, limit, Some(CtHashing::default())).await
+}
+
+async fn read_body<S, E>(payload: S, declared: Option<u64>, limit: usize) -> Result<Bytes, ApiError>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    Ok(read_hashing(payload, declared, limit, None).await?.0)
+}
+
+/// Reads a body whole into one buffer sized by its `Content-Length`, refusing (`413`) anything
+/// over `limit` bytes before reading it all, and (`408`) a body that stalls for [`BODY_STALL`]
+/// or arrives slower than [`BODY_MIN_RATE`]; with `hashing`, hashes a detached upload's
+/// ciphertext meanwhile.
+async fn read_hashing<S, E>(
     mut payload: S,
     declared: Option<u64>,
     limit: usize,
+    mut hashing: Option<CtHashing>,
 ) -> Result<(Bytes, Option<(usize, [u8; 32])>), ApiError>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
@@ -99,15 +124,21 @@ where
     }
     let began = Instant::now();
     let mut tail = BytesMut::with_capacity(declared.unwrap_or(0).min(limit as u64) as usize);
-    let mut hashing = CtHashing::default();
-    while let Some(chunk) = next_chunk(&mut payload, began, hashing.front() + tail.len()).await? {
-        if hashing.front() + tail.len() + chunk.len() > limit {
+    loop {
+        let read = hashing.as_ref().map_or(0, CtHashing::front) + tail.len();
+        let Some(chunk) = next_chunk(&mut payload, began, read).await? else { break };
+        if read + chunk.len() > limit {
             return Err(ApiError::TooLarge { limit });
         }
         tail.extend_from_slice(&chunk);
-        hashing.step(&mut tail).await?;
+        if let Some(hashing) = &mut hashing {
+            hashing.step(&mut tail).await?;
+        }
     }
-    hashing.finish(tail).await
+    match hashing {
+        Some(hashing) => hashing.finish(tail).await,
+        None => Ok((tail.freeze(), None)),
+    }
 }
 
 /// Ciphertext hashed by one blocking task: few hand-overs (each wakes a thread), and the first
@@ -216,25 +247,6 @@ impl CtHashing {
         self.done.unsplit(tail);
         Ok((self.done.freeze(), Some((json_len, sha.finalize().into()))))
     }
-}
-
-async fn read_body<S, E>(mut payload: S, declared: Option<u64>, limit: usize) -> Result<Bytes, ApiError>
-where
-    S: Stream<Item = Result<Bytes, E>> + Unpin,
-    E: std::fmt::Display,
-{
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(ApiError::TooLarge { limit });
-    }
-    let began = Instant::now();
-    let mut body = BytesMut::with_capacity(declared.unwrap_or(0).min(limit as u64) as usize);
-    while let Some(chunk) = next_chunk(&mut payload, began, body.len()).await? {
-        if body.len() + chunk.len() > limit {
-            return Err(ApiError::TooLarge { limit });
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body.freeze())
 }
 
 fn declared_length(req: &HttpRequest) -> Option<u64> {
