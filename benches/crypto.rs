@@ -124,6 +124,25 @@ fn passes(c: &mut Criterion) {
     });
     g.bench_function("copy of 1.33 MiB", |b| b.iter(|| wire.clone()));
     g.finish();
+
+    // The AEAD of a small body, which every task and result has: crypto::bulk on the calling
+    // thread against the crate it replaces (with the SHA-256 the crate's caller adds).
+    let small = [b'x'; 100];
+    let mut g = c.benchmark_group("100 B");
+    g.bench_function("XChaCha20-Poly1305 seal and SHA-256 (chacha20poly1305)", |b| {
+        b.iter(|| Sha256::digest(aead.encrypt(nonce, small.as_slice()).unwrap()))
+    });
+    g.bench_function("XChaCha20-Poly1305 seal and SHA-256 (crypto::bulk)", |b| {
+        b.iter(|| photon::crypto::bulk::seal(&[7; 32], &[1; 24], b"", &small))
+    });
+    let ct = aead.encrypt(nonce, small.as_slice()).unwrap();
+    g.bench_function("XChaCha20-Poly1305 open (chacha20poly1305)", |b| {
+        b.iter(|| aead.decrypt(nonce, ct.as_slice()).unwrap())
+    });
+    g.bench_function("XChaCha20-Poly1305 open (crypto::bulk)", |b| {
+        b.iter(|| photon::crypto::bulk::open(&[7; 32], &[1; 24], b"", &ct).unwrap())
+    });
+    g.finish();
 }
 
 fn task<'a>(id: uuid::Uuid, from: &'a AppId, to: &'a [AppId], metadata: &'a serde_json::Value) -> Subject<'a> {

@@ -78,17 +78,23 @@ fn encrypt(cipher: &mut XChaCha20, mac: &mut Poly1305, from: &[u8], to: &mut [u8
 /// Seals `plaintext`: returns the ciphertext with its tag appended, and the SHA-256 of both.
 pub fn seal(key: &[u8; 32], nonce: &[u8; 24], aad: &[u8], plaintext: &[u8]) -> (Vec<u8>, [u8; 32]) {
     let (mut cipher, mut mac) = start(key, nonce, aad);
+    if plaintext.len() < PARALLEL_MIN {
+        // As the crate does it: copied, then encrypted in place.
+        let mut out = Vec::with_capacity(plaintext.len() + TAG_LEN);
+        out.extend_from_slice(plaintext);
+        cipher.apply_keystream(&mut out);
+        mac.update_padded(&out);
+        mac.update(&[lengths(aad, out.len())]);
+        out.extend_from_slice(&mac.finalize());
+        let digest = Sha256::digest(&out).into();
+        return (out, digest);
+    }
     let mut out = vec![0u8; plaintext.len() + TAG_LEN];
     let (body, tag_slot) = out.split_at_mut(plaintext.len());
-    let digest = if plaintext.len() < PARALLEL_MIN {
-        encrypt(&mut cipher, &mut mac, plaintext, body);
-        mac.update(&[lengths(aad, body.len())]);
-        tag_slot.copy_from_slice(&mac.finalize());
-        Sha256::digest(&out).into()
-    } else {
-        // Each chunk is published once encrypted; the hasher waits for the next by spinning,
-        // not by sleeping: waking a sleeping thread on an idle core took a VM exit per chunk,
-        // which cost the encrypting thread as much as the hash it moved away.
+    // Each chunk is published once encrypted; the hasher waits for the next by spinning, not
+    // by sleeping: waking a sleeping thread on an idle core took a VM exit per chunk, which
+    // cost the encrypting thread as much as the hash it moved away.
+    let digest = {
         let chunks: Vec<&mut [u8]> = body.chunks_mut(CHUNK).chain([tag_slot]).collect();
         let finished: Vec<OnceLock<&[u8]>> = chunks.iter().map(|_| OnceLock::new()).collect();
         let hash = || {
@@ -197,8 +203,8 @@ pub fn open(key: &[u8; 32], nonce: &[u8; 24], aad: &[u8], ct: &[u8]) -> Result<V
     if mac.verify(poly1305::Block::from_slice(tag)).is_err() {
         return Err(Refused);
     }
-    let mut out = vec![0u8; body.len()];
-    cipher.apply_keystream_b2b(body, &mut out).expect("the output is as long as the input");
+    let mut out = body.to_vec();
+    cipher.apply_keystream(&mut out);
     Ok(out)
 }
 
