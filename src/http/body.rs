@@ -82,19 +82,7 @@ pub async fn read_detached(
     payload: web::Payload,
     limit: usize,
 ) -> Result<(Bytes, Option<(usize, [u8; 32])>), ApiError> {
-    read_detached_from(payload, declared_length(req), limit).await
-}
-
-async fn read_detached_from<S, E>(
-    payload: S,
-    declared: Option<u64>,
-    limit: usize,
-) -> Result<(Bytes, Option<(usize, [u8; 32])>), ApiError>
-where
-    S: Stream<Item = Result<Bytes, E>> + Unpin,
-    E: std::fmt::Display,
-{
-    read_hashing(payload, declared, limit, Some(CtHashing::default())).await
+    read_hashing(payload, declared_length(req), limit, Some(CtHashing::default())).await
 }
 
 async fn read_body<S, E>(payload: S, declared: Option<u64>, limit: usize) -> Result<Bytes, ApiError>
@@ -385,7 +373,8 @@ mod tests {
                 let pieces = upload.chunks(chunk).map(|c| Ok::<_, Infallible>(Bytes::copy_from_slice(c)));
                 let stream = futures_util::stream::iter(pieces.collect::<Vec<_>>());
                 let declared = Some(upload.len() as u64);
-                let (read, digest) = read_detached_from(stream, declared, 16 << 20).await.unwrap();
+                let (read, digest) =
+                    read_hashing(stream, declared, 16 << 20, Some(CtHashing::default())).await.unwrap();
                 let (json_len, digest) = digest.expect("it has its newline");
                 assert_eq!(read, upload, "ct {ct_len}, chunks of {chunk}");
                 assert_eq!(json_len, json.len(), "ct {ct_len}, chunks of {chunk}");
@@ -397,7 +386,7 @@ mod tests {
             }
         }
         let stream = futures_util::stream::iter([Ok::<_, Infallible>(Bytes::from_static(b"no newline at all"))]);
-        let (read, digest) = read_detached_from(stream, None, 1024).await.unwrap();
+        let (read, digest) = read_hashing(stream, None, 1024, Some(CtHashing::default())).await.unwrap();
         assert_eq!((&read[..], digest), (&b"no newline at all"[..], None));
     }
 
@@ -406,12 +395,19 @@ mod tests {
     async fn a_detached_upload_refused_part_way() {
         let upload = Bytes::from([&b"{}\n"[..], &vec![7u8; 2 * HASH_BATCH]].concat());
         let pieces: Vec<_> = upload.chunks(64 * 1024).map(|c| Ok::<_, Infallible>(Bytes::copy_from_slice(c))).collect();
-        let too_large = read_detached_from(futures_util::stream::iter(pieces), None, HASH_BATCH + HASH_BATCH / 2).await;
+        let too_large = read_hashing(
+            futures_util::stream::iter(pieces),
+            None,
+            HASH_BATCH + HASH_BATCH / 2,
+            Some(CtHashing::default()),
+        )
+        .await;
         assert!(matches!(too_large, Err(ApiError::TooLarge { .. })), "{too_large:?}");
         // 300 KiB at once, then nothing: the stall is refused, the piece's task long done.
         let stalled = futures_util::stream::iter([Ok::<_, Infallible>(upload.slice(..300 * 1024))])
             .chain(futures_util::stream::pending());
-        let refused = read_detached_from(Box::pin(stalled), Some(upload.len() as u64), 16 << 20).await;
+        let refused =
+            read_hashing(Box::pin(stalled), Some(upload.len() as u64), 16 << 20, Some(CtHashing::default())).await;
         assert!(matches!(refused, Err(ApiError::RequestTimeout(_))), "{refused:?}");
     }
 
