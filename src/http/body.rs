@@ -23,6 +23,7 @@ use super::ApiError;
 use crate::{
     actors::engine::Wait,
     crypto::session::{body_digest, BodyDigest},
+    ops::memory,
     wire::{parse_duration, ReadQuery},
 };
 
@@ -112,6 +113,10 @@ where
     }
     let began = Instant::now();
     let mut tail = BytesMut::with_capacity(declared.unwrap_or(0).min(limit as u64) as usize);
+    if hashing.is_some() {
+        // A detached upload is stored as it came, in memory new to the broker.
+        memory::prefault_beside(&mut tail);
+    }
     loop {
         let read = hashing.as_ref().map_or(0, CtHashing::front) + tail.len();
         let Some(chunk) = next_chunk(&mut payload, began, read).await? else { break };
