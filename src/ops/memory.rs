@@ -35,9 +35,11 @@ pub fn release_free_memory() {
 pub const PREFAULT_MIN: usize = 256 * 1024;
 
 /// Backs `buf`'s capacity with memory now, on a blocking thread, while the caller fills it:
-/// `madvise(MADV_POPULATE_WRITE)` faults every page in with one call, where writing into fresh
+/// `madvise(MADV_POPULATE_WRITE)` makes 64 KiB of pages per call, where writing into fresh
 /// memory takes one page fault per 4 KiB. So a large upload's pages are made on the idle core
-/// instead of in the reading thread. A page the caller reaches first is simply faulted there;
+/// instead of in the reading thread; when that thread needs the same core, the task yields to it
+/// between calls (it had kept the reader off its core for 0.6 ms in one call; in steps the 1 MiB
+/// round trip measured 20.9 against 20.0 ms). A page the caller reaches first is faulted there;
 /// the kernel never changes a page's contents, so the two may race freely. Does nothing below
 /// [`PREFAULT_MIN`], without a tokio runtime, or elsewhere than Linux (the call fails quietly on
 /// kernels before 5.14). The task's handle is for tests; nothing needs to wait for it.
@@ -55,22 +57,32 @@ pub fn prefault_beside(buf: &mut bytes::BytesMut) -> Option<tokio::task::JoinHan
     }))
 }
 
-/// `madvise(MADV_POPULATE_WRITE)` over the whole pages within `len` bytes at `at`.
+/// Pages made per `madvise` call: about 35 µs of work here, after which the thread lets a
+/// waiting one run.
+const POPULATE_STEP: usize = 64 * 1024;
+
+/// `madvise(MADV_POPULATE_WRITE)` over the whole pages within `len` bytes at `at`, from the end
+/// backwards (the caller fills the buffer from the front) and a step at a time, yielding between
+/// steps: on a core the reading thread also needs, the pages wait for it instead of it for them.
 fn populate_write(at: usize, len: usize) {
     #[cfg(target_os = "linux")]
     {
         let page = 4096;
         let start = at.next_multiple_of(page);
-        let end = (at + len) / page * page;
-        if end > start {
+        let mut end = (at + len) / page * page;
+        while end > start {
+            let from = end.saturating_sub(POPULATE_STEP).max(start);
             // SAFETY: the range lies within one live allocation (the caller keeps it allocated
             // until this returns). MADV_POPULATE_WRITE only makes its pages present and writable,
             // as a write would, without writing: no byte of it changes, so whatever another
             // thread writes there meanwhile stays as written.
             #[allow(unsafe_code)]
-            unsafe {
-                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_POPULATE_WRITE);
+            let done = unsafe { libc::madvise(from as *mut libc::c_void, end - from, libc::MADV_POPULATE_WRITE) };
+            if done != 0 {
+                return; // an older kernel (EINVAL): the pages fault in as they are written
             }
+            end = from;
+            std::thread::yield_now();
         }
     }
     #[cfg(not(target_os = "linux"))]
