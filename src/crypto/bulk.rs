@@ -26,8 +26,10 @@ use poly1305::{
     Poly1305,
 };
 use sha2::{Digest, Sha256};
+
+use crate::ops::cpu;
 use std::sync::{
-    atomic::{AtomicUsize, Ordering},
+    atomic::{AtomicI32, AtomicUsize, Ordering},
     OnceLock,
 };
 use zeroize::Zeroize;
@@ -132,12 +134,42 @@ fn helpers() -> &'static rayon::ThreadPool {
         rayon::ThreadPoolBuilder::new()
             .num_threads(helper_count())
             .thread_name(|_| "photon-bulk".into())
+            .start_handler(|i| {
+                if let Some(slot) = HELPER_TIDS.get(i) {
+                    slot.store(cpu::thread_id().unwrap_or(0), Ordering::Relaxed);
+                }
+            })
             .build()
             .expect("threads can be started")
     })
 }
 
 static HELPERS: OnceLock<rayon::ThreadPool> = OnceLock::new();
+
+/// The kernel ids of the first helpers (0 until a helper has started; on machines with more
+/// cores the others are left alone), and the core they were last kept off ([`steer_helpers`]).
+const MAX_STEERED: usize = 8;
+static HELPER_TIDS: [AtomicI32; MAX_STEERED] = [const { AtomicI32::new(0) }; MAX_STEERED];
+static KEPT_OFF: AtomicUsize = AtomicUsize::new(usize::MAX);
+
+/// Keeps the helpers off the core this thread runs on, so that a helper woken for this body
+/// runs beside it, not in turns with it on one core while the other idles (Linux wakes a thread
+/// on its waker's core when it judges that cheaper). Only when this thread's core differs from
+/// the last time: a syscall per helper then, nothing otherwise.
+fn steer_helpers() {
+    let Some(here) = cpu::current_cpu() else { return };
+    if KEPT_OFF.swap(here, Ordering::Relaxed) == here {
+        return;
+    }
+    for tid in &HELPER_TIDS {
+        match tid.load(Ordering::Relaxed) {
+            0 => {}
+            tid => {
+                cpu::keep_off(tid, here);
+            }
+        }
+    }
+}
 
 fn helper_count() -> usize {
     static COUNT: OnceLock<usize> = OnceLock::new();
@@ -216,8 +248,10 @@ pub fn beside<A: Send, B>(on_helper: impl FnOnce() -> A + Send, here: impl FnOnc
         let b = here();
         return (on_helper(), b);
     };
+    let pool = helpers();
+    steer_helpers();
     let mut a = None;
-    let b = helpers().in_place_scope(|s| {
+    let b = pool.in_place_scope(|s| {
         s.spawn(|_| a = Some(on_helper()));
         here()
     });

@@ -1,7 +1,9 @@
 //! What operators see and do, shared by broker and proxy: StatsD [`metrics`], one log line per
 //! request ([`requests`]), graceful [`shutdown`], the log format ([`init_tracing`]), and giving
-//! freed memory back to the system ([`memory`]).
+//! freed memory back to the system ([`memory`]), and keeping a helper thread off its caller's core
+//! ([`cpu`]).
 
+pub mod cpu;
 pub mod memory;
 pub mod metrics;
 pub mod requests;
