@@ -7,15 +7,16 @@
 //! over a large body can run beside each other instead of one after another:
 //! - sealing encrypts and MACs the body in 64 KiB chunks while a helper thread hashes
 //!   (SHA-256) each finished chunk for the message's binding;
-//! - opening decrypts on the calling thread while the helper computes the tag over the
-//!   ciphertext. The plaintext is returned only if the tag verifies (in constant time);
-//!   otherwise the decrypted bytes are wiped and the message is refused.
+//! - a large body is opened (`e2e::open`) while a helper hashes its ciphertext for the binding
+//!   and checks the wrapped key; [`open`] itself checks the tag before it decrypts anything, as
+//!   the crate does.
 //!
-//! The helper is one long-lived thread (a one-thread rayon pool): woken, it runs on the idle
-//! core, which a thread started per body did not (Linux placed it on the busy core that
-//! started it, so it ran after the work it was to overlap). Below [`PARALLEL_MIN`] everything
-//! runs on the calling thread, as the crate does it (tag checked before anything is
-//! decrypted): handing work over costs more than it saves there.
+//! The helpers are long-lived threads (a rayon pool of one fewer than the cores, at least one):
+//! a thread started per body ran on the busy core that started it, after the work it was to
+//! overlap. When a body hands a helper its half, the helpers are first kept off the caller's core
+//! ([`steer_helpers`]); woken without that, Linux often put the helper on its waker's core, and
+//! the two took turns there while the other core idled. Below [`PARALLEL_MIN`] everything runs
+//! on the calling thread, as the crate does it: handing work over costs more than it saves there.
 
 use chacha20::{
     cipher::{KeyIvInit, StreamCipher, StreamCipherSeek},
@@ -26,13 +27,13 @@ use poly1305::{
     Poly1305,
 };
 use sha2::{Digest, Sha256};
-
-use crate::ops::cpu;
 use std::sync::{
     atomic::{AtomicI32, AtomicUsize, Ordering},
-    OnceLock,
+    Mutex, OnceLock,
 };
 use zeroize::Zeroize;
+
+use crate::ops::cpu;
 
 /// Bytes of the Poly1305 tag at the end of a ciphertext.
 pub const TAG_LEN: usize = 16;
@@ -146,29 +147,35 @@ fn helpers() -> &'static rayon::ThreadPool {
 
 static HELPERS: OnceLock<rayon::ThreadPool> = OnceLock::new();
 
-/// The kernel ids of the first helpers (0 until a helper has started; on machines with more
-/// cores the others are left alone), and the core they were last kept off ([`steer_helpers`]).
+/// The helpers whose kernel ids are kept (for [`steer_helpers`]); on machines with more cores
+/// the others are left where Linux puts them.
 const MAX_STEERED: usize = 8;
+
+/// The kernel ids of the first helpers, 0 until a helper has started.
 static HELPER_TIDS: [AtomicI32; MAX_STEERED] = [const { AtomicI32::new(0) }; MAX_STEERED];
-static KEPT_OFF: AtomicUsize = AtomicUsize::new(usize::MAX);
+
+/// The core every steered helper is kept off now, if one is: `None` until all of them were.
+static KEPT_OFF: Mutex<Option<usize>> = Mutex::new(None);
 
 /// Keeps the helpers off the core this thread runs on, so that a helper woken for this body
-/// runs beside it, not in turns with it on one core while the other idles (Linux wakes a thread
-/// on its waker's core when it judges that cheaper). Only when this thread's core differs from
-/// the last time: a syscall per helper then, nothing otherwise.
+/// runs beside it, not in turns with it on one core while the other idles. A syscall per helper
+/// when this thread's core is not the one they are kept off already; nothing otherwise. Another
+/// body steering them at the same moment is not waited for: this one goes on as they are.
 fn steer_helpers() {
     let Some(here) = cpu::current_cpu() else { return };
-    if KEPT_OFF.swap(here, Ordering::Relaxed) == here {
+    let Ok(mut kept_off) = KEPT_OFF.try_lock() else { return };
+    if *kept_off == Some(here) {
         return;
     }
-    for tid in &HELPER_TIDS {
+    let started = helper_count().min(MAX_STEERED);
+    let mut steered = 0;
+    for tid in &HELPER_TIDS[..started] {
         match tid.load(Ordering::Relaxed) {
             0 => {}
-            tid => {
-                cpu::keep_off(tid, here);
-            }
+            tid => steered += usize::from(cpu::keep_off(tid, here)),
         }
     }
+    *kept_off = (steered == started).then_some(here);
 }
 
 fn helper_count() -> usize {
@@ -338,6 +345,30 @@ mod tests {
         let guess = unwrap_unchecked(&KEY, &NONCE, wrapped[..32].try_into().unwrap());
         assert_eq!(*guess, message);
         assert_eq!(open(&KEY, &NONCE, b"bound", &wrapped).unwrap(), message);
+    }
+
+    /// A body's half goes to a helper kept off the caller's core. Other tests hand the helpers
+    /// work from other cores meanwhile, so it is enough that this is seen within a few tries.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_helpers_are_kept_off_the_callers_core() {
+        use crate::ops::cpu::testing::{cores, may_run_on, pin};
+        if cores() < 2 {
+            return eprintln!("skipped: one core");
+        }
+        let me = cpu::thread_id().expect("Linux");
+        let here = cpu::current_cpu().expect("Linux");
+        pin(me, here);
+        let kept_off = (0..200).any(|_| {
+            let ((), ()) = beside(|| (), || ());
+            let tid = HELPER_TIDS[0].load(Ordering::Relaxed);
+            let off = tid != 0 && !may_run_on(tid, here);
+            if !off {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            off
+        });
+        assert!(kept_off, "the helper may still run on core {here}");
     }
 
     /// More bodies at once than there are helpers: those that find none do without, and every

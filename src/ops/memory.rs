@@ -7,6 +7,10 @@
 
 use std::{
     ffi::{OsStr, OsString},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        OnceLock,
+    },
     time::Duration,
 };
 
@@ -36,15 +40,23 @@ pub const PREFAULT_MIN: usize = 256 * 1024;
 
 /// Backs `buf`'s capacity with memory now, on a blocking thread, while the caller fills it:
 /// `madvise(MADV_POPULATE_WRITE)` makes 64 KiB of pages per call, where writing into fresh
-/// memory takes one page fault per 4 KiB. So a large upload's pages are made on the idle core
-/// instead of in the reading thread; when that thread needs the same core, the task yields to it
-/// between calls (it had kept the reader off its core for 0.6 ms in one call; in steps the 1 MiB
-/// round trip measured 20.9 against 20.0 ms). A page the caller reaches first is faulted there;
-/// the kernel never changes a page's contents, so the two may race freely. Does nothing below
-/// [`PREFAULT_MIN`], without a tokio runtime, or elsewhere than Linux (the call fails quietly on
-/// kernels before 5.14). The task's handle is for tests; nothing needs to wait for it.
+/// memory takes one page fault per page. So a large upload's pages are made on the idle core
+/// instead of in the reading thread; between calls the task yields, so that a reader waiting for
+/// the same core gets it (in one call it had kept the reader off its core for 0.6 ms; in steps
+/// the 1 MiB round trip measured 20.9 against 20.0 ms). A page the caller reaches first is
+/// faulted there; the kernel never changes a page's contents, so the two may race freely.
+///
+/// The whole capacity becomes resident at once, not as bytes arrive: a slow upload holds the
+/// memory of its declared size while it lasts (an authenticated sender could hold as much by
+/// uploading fast, until the task expires). Does nothing below [`PREFAULT_MIN`], without a
+/// tokio runtime, elsewhere than Linux, or once the kernel has refused the call (before 5.14).
+/// The task's handle is for tests; nothing needs to wait for it.
 pub fn prefault_beside(buf: &mut bytes::BytesMut) -> Option<tokio::task::JoinHandle<()>> {
-    if buf.capacity() < PREFAULT_MIN || tokio::runtime::Handle::try_current().is_err() {
+    if !cfg!(target_os = "linux")
+        || buf.capacity() < PREFAULT_MIN
+        || POPULATE_REFUSED.load(Ordering::Relaxed)
+        || tokio::runtime::Handle::try_current().is_err()
+    {
         return None;
     }
     // An empty view of the same allocation: it keeps the memory allocated until the task is
@@ -52,41 +64,65 @@ pub fn prefault_beside(buf: &mut bytes::BytesMut) -> Option<tokio::task::JoinHan
     let keep = buf.split_to(0);
     let (at, len) = (buf.as_ptr() as usize, buf.capacity());
     Some(tokio::task::spawn_blocking(move || {
-        populate_write(at, len);
+        if !populate_write(at, len) && !POPULATE_REFUSED.swap(true, Ordering::Relaxed) {
+            tracing::debug!("MADV_POPULATE_WRITE refused (a kernel before 5.14?): uploads fault their pages in");
+        }
         drop(keep);
     }))
 }
+
+/// Set once the kernel refused `MADV_POPULATE_WRITE`: it will again.
+static POPULATE_REFUSED: AtomicBool = AtomicBool::new(false);
 
 /// Pages made per `madvise` call: about 35 µs of work here, after which the thread lets a
 /// waiting one run.
 const POPULATE_STEP: usize = 64 * 1024;
 
+/// The size of a page.
+fn page_size() -> usize {
+    static PAGE: OnceLock<usize> = OnceLock::new();
+    *PAGE.get_or_init(|| {
+        #[cfg(target_os = "linux")]
+        // SAFETY: `sysconf` only reads a system constant.
+        #[allow(unsafe_code)]
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        #[cfg(not(target_os = "linux"))]
+        let page = 4096;
+        usize::try_from(page).ok().filter(|p| p.is_power_of_two()).unwrap_or(4096)
+    })
+}
+
 /// `madvise(MADV_POPULATE_WRITE)` over the whole pages within `len` bytes at `at`, from the end
 /// backwards (the caller fills the buffer from the front) and a step at a time, yielding between
-/// steps: on a core the reading thread also needs, the pages wait for it instead of it for them.
-fn populate_write(at: usize, len: usize) {
+/// steps. `false` if the kernel refused it.
+fn populate_write(at: usize, len: usize) -> bool {
     #[cfg(target_os = "linux")]
     {
-        let page = 4096;
+        let page = page_size();
+        let step = POPULATE_STEP.max(page);
         let start = at.next_multiple_of(page);
         let mut end = (at + len) / page * page;
         while end > start {
-            let from = end.saturating_sub(POPULATE_STEP).max(start);
-            // SAFETY: the range lies within one live allocation (the caller keeps it allocated
+            let from = end.saturating_sub(step).max(start);
+            // SAFETY: whole pages within one live allocation (the caller keeps it allocated
             // until this returns). MADV_POPULATE_WRITE only makes its pages present and writable,
             // as a write would, without writing: no byte of it changes, so whatever another
             // thread writes there meanwhile stays as written.
             #[allow(unsafe_code)]
-            let done = unsafe { libc::madvise(from as *mut libc::c_void, end - from, libc::MADV_POPULATE_WRITE) };
-            if done != 0 {
-                return; // an older kernel (EINVAL): the pages fault in as they are written
+            let rc = unsafe { libc::madvise(from as *mut libc::c_void, end - from, libc::MADV_POPULATE_WRITE) };
+            if rc != 0 {
+                return false;
             }
             end = from;
             std::thread::yield_now();
         }
+        true
     }
     #[cfg(not(target_os = "linux"))]
-    let _ = (at, len);
+    {
+        let _ = (at, len);
+        false
+    }
 }
 
 /// glibc's tunable for how many freed chunks of each small size a thread keeps to itself.
@@ -171,21 +207,36 @@ mod tests {
     /// How many of the whole pages in `buf`'s capacity are in memory (`mincore`).
     #[cfg(target_os = "linux")]
     fn resident_pages(buf: &bytes::BytesMut) -> (usize, usize) {
-        let (at, len) = (buf.as_ptr() as usize, buf.capacity());
-        let start = at.next_multiple_of(4096);
-        let pages = ((at + len) / 4096 * 4096 - start) / 4096;
+        let (at, len, page) = (buf.as_ptr() as usize, buf.capacity(), page_size());
+        let start = at.next_multiple_of(page);
+        let pages = ((at + len) / page * page - start) / page;
         let mut flags = vec![0u8; pages];
         // SAFETY: the range lies within `buf`'s live allocation; `flags` has one byte per page.
         #[allow(unsafe_code)]
-        let done = unsafe { libc::mincore(start as *mut libc::c_void, pages * 4096, flags.as_mut_ptr()) };
-        assert_eq!(done, 0, "mincore: {}", std::io::Error::last_os_error());
+        let rc = unsafe { libc::mincore(start as *mut libc::c_void, pages * page, flags.as_mut_ptr()) };
+        assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
         (flags.iter().filter(|f| *f & 1 == 1).count(), pages)
+    }
+
+    /// Whether this kernel has `MADV_POPULATE_WRITE` (5.14 and later), asked directly.
+    #[cfg(target_os = "linux")]
+    fn kernel_populates() -> bool {
+        let page = page_size();
+        let buf = vec![0u8; 2 * page];
+        let at = (buf.as_ptr() as usize).next_multiple_of(page);
+        // SAFETY: one whole page inside `buf`, which lives until the end of this function.
+        #[allow(unsafe_code)]
+        let rc = unsafe { libc::madvise(at as *mut libc::c_void, page, libc::MADV_POPULATE_WRITE) };
+        rc == 0
     }
 
     /// A large buffer's pages are made by the task, without a write of the caller's.
     #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn a_large_buffers_pages_are_made_ahead_of_use() {
+        if !kernel_populates() {
+            return eprintln!("skipped: this kernel has no MADV_POPULATE_WRITE");
+        }
         // Over glibc's largest mmap threshold (32 MiB): always mapped fresh, no page made yet.
         let mut buf = bytes::BytesMut::with_capacity(40 << 20);
         let (resident, pages) = resident_pages(&buf);
@@ -198,10 +249,14 @@ mod tests {
         assert!(std::thread::spawn(move || prefault_beside(&mut outside).is_none()).join().unwrap());
     }
 
-    /// What the caller writes while the pages are being made stays as written, and a buffer
-    /// dropped before the task is done stays allocated for it.
+    /// What the caller writes while the pages are being made stays as written, and the task
+    /// lets go of the buffer when it is done, also of one dropped before that.
+    #[cfg(target_os = "linux")]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_buffer_filled_or_dropped_while_its_pages_are_made() {
+        if !kernel_populates() {
+            return eprintln!("skipped: this kernel has no MADV_POPULATE_WRITE");
+        }
         let pattern: Vec<u8> = (0..(8 << 20)).map(|i: usize| (i % 253) as u8).collect();
         let mut buf = bytes::BytesMut::with_capacity(pattern.len());
         let task = prefault_beside(&mut buf).expect("large enough");
@@ -210,7 +265,9 @@ mod tests {
         }
         assert!(buf[..] == pattern[..], "the contents changed");
         task.await.unwrap();
-        assert!(buf.freeze()[..] == pattern[..], "the contents changed");
+        let filled = buf.freeze();
+        assert!(filled[..] == pattern[..], "the contents changed");
+        assert!(filled.is_unique(), "the task still holds the buffer");
         let mut dropped = bytes::BytesMut::with_capacity(pattern.len());
         let task = prefault_beside(&mut dropped).expect("large enough");
         drop(dropped);
