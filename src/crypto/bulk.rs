@@ -167,15 +167,13 @@ fn steer_helpers() {
     if *kept_off == Some(here) {
         return;
     }
-    let started = helper_count().min(MAX_STEERED);
-    let mut steered = 0;
-    for tid in &HELPER_TIDS[..started] {
-        match tid.load(Ordering::Relaxed) {
-            0 => {}
-            tid => steered += usize::from(cpu::keep_off(tid, here)),
-        }
-    }
-    *kept_off = (steered == started).then_some(here);
+    let to_steer = &HELPER_TIDS[..helper_count().min(MAX_STEERED)];
+    let steered = to_steer
+        .iter()
+        .map(|tid| tid.load(Ordering::Relaxed))
+        .filter(|&tid| tid != 0 && cpu::keep_off(tid, here))
+        .count();
+    *kept_off = (steered == to_steer.len()).then_some(here);
 }
 
 fn helper_count() -> usize {

@@ -79,17 +79,22 @@ static POPULATE_REFUSED: AtomicBool = AtomicBool::new(false);
 const POPULATE_STEP: usize = 64 * 1024;
 
 /// The size of a page.
+#[cfg(target_os = "linux")]
 fn page_size() -> usize {
     static PAGE: OnceLock<usize> = OnceLock::new();
     *PAGE.get_or_init(|| {
-        #[cfg(target_os = "linux")]
         // SAFETY: `sysconf` only reads a system constant.
         #[allow(unsafe_code)]
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-        #[cfg(not(target_os = "linux"))]
-        let page = 4096;
         usize::try_from(page).ok().filter(|p| p.is_power_of_two()).unwrap_or(4096)
     })
+}
+
+/// The addresses of the whole pages within `len` bytes at `at`.
+#[cfg(target_os = "linux")]
+fn whole_pages(at: usize, len: usize) -> std::ops::Range<usize> {
+    let page = page_size();
+    at.next_multiple_of(page)..(at + len) / page * page
 }
 
 /// `madvise(MADV_POPULATE_WRITE)` over the whole pages within `len` bytes at `at`, from the end
@@ -98,10 +103,8 @@ fn page_size() -> usize {
 fn populate_write(at: usize, len: usize) -> bool {
     #[cfg(target_os = "linux")]
     {
-        let page = page_size();
-        let step = POPULATE_STEP.max(page);
-        let start = at.next_multiple_of(page);
-        let mut end = (at + len) / page * page;
+        let step = POPULATE_STEP.max(page_size());
+        let std::ops::Range { start, mut end } = whole_pages(at, len);
         while end > start {
             let from = end.saturating_sub(step).max(start);
             // SAFETY: whole pages within one live allocation (the caller keeps it allocated
@@ -207,9 +210,8 @@ mod tests {
     /// How many of the whole pages in `buf`'s capacity are in memory (`mincore`).
     #[cfg(target_os = "linux")]
     fn resident_pages(buf: &bytes::BytesMut) -> (usize, usize) {
-        let (at, len, page) = (buf.as_ptr() as usize, buf.capacity(), page_size());
-        let start = at.next_multiple_of(page);
-        let pages = ((at + len) / page * page - start) / page;
+        let (range, page) = (whole_pages(buf.as_ptr() as usize, buf.capacity()), page_size());
+        let (start, pages) = (range.start, range.len() / page);
         let mut flags = vec![0u8; pages];
         // SAFETY: the range lies within `buf`'s live allocation; `flags` has one byte per page.
         #[allow(unsafe_code)]
