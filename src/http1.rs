@@ -59,6 +59,9 @@ pub enum Error {
     Lost,
     /// The answer is not HTTP/1.1 as this client reads it.
     Malformed,
+    /// The answer's body is longer than the request allowed (by its length, or as it came);
+    /// it was not read further.
+    TooLarge,
 }
 
 impl Error {
@@ -67,6 +70,7 @@ impl Error {
             Error::Connect => "connect",
             Error::Lost => "lost",
             Error::Malformed => "malformed",
+            Error::TooLarge => "too_large",
         }
     }
 }
@@ -119,9 +123,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_HEADERS: usize = 64;
 /// Largest answer head read before giving up on it.
 const MAX_HEAD: usize = 64 * 1024;
-/// Largest answer body taken: four times the largest body the loadtest sends (64 MiB), so a
-/// wrong length cannot make it allocate without bound.
-const MAX_BODY: usize = 256 * 1024 * 1024;
+/// Largest answer body [`Pool::send`] takes: four times the largest body the loadtest sends
+/// (64 MiB), so a wrong length cannot make it allocate without bound. [`Pool::send_within`]
+/// takes another bound.
+pub const MAX_BODY: usize = 256 * 1024 * 1024;
 
 impl Pool {
     /// A pool for `authority` (`host:port`) that keeps up to `max_idle` idle connections.
@@ -131,9 +136,10 @@ impl Pool {
     }
 
     /// Sends `method target` with `headers` (each `name: value`, without line ends) and `body`
-    /// (JSON when given), and reads the whole answer. With [`Resend::Unanswered`], a request on
-    /// an idle connection that the server had closed meanwhile (no byte of an answer came back)
-    /// is sent once more, on a new connection; no other failure is retried.
+    /// (JSON unless `headers` give a `content-type`), and reads the whole answer, its body at
+    /// most [`MAX_BODY`] bytes. With [`Resend::Unanswered`], a request on an idle connection
+    /// that the server had closed meanwhile (no byte of an answer came back) is sent once more,
+    /// on a new connection; no other failure is retried.
     pub async fn send(
         &self,
         method: &str,
@@ -141,9 +147,23 @@ impl Pool {
         headers: &[&str],
         body: Option<&[u8]>,
     ) -> Result<Answer, Error> {
+        self.send_within(method, target, headers, body, MAX_BODY).await
+    }
+
+    /// [`Pool::send`], taking an answer body of at most `max_body` bytes: a longer one fails
+    /// ([`Error::TooLarge`]) as soon as its length or its bytes so far show it, and its
+    /// connection is not kept.
+    pub async fn send_within(
+        &self,
+        method: &str,
+        target: &str,
+        headers: &[&str],
+        body: Option<&[u8]>,
+        max_body: usize,
+    ) -> Result<Answer, Error> {
         let request = self.request(method, target, headers, body);
         if let Some(mut conn) = self.reuse() {
-            match conn.exchange(&request, method).await {
+            match conn.exchange(&request, method, max_body).await {
                 Ok((answer, keep)) => {
                     self.put_back(conn, keep);
                     return Ok(answer);
@@ -154,7 +174,7 @@ impl Pool {
             }
         }
         let mut conn = self.connect().await?;
-        match conn.exchange(&request, method).await {
+        match conn.exchange(&request, method, max_body).await {
             Ok((answer, keep)) => {
                 self.put_back(conn, keep);
                 Ok(answer)
@@ -173,9 +193,11 @@ impl Pool {
             head.extend_from_slice(b"\r\n");
         }
         if !body.is_empty() || method == "POST" || method == "PUT" {
-            head.extend_from_slice(
-                format!("content-type: application/json\r\ncontent-length: {}\r\n", body.len()).as_bytes(),
-            );
+            let typed = headers.iter().any(|h| h.get(..13).is_some_and(|n| n.eq_ignore_ascii_case("content-type:")));
+            if !typed {
+                head.extend_from_slice(b"content-type: application/json\r\n");
+            }
+            head.extend_from_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
         }
         head.extend_from_slice(b"\r\n");
         Request { head, body }
@@ -230,7 +252,12 @@ enum Exchange {
 
 impl Conn {
     /// Writes `request` and reads its answer; whether the connection can carry another.
-    async fn exchange(&mut self, request: &Request<'_>, method: &str) -> Result<(Answer, bool), Exchange> {
+    async fn exchange(
+        &mut self,
+        request: &Request<'_>,
+        method: &str,
+        max_body: usize,
+    ) -> Result<(Answer, bool), Exchange> {
         if self.stream.write_all_buf(&mut Buf::chain(&request.head[..], request.body)).await.is_err() {
             return Err(Exchange::Unanswered);
         }
@@ -253,9 +280,10 @@ impl Conn {
         let bodiless = method == "HEAD" || head.status == 204 || head.status == 304;
         let body = match (bodiless, head.length) {
             (true, _) => Bytes::new(),
+            (false, Length::Fixed(n)) if n > max_body => return Err(Exchange::Failed(Error::TooLarge)),
             (false, Length::Fixed(n)) => self.exactly(n).await.map_err(Exchange::Failed)?,
-            (false, Length::Chunked) => self.chunked().await.map_err(Exchange::Failed)?,
-            (false, Length::UntilClose) => self.until_close().await.map_err(Exchange::Failed)?,
+            (false, Length::Chunked) => self.chunked(max_body).await.map_err(Exchange::Failed)?,
+            (false, Length::UntilClose) => self.until_close(max_body).await.map_err(Exchange::Failed)?,
         };
         // A body that ends with the connection ends it; a bodiless answer (204) does not.
         let keep = head.keep_alive && (bodiless || head.length != Length::UntilClose) && self.buf.is_empty();
@@ -273,10 +301,8 @@ impl Conn {
         }
     }
 
+    /// `n` bytes (the caller bounds `n`).
     async fn exactly(&mut self, n: usize) -> Result<Bytes, Error> {
-        if n > MAX_BODY {
-            return Err(Error::Malformed);
-        }
         self.buf.reserve(n.saturating_sub(self.buf.len()));
         while self.buf.len() < n {
             self.fill().await?;
@@ -284,18 +310,21 @@ impl Conn {
         Ok(self.buf.split_to(n).freeze())
     }
 
-    async fn until_close(&mut self) -> Result<Bytes, Error> {
+    /// The body up to the connection's end; what came with the head counts too, so a body over
+    /// `max_body` is refused without waiting for more.
+    async fn until_close(&mut self, max_body: usize) -> Result<Bytes, Error> {
         loop {
-            match self.fill().await {
-                Ok(()) if self.buf.len() > MAX_BODY => return Err(Error::Malformed),
-                Ok(()) => {}
-                Err(_) => return Ok(self.buf.split().freeze()),
+            if self.buf.len() > max_body {
+                return Err(Error::TooLarge);
+            }
+            if self.fill().await.is_err() {
+                return Ok(self.buf.split().freeze());
             }
         }
     }
 
     /// A chunked body, its trailers skipped.
-    async fn chunked(&mut self) -> Result<Bytes, Error> {
+    async fn chunked(&mut self, max_body: usize) -> Result<Bytes, Error> {
         let mut body = BytesMut::new();
         loop {
             let line = self.line().await?;
@@ -307,8 +336,8 @@ impl Conn {
                 while !self.line().await?.is_empty() {}
                 return Ok(body.freeze());
             }
-            if body.len() + size > MAX_BODY {
-                return Err(Error::Malformed);
+            if body.len().saturating_add(size) > max_body {
+                return Err(Error::TooLarge);
             }
             body.extend_from_slice(&self.exactly(size).await?);
             if !self.line().await?.is_empty() {
@@ -567,17 +596,61 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_absurd_length_is_malformed() {
+    async fn an_absurd_length_is_refused() {
         let (addr, served) = server(vec![
             Some("HTTP/1.1 200 OK\r\ncontent-length: 999999999999\r\n\r\n"),
             Some("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n"),
         ])
         .await;
         let pool = Pool::new(&addr, 1, Resend::Unanswered);
-        assert_eq!(pool.send("GET", "/", &[], None).await.unwrap_err(), Error::Malformed);
+        assert_eq!(pool.send("GET", "/", &[], None).await.unwrap_err(), Error::TooLarge);
         assert_eq!(pool.send("GET", "/", &[], None).await.unwrap_err(), Error::Malformed);
         drop(pool);
         assert_eq!(served.await.unwrap().0.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn an_answer_over_the_requests_bound_is_refused_however_it_is_framed() {
+        let (addr, served) = server(vec![
+            Some("HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nabcd"),
+            // Refused by its length, before its body (which never comes) is waited for.
+            Some("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"),
+            Some("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"),
+            Some("HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nabcde"),
+            Some("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nabcde"),
+        ])
+        .await;
+        let pool = Pool::new(&addr, 1, Resend::Never);
+        let within = |path| pool.send_within("GET", path, &[], None, 4);
+        assert_eq!(&within("/exact").await.unwrap().body[..], b"abcd");
+        assert_eq!(within("/length").await.unwrap_err(), Error::TooLarge);
+        assert_eq!(within("/chunked").await.unwrap_err(), Error::TooLarge);
+        assert_eq!(within("/close").await.unwrap_err(), Error::TooLarge);
+        // Without a bound of its own, the same answer is taken.
+        assert_eq!(&pool.send("GET", "/unbounded", &[], None).await.unwrap().body[..], b"abcde");
+        drop(pool);
+        let (seen, conns) = served.await.unwrap();
+        assert_eq!(seen.len(), 5);
+        // A refused answer's connection is not kept: each refusal costs a new one.
+        assert_eq!(conns, 4);
+    }
+
+    #[tokio::test]
+    async fn a_body_goes_out_as_the_type_the_caller_gives() {
+        let created = Some("HTTP/1.1 201 Created\r\ncontent-length: 0\r\n\r\n");
+        let (addr, served) = server(vec![created]).await;
+        let pool = Pool::new(&addr, 1, Resend::Never);
+        let typed = pool.send("PUT", "/d", &["Content-Type: application/octet-stream"], Some(b"{}\n\x01"));
+        assert_eq!(typed.await.unwrap().status, 201);
+        drop(pool);
+        let seen = served.await.unwrap().0;
+        assert_eq!(
+            seen[0],
+            format!(
+                "PUT /d HTTP/1.1\r\nhost: {addr}\r\nContent-Type: application/octet-stream\r\n\
+                 content-length: 4\r\n\r\n{{}}\n\x01"
+            )
+        );
     }
 
     #[tokio::test]

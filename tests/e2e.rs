@@ -488,6 +488,8 @@ async fn detached_bodies_are_checked_like_inline_ones() {
     let id = net.create(APP1, &[APP2], json!(big), "60s").await;
     let uploads = relay(&net).requests_to("POST", "/v1/tasks?body=detached");
     assert_eq!(uploads.len(), 1, "a large task goes detached");
+    let typed = uploads[0].headers.iter().find(|(name, _)| name.eq_ignore_ascii_case("content-type"));
+    assert_eq!(typed.map(|(_, v)| v.as_str()), Some("application/octet-stream"), "JSON, a newline, bytes");
     let sealed = &uploads[0].body;
     let at = sealed.iter().position(|b| *b == b'\n').unwrap();
     let json: Value = serde_json::from_slice(&sealed[..at]).unwrap();
@@ -568,4 +570,28 @@ async fn detached_bodies_are_checked_like_inline_ones() {
     let got = results(&net, APP1, &id).await;
     assert_eq!(got.len(), 1);
     assert_eq!(got[0]["body"], answer.as_str());
+}
+
+/// A broker that answers a detached body's fetch with more than any message this proxy takes
+/// (twice its apps' largest body, and 1 MiB) is refused unread and not asked again; the message
+/// is counted unavailable, and delivered once the broker answers honestly.
+#[tokio::test]
+async fn an_oversized_detached_answer_is_refused_unread() {
+    let net = Net::start_with(Options { relay: true, max_body: 200_000, ..Options::default() });
+    let big = "x".repeat(150_000);
+    let id = net.create(APP1, &[APP2], json!(big), "60s").await;
+    let fetch = format!("/v1/tasks/{id}/sealed");
+    assert_eq!(relay(&net).requests_to("POST", "/v1/tasks?body=detached").len(), 1, "it goes detached");
+    relay(&net).rewrite_raw_answers(|what, b| {
+        if what.ends_with("/sealed") {
+            b.resize(b.len() + (2 << 20), b'x');
+        }
+    });
+    assert!(todo(&net, APP2).await.is_empty());
+    assert_eq!(refused(&net, &net.proxy2, "detached_unavailable").await, 1);
+    assert_eq!(relay(&net).requests_to("GET", &fetch).len(), 1, "not tried again");
+    relay(&net).honest();
+    let tasks = todo(&net, APP2).await;
+    assert_eq!(tasks.len(), 1);
+    assert_eq!(tasks[0]["body"].as_str(), Some(big.as_str()));
 }

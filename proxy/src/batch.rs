@@ -262,7 +262,7 @@ fn take(waiting: &mut VecDeque<Queued>) -> Vec<Queued> {
 async fn single(state: &ProxyState, upload: Upload) -> Answer {
     let (path, method) = (upload.path(), upload.method());
     let body = match upload.detached {
-        Some(digest) => SignedBody { bytes: upload.json, digest },
+        Some(digest) => SignedBody::detached(upload.json, digest),
         None => upload.json.into(),
     };
     Ok(state.upstream.call(method, &path, &upload.app, body, Some(UPSTREAM_SLACK)).await?)

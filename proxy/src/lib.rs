@@ -117,6 +117,7 @@ pub async fn serve(config: ProxyConfig, listener: TcpListener, patience: Duratio
         Metrics::start(config.ops.statsd.as_ref(), &[("component", "proxy"), ("proxy_id", config.proxy_id.as_str())])
             .map_err(StartError::Metrics)?;
     upstream.metrics = metrics.clone();
+    upstream.max_detached = seal::detached_limit(config.max_body);
     let addr = listener.local_addr()?;
     let workers = config.workers;
     let grace = config.ops.shutdown_grace;

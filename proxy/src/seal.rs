@@ -32,7 +32,7 @@ use uuid::Uuid;
 use crate::{
     http::UPSTREAM_SLACK,
     keyring::{Peer, PeerError},
-    upstream::{Upstream, Whole},
+    upstream::{Upstream, UpstreamError, Whole},
 };
 
 /// Bodies (or ciphertexts) larger than this are sealed and opened on the blocking pool.
@@ -264,6 +264,14 @@ async fn envelope_of<M: serde::de::DeserializeOwned>(
     Ok((Arc::new(message), env, Some(fetched.body.slice(ct_at..))))
 }
 
+/// The longest detached upload a proxy whose apps may send `max_body` bytes fetches: such a body
+/// sealed (its ciphertext is as long, and 16 bytes), as much again for the message around it (its
+/// metadata, recipients and envelope), and 1 MiB. Whatever a broker answers beyond it is refused
+/// unread, so a broker (or anyone on a plain `http://` link) cannot make a proxy take in more.
+pub fn detached_limit(max_body: usize) -> usize {
+    max_body.saturating_mul(2).saturating_add(1 << 20)
+}
+
 /// Tries of a detached body's fetch that fails on the way (not with a 4xx), and the pause before
 /// the second; each further pause doubles.
 const FETCH_TRIES: u32 = 3;
@@ -275,8 +283,12 @@ const FETCH_PAUSE: Duration = Duration::from_millis(100);
 async fn fetch_detached(up: &Upstream, caller: &AppId, path: &str) -> Result<Whole, OpenError> {
     let mut pause = FETCH_PAUSE;
     for attempt in 1..=FETCH_TRIES {
-        let failed = match up.call(Method::GET, path, caller, Bytes::new(), Some(UPSTREAM_SLACK)).await {
+        let fetched =
+            up.call_within(Method::GET, path, caller.as_str(), Bytes::new(), Some(UPSTREAM_SLACK), up.max_detached);
+        let failed = match fetched.await {
             Ok(fetched) if fetched.status == StatusCode::OK => return Ok(fetched),
+            // Larger again the next time: not tried again.
+            Err(e @ UpstreamError::TooLarge(_)) => return Err(OpenError::Unavailable(format!("{path}: {e}"))),
             Ok(fetched) if fetched.status.is_client_error() => {
                 return Err(OpenError::Unavailable(format!("the broker answered {} for {path}", fetched.status)))
             }

@@ -11,6 +11,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use parking_lot::RwLock;
 use photon::{
     crypto::{
@@ -48,6 +49,7 @@ const SEQ: HeaderName = HeaderName::from_static(bw::SEQ_HEADER);
 const TS: HeaderName = HeaderName::from_static(bw::TS_HEADER);
 const MAC: HeaderName = HeaderName::from_static(bw::MAC_HEADER);
 const JSON: HeaderValue = HeaderValue::from_static("application/json");
+const OCTETS: HeaderValue = HeaderValue::from_static("application/octet-stream");
 
 /// Why talking to the broker failed.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +65,9 @@ pub enum UpstreamError {
     Duplicate(String),
     #[error("{0}")]
     Crypto(#[from] CryptoError),
+    /// An answer longer than the request allowed (see [`Upstream::call_within`]).
+    #[error("the broker's answer is longer than the {0} bytes this request takes")]
+    TooLarge(usize),
 }
 
 impl UpstreamError {
@@ -74,6 +79,7 @@ impl UpstreamError {
             Self::Refused(_) => "refused",
             Self::Duplicate(_) => "duplicate",
             Self::Crypto(_) => "crypto",
+            Self::TooLarge(_) => "too_large",
         }
     }
 }
@@ -143,6 +149,9 @@ pub struct Upstream {
     instance: HeaderValue,
     /// Where `upstream.duration_ms` and `upstream.errors` go (off until set).
     pub metrics: photon::ops::Metrics,
+    /// The longest detached upload a fetch takes (`seal::detached_limit`; until set, the lean
+    /// client's bound).
+    pub max_detached: usize,
 }
 
 impl Upstream {
@@ -175,6 +184,7 @@ impl Upstream {
             refetched: dashmap::DashMap::new(),
             instance: HeaderValue::try_from(uuid::Uuid::new_v4().to_string()).expect("a UUID is a header value"),
             metrics: photon::ops::Metrics::off(),
+            max_detached: http1::MAX_BODY,
         })
     }
 
@@ -404,12 +414,26 @@ impl Upstream {
         body: impl Into<SignedBody>,
         timeout: Option<Duration>,
     ) -> Result<Whole, UpstreamError> {
+        self.call_within(method, path_and_query, actor, body, timeout, http1::MAX_BODY).await
+    }
+
+    /// [`Upstream::call_as`], taking an answer of at most `max_answer` bytes: a longer one
+    /// fails (`TooLarge`) as soon as its length or its bytes so far show it, unread beyond.
+    pub async fn call_within(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        actor: &str,
+        body: impl Into<SignedBody>,
+        timeout: Option<Duration>,
+        max_answer: usize,
+    ) -> Result<Whole, UpstreamError> {
         let body = body.into();
         let Some((authority, pools)) = &self.lean else {
             let res = self.send_as(method, path_and_query, actor, body, timeout).await?;
             let status = res.status();
             // `send` counted a failure up to the head; one while reading the body counts too.
-            let read = res.bytes().await.map_err(UpstreamError::from);
+            let read = read_within(res, max_answer).await;
             if let Err(e) = &read {
                 self.count_error(e);
             }
@@ -417,7 +441,7 @@ impl Upstream {
         };
         let started = Instant::now();
         let pool = pools.get_or(|| http1::Pool::new(authority, LEAN_IDLE, http1::Resend::Never));
-        let sent = self.signed_lean(pool, &method, path_and_query, actor, &body, timeout).await;
+        let sent = self.signed_lean(pool, &method, path_and_query, actor, &body, timeout, max_answer).await;
         self.record(&method, started, &sent);
         sent
     }
@@ -437,6 +461,7 @@ impl Upstream {
         self.metrics.count("upstream.errors", 1, &[("kind", e.kind())]);
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn signed_lean(
         &self,
         pool: &http1::Pool,
@@ -445,9 +470,10 @@ impl Upstream {
         app: &str,
         body: &SignedBody,
         timeout: Option<Duration>,
+        max_answer: usize,
     ) -> Result<Whole, UpstreamError> {
         let (_, target) = self.signed_url(path_and_query);
-        let SignedBody { bytes: body, digest } = body;
+        let SignedBody { bytes: body, digest, content_type } = body;
         for attempt in 0..2 {
             let session = self.bounded_session(timeout).await?;
             let auth = session.sign_digest(method.as_str(), &target, app, digest);
@@ -458,14 +484,26 @@ impl Upstream {
                 format!("{}: {}", bw::SEQ_HEADER, auth.seq),
                 format!("{}: {}", bw::TS_HEADER, auth.ts),
                 format!("{}: {}", bw::MAC_HEADER, auth.mac),
+                format!("content-type: {}", content_type.to_str().unwrap_or_default()),
             ];
             let headers = headers.each_ref().map(String::as_str);
-            let sent = pool.send(method.as_str(), &target, &headers, (!body.is_empty()).then_some(&body[..]));
+            // The content type goes with a body only.
+            let headers = if body.is_empty() { &headers[..6] } else { &headers[..] };
+            let sent = pool.send_within(
+                method.as_str(),
+                &target,
+                headers,
+                (!body.is_empty()).then_some(&body[..]),
+                max_answer,
+            );
             let answer = match timeout {
                 Some(t) => tokio::time::timeout(t, sent).await.map_err(|_| UpstreamError::Timeout)?,
                 None => sent.await,
             }
-            .map_err(|e| UpstreamError::Unreachable(format!("the broker's connection: {}", e.name())))?;
+            .map_err(|e| match e {
+                http1::Error::TooLarge => UpstreamError::TooLarge(max_answer),
+                e => UpstreamError::Unreachable(format!("the broker's connection: {}", e.name())),
+            })?;
             let status = StatusCode::from_u16(answer.status)
                 .map_err(|_| UpstreamError::Unreachable(format!("the broker answered status {}", answer.status)))?;
             match refusal(status, |name| answer.header(name).is_some(), attempt) {
@@ -509,7 +547,7 @@ impl Upstream {
         timeout: Option<Duration>,
     ) -> Result<reqwest::Response, UpstreamError> {
         let (url, signed_path) = self.signed_url(path_and_query);
-        let SignedBody { bytes: body, digest } = body;
+        let SignedBody { bytes: body, digest, content_type } = body;
         for attempt in 0..2 {
             let session = self.bounded_session(timeout).await?;
             let auth = session.sign_digest(method.as_str(), &signed_path, app, digest);
@@ -523,7 +561,7 @@ impl Upstream {
                 .header(TS, auth.ts)
                 .header(MAC, &auth.mac);
             if !body.is_empty() {
-                req = req.header(CONTENT_TYPE, JSON).body(body.clone());
+                req = req.header(CONTENT_TYPE, content_type).body(body.clone());
             }
             if let Some(t) = timeout {
                 req = req.timeout(t);
@@ -541,18 +579,52 @@ impl Upstream {
     }
 }
 
-/// A request body and the [`BodyDigest`] its MAC covers: the SHA-256 of its bytes (`From<Bytes>`),
-/// or, for a detached upload, `session::detached_digest` of its JSON and its ciphertext's digest.
+/// A request body and the [`BodyDigest`] its MAC covers: JSON and the SHA-256 of its bytes
+/// (`From<Bytes>`), or a detached upload ([`SignedBody::detached`]).
 pub struct SignedBody {
     pub bytes: Bytes,
     pub digest: BodyDigest,
+    content_type: HeaderValue,
 }
 
 impl From<Bytes> for SignedBody {
     fn from(bytes: Bytes) -> Self {
         let digest = if bytes.is_empty() { session::EMPTY_BODY } else { session::body_digest(&bytes) };
-        Self { bytes, digest }
+        Self { bytes, digest, content_type: JSON }
     }
+}
+
+impl SignedBody {
+    /// A detached upload (`bw::Detached`: JSON, a newline, the ciphertext), sent as
+    /// `application/octet-stream`; `digest` is `session::detached_digest` of its JSON and its
+    /// ciphertext's digest.
+    pub fn detached(bytes: Bytes, digest: BodyDigest) -> Self {
+        Self { bytes, digest, content_type: OCTETS }
+    }
+}
+
+/// `res`'s body, whole, if it is at most `max` bytes: one announced as longer is refused before
+/// it is read, one that turns out longer as soon as it does.
+async fn read_within(res: reqwest::Response, max: usize) -> Result<Bytes, UpstreamError> {
+    if res.content_length().is_some_and(|n| n > max as u64) {
+        return Err(UpstreamError::TooLarge(max));
+    }
+    let mut stream = res.bytes_stream();
+    let (mut chunks, mut len) = (Vec::new(), 0);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        len += chunk.len();
+        if len > max {
+            return Err(UpstreamError::TooLarge(max));
+        }
+        chunks.push(chunk);
+    }
+    // A body in one piece (the usual case) is taken as it came, uncopied.
+    Ok(match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.swap_remove(0),
+        _ => Bytes::from(chunks.concat()),
+    })
 }
 
 /// A broker answer read whole.
