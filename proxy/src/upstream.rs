@@ -740,6 +740,41 @@ async fn load_own(
 mod tests {
     use super::*;
 
+    /// A server that answers each connection's request with the next of `answers` and closes it.
+    async fn serve(answers: Vec<&'static str>) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            for answer in answers {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let mut buf = vec![0; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(answer.as_bytes()).await;
+            }
+        });
+        url
+    }
+
+    /// Through reqwest (a broker behind TLS or a forward proxy), an answer is bounded as the
+    /// lean client bounds it: by its length, or as its pieces come; a body in pieces within the
+    /// bound arrives whole.
+    #[tokio::test]
+    async fn reqwest_answers_are_read_within_their_bound() {
+        let url = serve(vec![
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nabcde",
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nab\r\n2\r\ncd\r\n0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nabcd",
+        ])
+        .await;
+        let get = || async { reqwest::Client::new().get(&url).send().await.unwrap() };
+        assert!(matches!(read_within(get().await, 4).await, Err(UpstreamError::TooLarge(4))));
+        assert!(matches!(read_within(get().await, 4).await, Err(UpstreamError::TooLarge(4))));
+        assert_eq!(&read_within(get().await, 4).await.unwrap()[..], b"abcd");
+        assert_eq!(&read_within(get().await, 4).await.unwrap()[..], b"abcd");
+    }
+
     /// A gateway's 502/503 while the broker comes up is waited out at start (`Unreachable`);
     /// a 4xx is the broker's answer.
     #[test]
