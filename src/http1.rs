@@ -323,24 +323,32 @@ impl Conn {
         }
     }
 
-    /// A chunked body, its trailers skipped.
+    /// A chunked body, its trailers skipped. Its framing (size lines, line ends, trailers)
+    /// counts towards the bound too, as much again as `max_body` and 64 KiB: tiny chunks with
+    /// long size lines, or trailers without end, cannot keep the reader busy past it.
     async fn chunked(&mut self, max_body: usize) -> Result<Bytes, Error> {
         let mut body = BytesMut::new();
+        let mut framing = max_body.saturating_add(64 * 1024);
+        let mut line = async |conn: &mut Self| {
+            let line = conn.line().await?;
+            framing = framing.checked_sub(line.len() + 2).ok_or(Error::TooLarge)?;
+            Ok::<_, Error>(line)
+        };
         loop {
-            let line = self.line().await?;
-            let size = std::str::from_utf8(&line)
+            let size_line = line(self).await?;
+            let size = std::str::from_utf8(&size_line)
                 .ok()
                 .and_then(|l| usize::from_str_radix(l.split(';').next().unwrap_or_default().trim(), 16).ok())
                 .ok_or(Error::Malformed)?;
             if size == 0 {
-                while !self.line().await?.is_empty() {}
+                while !line(self).await?.is_empty() {}
                 return Ok(body.freeze());
             }
             if body.len().saturating_add(size) > max_body {
                 return Err(Error::TooLarge);
             }
             body.extend_from_slice(&self.exactly(size).await?);
-            if !self.line().await?.is_empty() {
+            if !line(self).await?.is_empty() {
                 return Err(Error::Malformed);
             }
         }
@@ -611,28 +619,36 @@ mod tests {
 
     #[tokio::test]
     async fn an_answer_over_the_requests_bound_is_refused_however_it_is_framed() {
+        // Three 1-byte chunks, each with a size line of 30 KiB: 4 bytes of body, but more
+        // framing than the body's bound and 64 KiB.
+        let ext = format!("1;{}\r\na\r\n", "x".repeat(30 * 1024));
+        let framed = format!("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n{}0\r\n\r\n", ext.repeat(3));
         let (addr, served) = server(vec![
             Some("HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nabcd"),
             // Refused by its length, before its body (which never comes) is waited for.
             Some("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"),
             Some("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"),
+            // Refused for what came with its head: the connection stays open.
             Some("HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nabcde"),
+            Some(framed.leak()),
             Some("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nabcde"),
         ])
         .await;
         let pool = Pool::new(&addr, 1, Resend::Never);
-        let within = |path| pool.send_within("GET", path, &[], None, 4);
-        assert_eq!(&within("/exact").await.unwrap().body[..], b"abcd");
-        assert_eq!(within("/length").await.unwrap_err(), Error::TooLarge);
-        assert_eq!(within("/chunked").await.unwrap_err(), Error::TooLarge);
-        assert_eq!(within("/close").await.unwrap_err(), Error::TooLarge);
+        // Bounded in time: a refusal that waited for more would hang, not fail.
+        let within = |path| tokio::time::timeout(Duration::from_secs(5), pool.send_within("GET", path, &[], None, 4));
+        assert_eq!(&within("/exact").await.unwrap().unwrap().body[..], b"abcd");
+        assert_eq!(within("/length").await.unwrap().unwrap_err(), Error::TooLarge);
+        assert_eq!(within("/chunked").await.unwrap().unwrap_err(), Error::TooLarge);
+        assert_eq!(within("/close").await.unwrap().unwrap_err(), Error::TooLarge);
+        assert_eq!(within("/framing").await.unwrap().unwrap_err(), Error::TooLarge);
         // Without a bound of its own, the same answer is taken.
         assert_eq!(&pool.send("GET", "/unbounded", &[], None).await.unwrap().body[..], b"abcde");
         drop(pool);
         let (seen, conns) = served.await.unwrap();
-        assert_eq!(seen.len(), 5);
+        assert_eq!(seen.len(), 6);
         // A refused answer's connection is not kept: each refusal costs a new one.
-        assert_eq!(conns, 4);
+        assert_eq!(conns, 5);
     }
 
     #[tokio::test]

@@ -595,3 +595,25 @@ async fn an_oversized_detached_answer_is_refused_unread() {
     assert_eq!(tasks.len(), 1);
     assert_eq!(tasks[0]["body"].as_str(), Some(big.as_str()));
 }
+
+/// A message within the body limit whose surroundings grow in sealing (numbers written in
+/// full) past what its recipients would fetch is refused by its sender's proxy (`413`), not
+/// stored at the broker to be refused by every recipient.
+#[tokio::test]
+async fn a_message_larger_sealed_than_its_recipients_take_is_refused_at_once() {
+    let net = Net::start_with(Options { max_body: 4 << 20, ..Options::default() });
+    let id = uuid::Uuid::new_v4().to_string();
+    let task = task(&id, APP1, &[APP2], json!("x".repeat(70_000)), "60s");
+    // In the metadata, 5 bytes each as sent, 19 as written again (1000000000000000.0).
+    let numbers = format!("\"numbers\":[{}1e15]}}", "1e15,".repeat(780_000));
+    let text =
+        serde_json::to_string(&task).unwrap().replace(r#""kind":"test"}"#, &format!(r#""kind":"test",{numbers}"#));
+    assert!(text.len() < 4 << 20 && text.contains("\"numbers\""));
+    let res = net.post(APP1, "/v1/tasks").header("content-type", "application/json").body(text).send().await.unwrap();
+    assert_eq!(res.status(), 413);
+    assert!(res.text().await.unwrap().contains("its recipients take"));
+    assert_eq!(net.broker_tasks().await, 0, "nothing stored");
+    // Without the numbers, the same task goes.
+    let res = net.post(APP1, "/v1/tasks").json(&task).send().await.unwrap();
+    assert_eq!(res.status(), 201);
+}

@@ -1,6 +1,7 @@
 //! One app talking to its proxy, as a Beam app would: create tasks, put results, read them by
 //! long-poll or Server-Sent Events. Failures come back as the short name the run counts them
-//! under (the HTTP status, or `connect`, `timeout`, `lost`, `malformed`).
+//! under (the HTTP status, or `connect`, `timeout`, `lost`, `malformed`, `too_large`: an answer
+//! over 256 MiB).
 //!
 //! Plain requests go through [`photon::http1`] (see there why) to an `http://` proxy, or
 //! through reqwest for `https://`, when asked (`--client reqwest`), and for event streams.

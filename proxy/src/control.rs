@@ -106,7 +106,7 @@ pub async fn open(upstream: &Upstream) -> Result<Open, UpstreamError> {
     let res = upstream.send_as(Method::GET, "/v1/control", me.as_str(), bytes::Bytes::new(), None).await?;
     if !res.status().is_success() {
         let status = res.status();
-        let body = res.text().await.unwrap_or_default();
+        let body = crate::upstream::text_within(res, crate::upstream::SMALL_ANSWER).await.unwrap_or_default();
         return Err(UpstreamError::Refused(format!("the control connection was answered {status}: {body}")));
     }
     let mut open = Open { res, heartbeat: Duration::ZERO, buf: BytesMut::new() };

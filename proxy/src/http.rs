@@ -28,7 +28,7 @@ use crate::{
     hub::{self, DirectGuard, Route, Waited},
     seal,
     seal::OpenError,
-    upstream::Whole,
+    upstream::{self, Whole},
     ProxyState,
 };
 
@@ -65,12 +65,12 @@ pub(crate) fn query_string(q: &ReadQuery) -> String {
     serde_urlencoded::to_string(q).expect("query fields serialize")
 }
 
-/// An error answer from the broker, passed on.
+/// An error answer from the broker, passed on (its body read within `SMALL_ANSWER`).
 pub(crate) async fn relayed(res: reqwest::Response) -> ApiError {
     let status = res.status();
-    match res.bytes().await {
+    match upstream::read_within(res, upstream::SMALL_ANSWER).await {
         Ok(body) => relayed_whole(Whole { status, body }),
-        Err(e) => ApiError::BadGateway(format!("broker answer cut off: {e}")),
+        Err(e) => ApiError::BadGateway(format!("the broker's answer {status}: {e}")),
     }
 }
 
@@ -238,12 +238,27 @@ async fn create_task(state: State, req: HttpRequest, payload: web::Payload) -> R
     };
     let detached = seal::seal_task(&state.upstream, &mut wire, single_line(new.body)).await?;
     let upload = Upload::new(caller, Kind::Task, to_json(&wire), detached);
+    fetchable(&state, &upload)?;
     let res = Uploads::send(&state, upload).await?;
     if res.status != StatusCode::CREATED {
         return Err(relayed_whole(res));
     }
     state.observer.metrics.count("tasks.created", 1, &[]);
     Ok(HttpResponse::Created().insert_header((header::LOCATION, format!("/v1/tasks/{id}"))).finish())
+}
+
+/// Refuses (`413`) a detached upload longer than a proxy with this one's `MAX_BODY` fetches
+/// (`seal::detached_limit`), rather than have it stored and then refused by every recipient:
+/// possible only when what surrounds the body (metadata, recipients) grows much in sealing.
+fn fetchable(state: &ProxyState, upload: &Upload) -> Result<(), ApiError> {
+    let limit = seal::detached_limit(state.config.max_body);
+    if upload.detached.is_some() && upload.json.len() > limit {
+        return Err(ApiError::SealedTooLarge(format!(
+            "sealed, this message is {} bytes, more than the {limit} its recipients take",
+            upload.json.len()
+        )));
+    }
+    Ok(())
 }
 
 async fn list_tasks(state: State, req: HttpRequest) -> Result<HttpResponse, ApiError> {
@@ -374,6 +389,7 @@ async fn put_result(
     };
     let detached = seal::seal_result(&state.upstream, &mut wire, result.body.map(single_line)).await?;
     let upload = Upload::new(caller, Kind::Result(id), to_json(&wire), detached);
+    fetchable(&state, &upload)?;
     let res = Uploads::send(&state, upload).await?;
     let answer = match res.status {
         StatusCode::CREATED => HttpResponse::Created().finish(),

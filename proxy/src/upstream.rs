@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use parking_lot::RwLock;
 use photon::{
@@ -197,7 +197,7 @@ impl Upstream {
     async fn fetch(&self, path: &str) -> Result<Option<String>, UpstreamError> {
         let res = self.http()?.get(urls::at(&self.base, path)).timeout(Duration::from_secs(10)).send().await?;
         match res.status() {
-            StatusCode::OK => Ok(Some(res.text().await?)),
+            StatusCode::OK => Ok(Some(text_within(res, LIST_ANSWER).await?)),
             StatusCode::NOT_FOUND => Ok(None),
             other => Err(answered(other, format!("{path} answered {other}"))),
         }
@@ -338,10 +338,11 @@ impl Upstream {
             .await?;
         if !res.status().is_success() {
             let status = res.status();
-            let reason = res.json::<ErrorBody>().await.map(|e| e.error).unwrap_or_default();
+            let reason = refusal_reason(res).await;
             return Err(answered(status, format!("handshake answered {status}: {reason}")));
         }
-        let accept: SessionAccept = res.json().await?;
+        let accept: SessionAccept = serde_json::from_slice(&read_within(res, SMALL_ANSWER).await?)
+            .map_err(|e| UpstreamError::Unreachable(format!("the broker's handshake answer: {e}")))?;
         let s = Arc::new(session::client_finish(pending, &accept, self.keys.root(), &self.broker_id)?);
         tracing::info!(proxy = %identity.id, "session with the broker opened");
         *self.session.write() = Some(s.clone());
@@ -487,8 +488,8 @@ impl Upstream {
                 format!("content-type: {}", content_type.to_str().unwrap_or_default()),
             ];
             let headers = headers.each_ref().map(String::as_str);
-            // The content type goes with a body only.
-            let headers = if body.is_empty() { &headers[..6] } else { &headers[..] };
+            // The content type (the last line) goes with a body only.
+            let headers = if body.is_empty() { &headers[..headers.len() - 1] } else { &headers[..] };
             let sent = pool.send_within(
                 method.as_str(),
                 &target,
@@ -569,9 +570,7 @@ impl Upstream {
             let res = req.send().await?;
             match refusal(res.status(), |name| res.headers().contains_key(name), attempt) {
                 Some(Refusal::Renew) => self.forget(&session),
-                Some(refused) => {
-                    return Err(refused.error(res.json::<ErrorBody>().await.map(|e| e.error).unwrap_or_default()))
-                }
+                Some(refused) => return Err(refused.error(refusal_reason(res).await)),
                 None => return Ok(res),
             }
         }
@@ -604,28 +603,52 @@ impl SignedBody {
 }
 
 /// `res`'s body, whole, if it is at most `max` bytes: one announced as longer is refused before
-/// it is read, one that turns out longer as soon as it does.
-async fn read_within(res: reqwest::Response, max: usize) -> Result<Bytes, UpstreamError> {
-    if res.content_length().is_some_and(|n| n > max as u64) {
+/// it is read, one that turns out longer as soon as it does. A body in one piece (the usual
+/// case) is taken as it came; pieces are copied into one buffer as they come, so what is held
+/// is the body's bytes, however small the pieces.
+pub(crate) async fn read_within(res: reqwest::Response, max: usize) -> Result<Bytes, UpstreamError> {
+    let announced = res.content_length();
+    if announced.is_some_and(|n| n > max as u64) {
         return Err(UpstreamError::TooLarge(max));
     }
     let mut stream = res.bytes_stream();
-    let (mut chunks, mut len) = (Vec::new(), 0);
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk?;
-        len += chunk.len();
-        if len > max {
+    let (mut first, mut body) = (None::<Bytes>, BytesMut::new());
+    while let Some(piece) = stream.next().await {
+        let piece = piece?;
+        let so_far = first.as_ref().map_or(body.len(), Bytes::len);
+        if so_far + piece.len() > max {
             return Err(UpstreamError::TooLarge(max));
         }
-        chunks.push(chunk);
+        match first.take() {
+            None if body.is_empty() => first = Some(piece),
+            earlier => {
+                if let Some(earlier) = earlier {
+                    body.reserve(announced.map_or(0, |n| n as usize).max(earlier.len() + piece.len()));
+                    body.extend_from_slice(&earlier);
+                }
+                body.extend_from_slice(&piece);
+            }
+        }
     }
-    // A body in one piece (the usual case) is taken as it came, uncopied.
-    Ok(match chunks.len() {
-        0 => Bytes::new(),
-        1 => chunks.swap_remove(0),
-        _ => Bytes::from(chunks.concat()),
-    })
+    Ok(first.unwrap_or_else(|| body.freeze()))
 }
+
+/// [`read_within`] as text (an error's reason, a certificate), lossy where it is not UTF-8.
+pub(crate) async fn text_within(res: reqwest::Response, max: usize) -> Result<String, UpstreamError> {
+    Ok(String::from_utf8_lossy(&read_within(res, max).await?).into_owned())
+}
+
+/// The `error` of a refusal's JSON body (empty if it has none), read within [`SMALL_ANSWER`].
+async fn refusal_reason(res: reqwest::Response) -> String {
+    let body = read_within(res, SMALL_ANSWER).await.unwrap_or_default();
+    serde_json::from_slice::<ErrorBody>(&body).map(|e| e.error).unwrap_or_default()
+}
+
+/// The most the proxy reads of an answer that is only ever short: a refusal's reason, the
+/// handshake's, a certificate.
+pub(crate) const SMALL_ANSWER: usize = 64 * 1024;
+/// The most it reads of the revocation list.
+const LIST_ANSWER: usize = 16 * 1024 * 1024;
 
 /// A broker answer read whole.
 #[derive(Debug)]
@@ -723,7 +746,7 @@ async fn load_own(
                     res.status()
                 )));
             }
-            res.text().await?
+            text_within(res, SMALL_ANSWER).await?
         }
     };
     let cert: VerifiedCert = root.verify(&cert_pem, (unix_millis() / 1000) as i64)?;
@@ -740,7 +763,8 @@ async fn load_own(
 mod tests {
     use super::*;
 
-    /// A server that answers each connection's request with the next of `answers` and closes it.
+    /// A server that answers each connection's request with the next of `answers`, and keeps
+    /// the connection open until the client closes it.
     async fn serve(answers: Vec<&'static str>) -> String {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -751,6 +775,7 @@ mod tests {
                 let mut buf = vec![0; 4096];
                 let _ = s.read(&mut buf).await;
                 let _ = s.write_all(answer.as_bytes()).await;
+                while s.read(&mut buf).await.is_ok_and(|n| n > 0) {}
             }
         });
         url
@@ -762,17 +787,23 @@ mod tests {
     #[tokio::test]
     async fn reqwest_answers_are_read_within_their_bound() {
         let url = serve(vec![
-            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nabcde",
+            // Refused by its length: the body that never comes is not waited for.
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n",
             "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
             "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nab\r\n2\r\ncd\r\n0\r\n\r\n",
             "HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nabcd",
         ])
         .await;
-        let get = || async { reqwest::Client::new().get(&url).send().await.unwrap() };
-        assert!(matches!(read_within(get().await, 4).await, Err(UpstreamError::TooLarge(4))));
-        assert!(matches!(read_within(get().await, 4).await, Err(UpstreamError::TooLarge(4))));
-        assert_eq!(&read_within(get().await, 4).await.unwrap()[..], b"abcd");
-        assert_eq!(&read_within(get().await, 4).await.unwrap()[..], b"abcd");
+        let read = || async {
+            let client = reqwest::Client::builder().no_proxy().build().unwrap();
+            let res = client.get(&url).send().await.unwrap();
+            // Bounded: a refusal that waited for more would hang, not fail.
+            tokio::time::timeout(Duration::from_secs(5), read_within(res, 4)).await.unwrap()
+        };
+        assert!(matches!(read().await, Err(UpstreamError::TooLarge(4))));
+        assert!(matches!(read().await, Err(UpstreamError::TooLarge(4))));
+        assert_eq!(&read().await.unwrap()[..], b"abcd");
+        assert_eq!(&read().await.unwrap()[..], b"abcd");
     }
 
     /// A gateway's 502/503 while the broker comes up is waited out at start (`Unreachable`);

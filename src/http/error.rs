@@ -29,6 +29,9 @@ pub enum ApiError {
     Gone(String),
     #[error("request body is larger than the limit of {limit} bytes")]
     TooLarge { limit: usize },
+    /// A message within the body limit that, sealed, is larger than its recipients take.
+    #[error("{0}")]
+    SealedTooLarge(String),
     #[error("recipients without a valid certificate: {0:?}")]
     MissingCerts(Vec<ProxyId>),
     #[error("{0}")]
@@ -100,7 +103,7 @@ impl ResponseError for ApiError {
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::Gone(_) => StatusCode::GONE,
-            Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::TooLarge { .. } | Self::SealedTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::MissingCerts(_) => StatusCode::FAILED_DEPENDENCY,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
