@@ -48,7 +48,7 @@ use uuid::Uuid;
 use crate::{
     http::UPSTREAM_SLACK,
     seal::DetachedCt,
-    upstream::{SignedBody, Whole},
+    upstream::{self, SignedBody, Whole},
     ProxyState,
 };
 
@@ -285,7 +285,15 @@ async fn many(state: &ProxyState, batch: Vec<Queued>) {
     }
     body.push(b']');
     let proxy = state.config.proxy_id.as_str();
-    let sent = state.upstream.call_as(Method::POST, BATCH_PATH, proxy, Bytes::from(body), Some(UPSTREAM_SLACK)).await;
+    let sent = state.upstream.call_within(
+        Method::POST,
+        BATCH_PATH,
+        proxy,
+        Bytes::from(body),
+        Some(UPSTREAM_SLACK),
+        upstream::PLAIN_ANSWER,
+    );
+    let sent = sent.await;
     let answer = match sent {
         Ok(answer) => {
             state.upstream.metrics.count("uploads.batched", batch.len() as u64, &[]);

@@ -402,24 +402,13 @@ impl Upstream {
         body: impl Into<SignedBody>,
         timeout: Option<Duration>,
     ) -> Result<Whole, UpstreamError> {
-        self.call_as(method, path_and_query, app.as_str(), body, timeout).await
+        self.call_within(method, path_and_query, app.as_str(), body, timeout, PLAIN_ANSWER).await
     }
 
-    /// [`Upstream::call`] acting as `actor`: an app of this proxy, or the proxy itself (its
-    /// upload batches).
-    pub async fn call_as(
-        &self,
-        method: Method,
-        path_and_query: &str,
-        actor: &str,
-        body: impl Into<SignedBody>,
-        timeout: Option<Duration>,
-    ) -> Result<Whole, UpstreamError> {
-        self.call_within(method, path_and_query, actor, body, timeout, http1::MAX_BODY).await
-    }
-
-    /// [`Upstream::call_as`], taking an answer of at most `max_answer` bytes: a longer one
-    /// fails (`TooLarge`) as soon as its length or its bytes so far show it, unread beyond.
+    /// [`Upstream::call`] acting as `actor` (an app of this proxy, or the proxy itself: its
+    /// upload batches), taking an answer of at most `max_answer` bytes ([`PLAIN_ANSWER`] unless
+    /// the request knows better): a longer one fails (`TooLarge`) as soon as its length or its
+    /// bytes so far show it, unread beyond.
     pub async fn call_within(
         &self,
         method: Method,
@@ -644,6 +633,9 @@ async fn refusal_reason(res: reqwest::Response) -> String {
     serde_json::from_slice::<ErrorBody>(&body).map(|e| e.error).unwrap_or_default()
 }
 
+/// The most the proxy reads of a plain answer that has no bound of its own (a listing, an
+/// upload's answer): the lean client's.
+pub const PLAIN_ANSWER: usize = http1::MAX_BODY;
 /// The most the proxy reads of an answer that is only ever short: a refusal's reason, the
 /// handshake's, a certificate.
 pub(crate) const SMALL_ANSWER: usize = 64 * 1024;
