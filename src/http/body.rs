@@ -113,10 +113,9 @@ where
     }
     let began = Instant::now();
     let mut tail = BytesMut::with_capacity(declared.unwrap_or(0).min(limit as u64) as usize);
-    if hashing.is_some() {
-        // A detached upload is stored as it came, in memory new to the broker.
-        memory::prefault_beside(&mut tail);
-    }
+    // A detached upload is stored as it came, in memory new to the broker: its pages are made
+    // ahead while it arrives, within the budget all uploads share until they are read.
+    let _prefault = hashing.is_some().then(|| memory::prefault_beside(&mut tail)).flatten();
     loop {
         let read = hashing.as_ref().map_or(0, CtHashing::front) + tail.len();
         let Some(chunk) = next_chunk(&mut payload, began, read).await? else { break };

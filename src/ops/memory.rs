@@ -8,7 +8,7 @@
 use std::{
     ffi::{OsStr, OsString},
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         OnceLock,
     },
     time::Duration,
@@ -46,29 +46,86 @@ pub const PREFAULT_MIN: usize = 256 * 1024;
 /// the 1 MiB round trip measured 20.9 against 20.0 ms). A page the caller reaches first is
 /// faulted there; the kernel never changes a page's contents, so the two may race freely.
 ///
-/// The whole capacity becomes resident at once, not as bytes arrive: a slow upload holds the
-/// memory of its declared size while it lasts (an authenticated sender could hold as much by
-/// uploading fast, until the task expires). Does nothing below [`PREFAULT_MIN`], without a
-/// tokio runtime, elsewhere than Linux, or once the kernel has refused the call (before 5.14).
-/// The task's handle is for tests; nothing needs to wait for it.
-pub fn prefault_beside(buf: &mut bytes::BytesMut) -> Option<tokio::task::JoinHandle<()>> {
+/// The whole capacity becomes resident at once, not as bytes arrive, so the buffers being
+/// filled share [`PREFAULT_BUDGET`]: the caller holds the returned [`Prefault`] until its buffer
+/// is filled or given up, and a buffer that finds the budget spent gets its pages as its bytes
+/// come, like any other. However many uploads trickle in, or stall until they time out, what
+/// they hold beyond the bytes they sent is at most the budget. Does nothing below
+/// [`PREFAULT_MIN`], without a tokio runtime, elsewhere than Linux, or once the kernel has
+/// refused the call (before 5.14).
+pub fn prefault_beside(buf: &mut bytes::BytesMut) -> Option<Prefault> {
+    static SHARED: Budget = Budget::new(PREFAULT_BUDGET);
+    prefault_within(buf, &SHARED)
+}
+
+/// The most memory [`prefault_beside`] makes ahead of the bytes, over all the buffers still being
+/// filled: sixteen of the broker's largest uploads (16 MiB), or 256 of 1 MiB.
+pub const PREFAULT_BUDGET: usize = 256 << 20;
+
+/// Bytes of buffers whose pages are made ahead, out of a limit.
+struct Budget {
+    limit: usize,
+    held: AtomicUsize,
+}
+
+impl Budget {
+    const fn new(limit: usize) -> Self {
+        Self { limit, held: AtomicUsize::new(0) }
+    }
+
+    /// Takes `len` bytes if they are left.
+    fn take(&self, len: usize) -> bool {
+        self.held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                held.checked_add(len).filter(|after| *after <= self.limit)
+            })
+            .is_ok()
+    }
+}
+
+/// A buffer's pages being made ahead of use, counted against the shared budget until dropped.
+pub struct Prefault {
+    budget: &'static Budget,
+    len: usize,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Prefault {
+    /// Waits until the pages are made (for tests; nothing else needs to).
+    pub async fn made(mut self) {
+        if let Some(task) = self.task.take() {
+            task.await.expect("the populating task does not panic");
+        }
+    }
+}
+
+impl Drop for Prefault {
+    fn drop(&mut self) {
+        self.budget.held.fetch_sub(self.len, Ordering::AcqRel);
+    }
+}
+
+fn prefault_within(buf: &mut bytes::BytesMut, budget: &'static Budget) -> Option<Prefault> {
+    let len = buf.capacity();
     if !cfg!(target_os = "linux")
-        || buf.capacity() < PREFAULT_MIN
+        || len < PREFAULT_MIN
         || POPULATE_REFUSED.load(Ordering::Relaxed)
         || tokio::runtime::Handle::try_current().is_err()
+        || !budget.take(len)
     {
         return None;
     }
     // An empty view of the same allocation: it keeps the memory allocated until the task is
     // done, even if the caller drops `buf` (a refused upload) or moves past it.
     let keep = buf.split_to(0);
-    let (at, len) = (buf.as_ptr() as usize, buf.capacity());
-    Some(tokio::task::spawn_blocking(move || {
+    let at = buf.as_ptr() as usize;
+    let task = tokio::task::spawn_blocking(move || {
         if !populate_write(at, len) && !POPULATE_REFUSED.swap(true, Ordering::Relaxed) {
             tracing::debug!("MADV_POPULATE_WRITE refused (a kernel before 5.14?): uploads fault their pages in");
         }
         drop(keep);
-    }))
+    });
+    Some(Prefault { budget, len, task: Some(task) })
 }
 
 /// Set once the kernel refused `MADV_POPULATE_WRITE`: it will again.
@@ -243,7 +300,7 @@ mod tests {
         let mut buf = bytes::BytesMut::with_capacity(40 << 20);
         let (resident, pages) = resident_pages(&buf);
         assert!(resident < pages / 4, "{resident} of {pages} pages in memory before");
-        prefault_beside(&mut buf).expect("large enough").await.unwrap();
+        prefault_beside(&mut buf).expect("large enough").made().await;
         assert_eq!(resident_pages(&buf), (pages, pages));
         // Small buffers, and callers without a runtime, are left alone.
         assert!(prefault_beside(&mut bytes::BytesMut::with_capacity(PREFAULT_MIN - 1)).is_none());
@@ -266,14 +323,36 @@ mod tests {
             buf.extend_from_slice(chunk);
         }
         assert!(buf[..] == pattern[..], "the contents changed");
-        task.await.unwrap();
+        task.made().await;
         let filled = buf.freeze();
         assert!(filled[..] == pattern[..], "the contents changed");
         assert!(filled.is_unique(), "the task still holds the buffer");
         let mut dropped = bytes::BytesMut::with_capacity(pattern.len());
         let task = prefault_beside(&mut dropped).expect("large enough");
         drop(dropped);
-        task.await.unwrap();
+        task.made().await;
+    }
+
+    /// Buffers being filled share the budget: one that finds it spent is left to fault its pages
+    /// as its bytes come, and what a finished (or abandoned) one held is free again.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn buffers_share_the_budget_of_pages_made_ahead() {
+        if !kernel_populates() {
+            return eprintln!("skipped: this kernel has no MADV_POPULATE_WRITE");
+        }
+        // Each over glibc's largest mmap threshold (32 MiB): mapped fresh, no page made yet.
+        static SMALL: Budget = Budget::new(64 << 20);
+        let mut first = bytes::BytesMut::with_capacity(40 << 20);
+        let mut second = bytes::BytesMut::with_capacity(36 << 20);
+        let held = prefault_within(&mut first, &SMALL).expect("within the budget");
+        assert!(prefault_within(&mut second, &SMALL).is_none(), "over the budget");
+        let (resident, pages) = resident_pages(&second);
+        assert!(resident < pages / 4, "{resident} of {pages} pages made for a buffer over the budget");
+        held.made().await;
+        assert_eq!(SMALL.held.load(Ordering::Acquire), 0);
+        prefault_within(&mut second, &SMALL).expect("free again").made().await;
+        assert!(SMALL.take(64 << 20), "all of it free again");
     }
 
     #[test]
