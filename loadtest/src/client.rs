@@ -274,14 +274,22 @@ pub struct Events {
     buf: Vec<u8>,
     /// How much of `buf` is known to hold no block end, so a large event is scanned once.
     scanned: usize,
+    /// The largest event taken ([`http1::MAX_BODY`]; smaller in tests).
+    max: usize,
 }
 
 impl Events {
     fn new(res: Response) -> Self {
-        Self { body: res.bytes_stream().boxed(), buf: Vec::new(), scanned: 0 }
+        Self::of(res.bytes_stream().boxed(), http1::MAX_BODY)
     }
 
-    /// The next event; `None` at the end of the stream.
+    fn of(body: futures_util::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>, max: usize) -> Self {
+        Self { body, buf: Vec::new(), scanned: 0, max }
+    }
+
+    /// The next event; `None` at the end of the stream. An event that grows past
+    /// [`http1::MAX_BODY`] without ending is `too_large`: a target that streams without end
+    /// cannot make the run take all memory.
     pub async fn next(&mut self) -> Result<Option<Event>, Failure> {
         loop {
             let from = self.scanned.saturating_sub(1);
@@ -294,6 +302,9 @@ impl Events {
                 continue;
             }
             self.scanned = self.buf.len();
+            if self.buf.len() > self.max {
+                return Err("too_large".into());
+            }
             match self.body.next().await {
                 Some(Ok(chunk)) => self.buf.extend_from_slice(&chunk),
                 Some(Err(e)) => return Err(failure(e)),
@@ -325,7 +336,24 @@ pub fn parse_event(block: &str) -> Option<Event> {
 
 #[cfg(test)]
 mod tests {
-    use super::{parse_event, Event};
+    use super::{parse_event, Event, Events};
+    use futures_util::StreamExt;
+
+    /// Events split anywhere between pieces come whole; one that never ends is refused once it
+    /// passes the bound, not read for ever.
+    #[tokio::test]
+    async fn events_come_whole_and_an_endless_one_is_refused() {
+        let pieces = ["event: a\nda", "ta: 1\n", "\n: keep\n\nevent: b\ndata: 2\n\n"];
+        let stream = futures_util::stream::iter(pieces.map(|p| Ok(bytes::Bytes::from(p))));
+        let mut events = Events::of(stream.boxed(), 64);
+        assert_eq!(events.next().await.unwrap().unwrap().data, "1");
+        assert_eq!(events.next().await.unwrap().unwrap().event, "b");
+        assert_eq!(events.next().await, Ok(None));
+        let endless = futures_util::stream::repeat_with(|| Ok(bytes::Bytes::from(vec![b'x'; 1 << 10])));
+        let mut events = Events::of(endless.boxed(), 1 << 20);
+        let refused = tokio::time::timeout(std::time::Duration::from_secs(10), events.next()).await;
+        assert_eq!(refused.expect("refused, not read for ever"), Err("too_large".to_owned()));
+    }
 
     #[test]
     fn sse_blocks() {
