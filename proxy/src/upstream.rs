@@ -193,11 +193,12 @@ impl Upstream {
         self.http.get_or_try(client)
     }
 
-    /// GETs an unauthenticated broker resource (certificates, the revocation list).
-    async fn fetch(&self, path: &str) -> Result<Option<String>, UpstreamError> {
+    /// GETs an unauthenticated broker resource (certificates, the revocation list), its text
+    /// at most `max` bytes.
+    async fn fetch(&self, path: &str, max: usize) -> Result<Option<String>, UpstreamError> {
         let res = self.http()?.get(urls::at(&self.base, path)).timeout(Duration::from_secs(10)).send().await?;
         match res.status() {
-            StatusCode::OK => Ok(Some(text_within(res, LIST_ANSWER).await?)),
+            StatusCode::OK => Ok(Some(text_within(res, max).await?)),
             StatusCode::NOT_FOUND => Ok(None),
             other => Err(answered(other, format!("{path} answered {other}"))),
         }
@@ -213,7 +214,7 @@ impl Upstream {
         if want.is_some() && self.refetched.get(proxy).is_some_and(|t| t.elapsed() < REFETCH_AFTER) {
             return Err(PeerError::UnknownKey(proxy.clone()));
         }
-        let fetched = match self.fetch(&format!("/v1/certs/{proxy}")).await {
+        let fetched = match self.fetch(&format!("/v1/certs/{proxy}"), SMALL_ANSWER).await {
             Ok(Some(pem)) => self.keys.install(proxy, &pem),
             Ok(None) => Err(self.keys.why_missing(proxy)),
             Err(e) => match self.keys.stale(proxy) {
@@ -237,7 +238,7 @@ impl Upstream {
     /// Fetches the revocation list and this proxy's own certificate and key again. Called
     /// every `CERT_REFRESH`; a failure is logged and the old state kept.
     pub async fn refresh(&self) {
-        match self.fetch("/v1/crl").await {
+        match self.fetch("/v1/crl", LIST_ANSWER).await {
             Ok(Some(pem)) => match self.keys.root().verify_crl(&pem) {
                 Ok(crl) => {
                     let number = crl.number;
@@ -637,7 +638,7 @@ async fn refusal_reason(res: reqwest::Response) -> String {
 /// upload's answer): the lean client's.
 pub const PLAIN_ANSWER: usize = http1::MAX_BODY;
 /// The most the proxy reads of an answer that is only ever short: a refusal's reason, the
-/// handshake's, a certificate.
+/// handshake's, a certificate (its own or a peer's).
 pub(crate) const SMALL_ANSWER: usize = 64 * 1024;
 /// The most it reads of the revocation list.
 const LIST_ANSWER: usize = 16 * 1024 * 1024;

@@ -113,9 +113,11 @@ where
     }
     let began = Instant::now();
     let mut tail = BytesMut::with_capacity(declared.unwrap_or(0).min(limit as u64) as usize);
-    // A detached upload is stored as it came, in memory new to the broker: its pages are made
-    // ahead while it arrives, within the budget all uploads share until they are read.
-    let _prefault = hashing.is_some().then(|| memory::prefault_beside(&mut tail)).flatten();
+    if let Some(hashing) = &mut hashing {
+        // A detached upload is stored as it came, in memory new to the broker: its pages are
+        // made ahead while it arrives, within the budget the uploads being read share.
+        hashing.pages = memory::prefault_beside(&mut tail);
+    }
     loop {
         let read = hashing.as_ref().map_or(0, CtHashing::front) + tail.len();
         let Some(chunk) = next_chunk(&mut payload, began, read).await? else { break };
@@ -154,11 +156,22 @@ struct CtHashing {
     /// Where the first newline is, once it has come; how far it has been looked for.
     json_len: Option<usize>,
     scanned: usize,
+    /// The buffer's pages made ahead, and its share of their budget, while the upload is read
+    /// (given back when this ends: the upload read, refused or dropped).
+    pages: Option<memory::Prefault>,
 }
 
 impl Default for CtHashing {
     fn default() -> Self {
-        Self { done: BytesMut::new(), task: None, in_task: 0, sha: Some(Sha256::new()), json_len: None, scanned: 0 }
+        Self {
+            done: BytesMut::new(),
+            task: None,
+            in_task: 0,
+            sha: Some(Sha256::new()),
+            json_len: None,
+            scanned: 0,
+            pages: None,
+        }
     }
 }
 

@@ -59,7 +59,8 @@ pub fn prefault_beside(buf: &mut bytes::BytesMut) -> Option<Prefault> {
 }
 
 /// The most memory [`prefault_beside`] makes ahead of the bytes, over all the buffers still being
-/// filled: sixteen of the broker's largest uploads (16 MiB), or 256 of 1 MiB.
+/// filled: sixteen of the broker's largest uploads (16 MiB), or 256 of 1 MiB. (A broker set up
+/// for uploads larger than this gets their pages as their bytes come.)
 pub const PREFAULT_BUDGET: usize = 256 << 20;
 
 /// Bytes of buffers whose pages are made ahead, out of a limit.
@@ -83,11 +84,26 @@ impl Budget {
     }
 }
 
-/// A buffer's pages being made ahead of use, counted against the shared budget until dropped.
+/// A buffer's pages being made ahead of use. Its share of the budget is given back once both
+/// this is dropped and the task making the pages is done; dropping it also stops that task at
+/// its next step (a buffer given up, or filled, needs no more pages made).
 pub struct Prefault {
+    share: std::sync::Arc<Share>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// One buffer's part of the budget, held by its [`Prefault`] and by the task.
+struct Share {
     budget: &'static Budget,
     len: usize,
-    task: Option<tokio::task::JoinHandle<()>>,
+    /// Set when the [`Prefault`] is dropped.
+    done_with: AtomicBool,
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        self.budget.held.fetch_sub(self.len, Ordering::AcqRel);
+    }
 }
 
 impl Prefault {
@@ -101,7 +117,7 @@ impl Prefault {
 
 impl Drop for Prefault {
     fn drop(&mut self) {
-        self.budget.held.fetch_sub(self.len, Ordering::AcqRel);
+        self.share.done_with.store(true, Ordering::Release);
     }
 }
 
@@ -115,17 +131,21 @@ fn prefault_within(buf: &mut bytes::BytesMut, budget: &'static Budget) -> Option
     {
         return None;
     }
+    let share = std::sync::Arc::new(Share { budget, len, done_with: AtomicBool::new(false) });
     // An empty view of the same allocation: it keeps the memory allocated until the task is
     // done, even if the caller drops `buf` (a refused upload) or moves past it.
     let keep = buf.split_to(0);
     let at = buf.as_ptr() as usize;
-    let task = tokio::task::spawn_blocking(move || {
-        if !populate_write(at, len) && !POPULATE_REFUSED.swap(true, Ordering::Relaxed) {
-            tracing::debug!("MADV_POPULATE_WRITE refused (a kernel before 5.14?): uploads fault their pages in");
+    let task = tokio::task::spawn_blocking({
+        let share = share.clone();
+        move || {
+            if !populate_write(at, len, &share.done_with) && !POPULATE_REFUSED.swap(true, Ordering::Relaxed) {
+                tracing::debug!("MADV_POPULATE_WRITE refused (a kernel before 5.14?): uploads fault their pages in");
+            }
+            drop(keep);
         }
-        drop(keep);
     });
-    Some(Prefault { budget, len, task: Some(task) })
+    Some(Prefault { share, task: Some(task) })
 }
 
 /// Set once the kernel refused `MADV_POPULATE_WRITE`: it will again.
@@ -156,13 +176,13 @@ fn whole_pages(at: usize, len: usize) -> std::ops::Range<usize> {
 
 /// `madvise(MADV_POPULATE_WRITE)` over the whole pages within `len` bytes at `at`, from the end
 /// backwards (the caller fills the buffer from the front) and a step at a time, yielding between
-/// steps. `false` if the kernel refused it.
-fn populate_write(at: usize, len: usize) -> bool {
+/// steps, until done or `stop` is set. `false` if the kernel refused it.
+fn populate_write(at: usize, len: usize, stop: &AtomicBool) -> bool {
     #[cfg(target_os = "linux")]
     {
         let step = POPULATE_STEP.max(page_size());
         let std::ops::Range { start, mut end } = whole_pages(at, len);
-        while end > start {
+        while end > start && !stop.load(Ordering::Acquire) {
             let from = end.saturating_sub(step).max(start);
             // SAFETY: whole pages within one live allocation (the caller keeps it allocated
             // until this returns). MADV_POPULATE_WRITE only makes its pages present and writable,
@@ -180,7 +200,7 @@ fn populate_write(at: usize, len: usize) -> bool {
     }
     #[cfg(not(target_os = "linux"))]
     {
-        let _ = (at, len);
+        let _ = (at, len, stop);
         false
     }
 }
@@ -353,6 +373,20 @@ mod tests {
         assert_eq!(SMALL.held.load(Ordering::Acquire), 0);
         prefault_within(&mut second, &SMALL).expect("free again").made().await;
         assert!(SMALL.take(64 << 20), "all of it free again");
+    }
+
+    /// A buffer given up (or filled) needs no more pages: its task stops at its next step.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn making_pages_stops_when_told() {
+        if !kernel_populates() {
+            return eprintln!("skipped: this kernel has no MADV_POPULATE_WRITE");
+        }
+        let buf = bytes::BytesMut::with_capacity(40 << 20);
+        let (at, len) = (buf.as_ptr() as usize, buf.capacity());
+        assert!(populate_write(at, len, &AtomicBool::new(true)));
+        let (resident, pages) = resident_pages(&buf);
+        assert!(resident < pages / 4, "{resident} of {pages} pages made after the stop");
     }
 
     #[test]
