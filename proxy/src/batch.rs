@@ -159,6 +159,9 @@ impl Uploads {
     /// Call on an HTTP worker (the senders are spawned on the calling thread).
     pub async fn send(state: &Arc<ProxyState>, upload: Upload) -> Answer {
         let this = &state.uploads;
+        if upload.detached.is_some() {
+            fetchable(state, &upload)?;
+        }
         if upload.detached.is_some() || upload.json.len() > ITEM_LIMIT || !this.batching() {
             return single(state, upload).await;
         }
@@ -256,6 +259,20 @@ fn take(waiting: &mut VecDeque<Queued>) -> Vec<Queued> {
         .count()
         .max(waiting.len().min(1));
     waiting.drain(..n).collect()
+}
+
+/// Refuses (`413`) a detached upload longer than a proxy with this one's `MAX_BODY` fetches
+/// (`seal::detached_limit`), rather than have it stored and then refused by every recipient:
+/// possible only when what surrounds the body (metadata, recipients) grows much in sealing.
+fn fetchable(state: &ProxyState, upload: &Upload) -> Result<(), ApiError> {
+    let limit = crate::seal::detached_limit(state.config.max_body);
+    if upload.json.len() > limit {
+        return Err(ApiError::SealedTooLarge(format!(
+            "sealed, this message is {} bytes, more than the {limit} its recipients take",
+            upload.json.len()
+        )));
+    }
+    Ok(())
 }
 
 /// The upload on its own, as its own request.

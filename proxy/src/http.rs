@@ -238,27 +238,12 @@ async fn create_task(state: State, req: HttpRequest, payload: web::Payload) -> R
     };
     let detached = seal::seal_task(&state.upstream, &mut wire, single_line(new.body)).await?;
     let upload = Upload::new(caller, Kind::Task, to_json(&wire), detached);
-    fetchable(&state, &upload)?;
     let res = Uploads::send(&state, upload).await?;
     if res.status != StatusCode::CREATED {
         return Err(relayed_whole(res));
     }
     state.observer.metrics.count("tasks.created", 1, &[]);
     Ok(HttpResponse::Created().insert_header((header::LOCATION, format!("/v1/tasks/{id}"))).finish())
-}
-
-/// Refuses (`413`) a detached upload longer than a proxy with this one's `MAX_BODY` fetches
-/// (`seal::detached_limit`), rather than have it stored and then refused by every recipient:
-/// possible only when what surrounds the body (metadata, recipients) grows much in sealing.
-fn fetchable(state: &ProxyState, upload: &Upload) -> Result<(), ApiError> {
-    let limit = seal::detached_limit(state.config.max_body);
-    if upload.detached.is_some() && upload.json.len() > limit {
-        return Err(ApiError::SealedTooLarge(format!(
-            "sealed, this message is {} bytes, more than the {limit} its recipients take",
-            upload.json.len()
-        )));
-    }
-    Ok(())
 }
 
 async fn list_tasks(state: State, req: HttpRequest) -> Result<HttpResponse, ApiError> {
@@ -389,7 +374,6 @@ async fn put_result(
     };
     let detached = seal::seal_result(&state.upstream, &mut wire, result.body.map(single_line)).await?;
     let upload = Upload::new(caller, Kind::Result(id), to_json(&wire), detached);
-    fetchable(&state, &upload)?;
     let res = Uploads::send(&state, upload).await?;
     let answer = match res.status {
         StatusCode::CREATED => HttpResponse::Created().finish(),

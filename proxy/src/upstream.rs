@@ -48,8 +48,30 @@ const SESSION: HeaderName = HeaderName::from_static(bw::SESSION_HEADER);
 const SEQ: HeaderName = HeaderName::from_static(bw::SEQ_HEADER);
 const TS: HeaderName = HeaderName::from_static(bw::TS_HEADER);
 const MAC: HeaderName = HeaderName::from_static(bw::MAC_HEADER);
-const JSON: HeaderValue = HeaderValue::from_static("application/json");
-const OCTETS: HeaderValue = HeaderValue::from_static("application/octet-stream");
+/// How a signed request's body is typed.
+#[derive(Clone, Copy)]
+enum BodyType {
+    Json,
+    /// A detached upload: JSON, a newline, the ciphertext.
+    Octets,
+}
+
+impl BodyType {
+    fn value(self) -> &'static str {
+        match self {
+            Self::Json => "application/json",
+            Self::Octets => "application/octet-stream",
+        }
+    }
+
+    /// As the lean client's header line.
+    fn line(self) -> &'static str {
+        match self {
+            Self::Json => "content-type: application/json",
+            Self::Octets => "content-type: application/octet-stream",
+        }
+    }
+}
 
 /// Why talking to the broker failed.
 #[derive(Debug, thiserror::Error)]
@@ -468,16 +490,16 @@ impl Upstream {
         for attempt in 0..2 {
             let session = self.bounded_session(timeout).await?;
             let auth = session.sign_digest(method.as_str(), &target, app, digest);
-            let headers = [
+            let signed = [
                 format!("{}: {app}", bw::APP_HEADER),
                 format!("{}: {}", bw::INSTANCE_HEADER, self.instance.to_str().unwrap_or_default()),
                 format!("{}: {}", bw::SESSION_HEADER, auth.session),
                 format!("{}: {}", bw::SEQ_HEADER, auth.seq),
                 format!("{}: {}", bw::TS_HEADER, auth.ts),
                 format!("{}: {}", bw::MAC_HEADER, auth.mac),
-                format!("content-type: {}", content_type.to_str().unwrap_or_default()),
             ];
-            let headers = headers.each_ref().map(String::as_str);
+            let [a, b, c, d, e, f] = signed.each_ref().map(String::as_str);
+            let headers = [a, b, c, d, e, f, content_type.line()];
             // The content type (the last line) goes with a body only.
             let headers = if body.is_empty() { &headers[..headers.len() - 1] } else { &headers[..] };
             let sent = pool.send_within(
@@ -552,7 +574,7 @@ impl Upstream {
                 .header(TS, auth.ts)
                 .header(MAC, &auth.mac);
             if !body.is_empty() {
-                req = req.header(CONTENT_TYPE, content_type).body(body.clone());
+                req = req.header(CONTENT_TYPE, content_type.value()).body(body.clone());
             }
             if let Some(t) = timeout {
                 req = req.timeout(t);
@@ -573,13 +595,13 @@ impl Upstream {
 pub struct SignedBody {
     pub bytes: Bytes,
     pub digest: BodyDigest,
-    content_type: HeaderValue,
+    content_type: BodyType,
 }
 
 impl From<Bytes> for SignedBody {
     fn from(bytes: Bytes) -> Self {
         let digest = if bytes.is_empty() { session::EMPTY_BODY } else { session::body_digest(&bytes) };
-        Self { bytes, digest, content_type: JSON }
+        Self { bytes, digest, content_type: BodyType::Json }
     }
 }
 
@@ -588,7 +610,7 @@ impl SignedBody {
     /// `application/octet-stream`; `digest` is `session::detached_digest` of its JSON and its
     /// ciphertext's digest.
     pub fn detached(bytes: Bytes, digest: BodyDigest) -> Self {
-        Self { bytes, digest, content_type: OCTETS }
+        Self { bytes, digest, content_type: BodyType::Octets }
     }
 }
 
