@@ -74,7 +74,7 @@ fn lengths(aad: &[u8], body_len: usize) -> poly1305::Block {
 
 /// Encrypts `from` into `to` (as long) and MACs the result.
 fn encrypt(cipher: &mut XChaCha20, mac: &mut Poly1305, from: &[u8], to: &mut [u8]) {
-    cipher.apply_keystream_b2b(from, to).expect("the output is as long as the input");
+    cipher.try_apply_keystream_b2b(from, to).expect("the output is as long as the input");
     mac.update_padded(to);
 }
 
