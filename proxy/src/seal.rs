@@ -167,7 +167,7 @@ async fn recipients(up: &Upstream, to: &[AppId]) -> Result<Vec<Arc<Peer>>, ApiEr
     Ok(peers)
 }
 
-/// A ciphertext that travels detached, and its SHA-256.
+/// A ciphertext that travels detached, and its digest (`photon::crypto::ct_digest`).
 pub struct DetachedCt {
     pub ct: Vec<u8>,
     pub digest: [u8; 32],

@@ -6,7 +6,7 @@
 //! It is put together here from the same crates' `chacha20` and `poly1305` so that the passes
 //! over a large body can run beside each other instead of one after another:
 //! - sealing encrypts and MACs the body in 64 KiB chunks while a helper thread hashes
-//!   (SHA-256) each finished chunk for the message's binding;
+//!   ([`ct_digest`](super::ct_digest)) each finished chunk for the message's binding;
 //! - a large body is opened (`e2e::open`) while a helper hashes its ciphertext for the binding
 //!   and checks the wrapped key; [`open`] itself checks the tag before it decrypts anything, as
 //!   the crate does.
@@ -26,13 +26,13 @@ use poly1305::{
     universal_hash::{KeyInit, UniversalHash},
     Poly1305,
 };
-use sha2::{Digest, Sha256};
 use std::sync::{
     atomic::{AtomicI32, AtomicUsize, Ordering},
     Mutex, OnceLock,
 };
 use zeroize::Zeroize;
 
+use super::CtHasher;
 use crate::ops::cpu;
 
 /// Bytes of the Poly1305 tag at the end of a ciphertext.
@@ -78,7 +78,8 @@ fn encrypt(cipher: &mut XChaCha20, mac: &mut Poly1305, from: &[u8], to: &mut [u8
     mac.update_padded(to);
 }
 
-/// Seals `plaintext`: returns the ciphertext with its tag appended, and the SHA-256 of both.
+/// Seals `plaintext`: returns the ciphertext with its tag appended, and the
+/// [`ct_digest`](super::ct_digest) of both.
 pub fn seal(key: &[u8; 32], nonce: &[u8; 24], aad: &[u8], plaintext: &[u8]) -> (Vec<u8>, [u8; 32]) {
     let (mut cipher, mut mac) = start(key, nonce, aad);
     if plaintext.len() < PARALLEL_MIN {
@@ -89,7 +90,7 @@ pub fn seal(key: &[u8; 32], nonce: &[u8; 24], aad: &[u8], plaintext: &[u8]) -> (
         mac.update_padded(&out);
         mac.update(&[lengths(aad, out.len())]);
         out.extend_from_slice(&mac.finalize());
-        let digest = Sha256::digest(&out).into();
+        let digest = super::ct_digest(&out);
         return (out, digest);
     }
     let mut out = vec![0u8; plaintext.len() + TAG_LEN];
@@ -101,11 +102,11 @@ pub fn seal(key: &[u8; 32], nonce: &[u8; 24], aad: &[u8], plaintext: &[u8]) -> (
         let chunks: Vec<&mut [u8]> = body.chunks_mut(CHUNK).chain([tag_slot]).collect();
         let finished: Vec<OnceLock<&[u8]>> = chunks.iter().map(|_| OnceLock::new()).collect();
         let hash = || {
-            let mut h = Sha256::new();
+            let mut h = CtHasher::new();
             for slot in &finished {
                 h.update(wait_for(slot));
             }
-            <[u8; 32]>::from(h.finalize())
+            *h.finalize().as_bytes()
         };
         let encrypt_all = || {
             let _unblock = Unblock(&finished);
@@ -321,7 +322,7 @@ mod tests {
             let (plaintext, aad) = (body(len), b"header".as_slice());
             let (ct, digest) = seal(&KEY, &NONCE, aad, &plaintext);
             assert_eq!(ct, reference(aad, &plaintext), "length {len}");
-            assert_eq!(digest, <[u8; 32]>::from(Sha256::digest(&ct)), "length {len}");
+            assert_eq!(digest, crate::crypto::ct_digest(&ct), "length {len}");
             let opened = cipher.decrypt(&NONCE.into(), Payload { msg: &ct, aad }).unwrap();
             assert_eq!(opened, plaintext, "length {len}");
         }
@@ -380,8 +381,9 @@ mod tests {
                         let plaintext = body(len);
                         let (ct, digest) = seal(&KEY, &NONCE, b"header", &plaintext);
                         assert_eq!(ct, reference(b"header", &plaintext), "length {len}");
-                        assert_eq!(digest, <[u8; 32]>::from(Sha256::digest(&ct)), "length {len}");
-                        let (checked, opened) = beside(|| Sha256::digest(&ct), || open(&KEY, &NONCE, b"header", &ct));
+                        assert_eq!(digest, crate::crypto::ct_digest(&ct), "length {len}");
+                        let (checked, opened) =
+                            beside(|| crate::crypto::ct_digest(&ct), || open(&KEY, &NONCE, b"header", &ct));
                         assert_eq!(<[u8; 32]>::from(checked), digest);
                         assert_eq!(opened.unwrap(), plaintext, "length {len}");
                     }

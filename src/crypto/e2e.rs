@@ -207,10 +207,10 @@ fn header(subject: &Subject<'_>, sk: &str, ts: u64, ttl_ms: Option<u64>, nonce: 
 
 /// What each wrapped key authenticates: the header and the exact ciphertext.
 fn binding(header: &[u8], ct: &[u8]) -> [u8; 32] {
-    binding_of(header, &Sha256::digest(ct).into())
+    binding_of(header, &super::ct_digest(ct))
 }
 
-/// [`binding`] from the ciphertext's SHA-256.
+/// [`binding`] from the ciphertext's [`ct_digest`](super::ct_digest).
 fn binding_of(header: &[u8], ct_digest: &[u8; 32]) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(header);
@@ -259,7 +259,7 @@ pub fn seal_detached(
     let mut content_key: [u8; KEY_LEN] = rand::random();
     let nonce = XNonce::from_slice(&nonce_bytes);
     let mut env = Envelope {
-        alg: SealAlg::V1,
+        alg: SealAlg::V2,
         sk: sender_kid.to_string(),
         ts,
         ttl_ms,

@@ -133,13 +133,13 @@ pub fn body_digest(body: &[u8]) -> BodyDigest {
 }
 
 /// The [`BodyDigest`] of a detached upload (`wire::broker::Detached`: `json`, a newline, the
-/// ciphertext), from its JSON and the ciphertext's SHA-256:
-/// `SHA-256("photon-detached-v1" ‖ u64(len json) ‖ json ‖ SHA-256(ct))`. The sending proxy has
+/// ciphertext), from its JSON and the ciphertext's [`ct_digest`](super::ct_digest):
+/// `SHA-256("photon-detached-v2" ‖ u64(len json) ‖ json ‖ BLAKE3(ct))`. The sending proxy has
 /// the ciphertext's digest already (the envelope binds it), so it hashes the megabyte once, not
 /// twice; the broker hashes it once either way.
 pub fn detached_digest(json: &[u8], ct_digest: &[u8; 32]) -> BodyDigest {
     let mut h = Sha256::new();
-    h.update(b"photon-detached-v1");
+    h.update(b"photon-detached-v2");
     h.update((json.len() as u64).to_be_bytes());
     h.update(json);
     h.update(ct_digest);
@@ -153,7 +153,7 @@ pub fn detached_digest(json: &[u8], ct_digest: &[u8; 32]) -> BodyDigest {
 /// detached upload's.
 pub fn detached_upload_digest(upload: &[u8]) -> BodyDigest {
     match crate::wire::broker::Detached::split(upload) {
-        Some((json, ct)) => detached_digest(json, &Sha256::digest(ct).into()),
+        Some((json, ct)) => detached_digest(json, &super::ct_digest(ct)),
         None => Sha256::new().chain_update(b"photon-detached-unsplit-v1").chain_update(upload).finalize().into(),
     }
 }
@@ -617,17 +617,18 @@ mod tests {
     fn a_detached_uploads_digest_covers_its_json_and_its_ciphertexts_digest() {
         let (json, ct) = (br#"{"id":1}"#.as_slice(), b"cipher\ntext".as_slice());
         let upload = [json, b"\n", ct].concat();
-        let digest = detached_digest(json, &body_digest(ct));
+        let digest = detached_digest(json, &crate::crypto::ct_digest(ct));
         assert_eq!(detached_upload_digest(&upload), digest);
         assert_ne!(digest, body_digest(&upload), "not the plain digest of its bytes");
         // Where the JSON ends is covered: the same bytes split elsewhere digest differently.
-        assert_ne!(detached_digest(br#"{"id":1}"#, &body_digest(b"\ncipher\ntext")), digest);
+        assert_ne!(detached_digest(br#"{"id":1}"#, &crate::crypto::ct_digest(b"\ncipher\ntext")), digest);
         // Without the newline: neither a plain body's digest nor a detached upload's. (Were it
         // the plain digest of its bytes, the bytes a detached digest hashes, sent as a body
         // without a newline, would carry that upload's MAC.)
         assert_ne!(detached_upload_digest(json), body_digest(json));
         let hashed =
-            [b"photon-detached-v1".as_slice(), &(json.len() as u64).to_be_bytes(), json, &body_digest(ct)].concat();
+            [b"photon-detached-v2".as_slice(), &(json.len() as u64).to_be_bytes(), json, &crate::crypto::ct_digest(ct)]
+                .concat();
         assert!(!hashed.contains(&b'\n'));
         assert_ne!(detached_upload_digest(&hashed), digest);
     }

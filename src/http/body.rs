@@ -17,7 +17,7 @@ use futures_util::{Stream, StreamExt};
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 
-use sha2::{Digest, Sha256};
+use crate::crypto::CtHasher;
 
 use super::ApiError;
 use crate::{
@@ -77,7 +77,7 @@ pub async fn read_limited(req: &HttpRequest, payload: web::Payload, limit: usize
 /// Reads a detached upload whole, like [`read_limited`], and hashes its ciphertext (all after
 /// the first newline) on a blocking thread while the rest arrives: on two cores the broker's
 /// check of a 1 MiB upload's MAC then adds little latency of its own. Returns the upload, and
-/// the JSON's length with the ciphertext's SHA-256, or `None` if the upload has no newline.
+/// the JSON's length with the ciphertext's digest (`crypto::ct_digest`), or `None` if the upload has no newline.
 pub async fn read_detached(
     req: &HttpRequest,
     payload: web::Payload,
@@ -149,10 +149,10 @@ struct CtHashing {
     /// The upload's front: hashed, handed back, joined.
     done: BytesMut,
     /// The piece a task has now, and its length.
-    task: Option<tokio::task::JoinHandle<(Sha256, BytesMut)>>,
+    task: Option<tokio::task::JoinHandle<(CtHasher, BytesMut)>>,
     in_task: usize,
     /// The hash of the ciphertext so far, while no task has it.
-    sha: Option<Sha256>,
+    hasher: Option<CtHasher>,
     /// Where the first newline is, once it has come; how far it has been looked for.
     json_len: Option<usize>,
     scanned: usize,
@@ -167,7 +167,7 @@ impl Default for CtHashing {
             done: BytesMut::new(),
             task: None,
             in_task: 0,
-            sha: Some(Sha256::new()),
+            hasher: Some(CtHasher::new()),
             json_len: None,
             scanned: 0,
             pages: None,
@@ -203,11 +203,11 @@ impl CtHashing {
         self.collect().await?;
         let piece = tail.split();
         let skip = self.ct_skip(piece.len());
-        let mut sha = self.sha.take().expect("no task has it");
+        let mut hasher = self.hasher.take().expect("no task has it");
         self.in_task = piece.len();
         self.task = Some(tokio::task::spawn_blocking(move || {
-            sha.update(&piece[skip..]);
-            (sha, piece)
+            hasher.update(&piece[skip..]);
+            (hasher, piece)
         }));
         Ok(())
     }
@@ -222,15 +222,15 @@ impl CtHashing {
     /// Takes back the task's piece and hash, if a task has them.
     async fn collect(&mut self) -> Result<(), ApiError> {
         if let Some(task) = self.task.take() {
-            let (sha, piece) = task.await.map_err(|_| hashing_lost())?;
+            let (hasher, piece) = task.await.map_err(|_| hashing_lost())?;
             self.done.unsplit(piece);
             self.in_task = 0;
-            self.sha = Some(sha);
+            self.hasher = Some(hasher);
         }
         Ok(())
     }
 
-    /// The whole upload, and the JSON's length with the ciphertext's SHA-256 (`None` without a
+    /// The whole upload, and the JSON's length with the ciphertext's digest (`None` without a
     /// newline). The last piece is hashed here, or on a blocking thread if it is large.
     async fn finish(mut self, mut tail: BytesMut) -> Result<(Bytes, Option<(usize, [u8; 32])>), ApiError> {
         self.collect().await?;
@@ -238,19 +238,19 @@ impl CtHashing {
             return Ok((tail.freeze(), None));
         };
         let skip = self.ct_skip(tail.len());
-        let mut sha = self.sha.take().expect("no task has it");
+        let mut hasher = self.hasher.take().expect("no task has it");
         if tail.len() - skip >= HASH_BATCH {
-            (sha, tail) = tokio::task::spawn_blocking(move || {
-                sha.update(&tail[skip..]);
-                (sha, tail)
+            (hasher, tail) = tokio::task::spawn_blocking(move || {
+                hasher.update(&tail[skip..]);
+                (hasher, tail)
             })
             .await
             .map_err(|_| hashing_lost())?;
         } else {
-            sha.update(&tail[skip..]);
+            hasher.update(&tail[skip..]);
         }
         self.done.unsplit(tail);
-        Ok((self.done.freeze(), Some((json_len, sha.finalize().into()))))
+        Ok((self.done.freeze(), Some((json_len, *hasher.finalize().as_bytes()))))
     }
 }
 
@@ -395,7 +395,7 @@ mod tests {
                 let (json_len, digest) = digest.expect("it has its newline");
                 assert_eq!(read, upload, "ct {ct_len}, chunks of {chunk}");
                 assert_eq!(json_len, json.len(), "ct {ct_len}, chunks of {chunk}");
-                assert_eq!(digest, <[u8; 32]>::from(Sha256::digest(&ct)), "ct {ct_len}, chunks of {chunk}");
+                assert_eq!(digest, crate::crypto::ct_digest(&ct), "ct {ct_len}, chunks of {chunk}");
                 assert_eq!(
                     crate::crypto::session::detached_digest(&read[..json_len], &digest),
                     crate::crypto::session::detached_upload_digest(&read),

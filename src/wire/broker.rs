@@ -237,8 +237,8 @@ impl Envelope {
 /// The one sealing scheme there is; any other `alg` does not parse and is refused.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub enum SealAlg {
-    #[serde(rename = "p256-hkdf-xchacha20poly1305")]
-    V1,
+    #[serde(rename = "p256-hkdf-xchacha20poly1305-blake3")]
+    V2,
 }
 
 /// The content key for one recipient proxy, sealed under the sender→recipient pairwise key.
@@ -285,7 +285,7 @@ mod tests {
 
     fn envelope(ttl_ms: Option<u64>, ct: &str) -> Envelope {
         Envelope {
-            alg: SealAlg::V1,
+            alg: SealAlg::V2,
             sk: "kid".into(),
             ts: 1,
             ttl_ms,
