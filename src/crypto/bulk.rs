@@ -72,10 +72,14 @@ fn lengths(aad: &[u8], body_len: usize) -> poly1305::Block {
     block
 }
 
-/// Encrypts `from` into `to` (as long) and MACs the result.
-fn encrypt(cipher: &mut XChaCha20, mac: &mut Poly1305, from: &[u8], to: &mut [u8]) {
-    cipher.try_apply_keystream_b2b(from, to).expect("the output is as long as the input");
-    mac.update_padded(to);
+/// MACs and hashes a body's ciphertext (without its tag) in chunks, so that each is read from
+/// memory once for both. The chunks are multiples of Poly1305's block but the last, so this is
+/// the MAC of the whole padded once.
+fn mac_and_hash<'a>(mac: &mut Poly1305, hasher: &mut CtHasher, chunks: impl Iterator<Item = &'a [u8]>) {
+    for chunk in chunks {
+        mac.update_padded(chunk);
+        hasher.update(chunk);
+    }
 }
 
 /// Seals `plaintext`: returns the ciphertext with its tag appended, and the
@@ -95,34 +99,29 @@ pub fn seal(key: &[u8; 32], nonce: &[u8; 24], aad: &[u8], plaintext: &[u8]) -> (
     }
     let mut out = vec![0u8; plaintext.len() + TAG_LEN];
     let (body, tag_slot) = out.split_at_mut(plaintext.len());
-    // Each chunk is published once encrypted; the hasher waits for the next by spinning, not
-    // by sleeping: waking a sleeping thread on an idle core took a VM exit per chunk, which
-    // cost the encrypting thread as much as the hash it moved away.
-    let digest = {
-        let chunks: Vec<&mut [u8]> = body.chunks_mut(CHUNK).chain([tag_slot]).collect();
-        let finished: Vec<OnceLock<&[u8]>> = chunks.iter().map(|_| OnceLock::new()).collect();
-        let hash = || {
-            let mut h = CtHasher::new();
-            for slot in &finished {
-                h.update(wait_for(slot));
-            }
-            *h.finalize().as_bytes()
-        };
-        let encrypt_all = || {
-            let _unblock = Unblock(&finished);
-            let mut chunks = chunks.into_iter();
-            for (from, (to, slot)) in plaintext.chunks(CHUNK).zip(chunks.by_ref().zip(&finished)) {
-                encrypt(&mut cipher, &mut mac, from, to);
-                let _ = slot.set(to);
-            }
-            let tag_slot = chunks.next().expect("the tag's slot is the last");
-            mac.update(&[lengths(aad, plaintext.len())]);
-            tag_slot.copy_from_slice(&mac.finalize());
-            let _ = finished.last().expect("the tag's slot").set(tag_slot);
-        };
-        let (digest, ()) = beside(hash, encrypt_all);
-        digest
+    // This thread encrypts and publishes each chunk; the helper MACs and hashes the chunks as
+    // they come (the two passes that read the ciphertext, 0.45 ms per MiB against the
+    // keystream's 0.27), then writes the tag and hashes it too. It waits for the next chunk by
+    // spinning, not by sleeping: waking a sleeping thread on an idle core took a VM exit per
+    // chunk, which cost the encrypting thread as much as the work it moved away.
+    let chunks: Vec<&mut [u8]> = body.chunks_mut(CHUNK).collect();
+    let finished: Vec<OnceLock<&[u8]>> = chunks.iter().map(|_| OnceLock::new()).collect();
+    let tag_and_digest = || {
+        let mut hasher = CtHasher::new();
+        mac_and_hash(&mut mac, &mut hasher, finished.iter().map(wait_for));
+        mac.update(&[lengths(aad, plaintext.len())]);
+        tag_slot.copy_from_slice(&mac.finalize());
+        hasher.update(tag_slot);
+        *hasher.finalize().as_bytes()
     };
+    let encrypt_all = || {
+        let _unblock = Unblock(&finished);
+        for (from, (to, slot)) in plaintext.chunks(CHUNK).zip(chunks.into_iter().zip(&finished)) {
+            cipher.try_apply_keystream_b2b(from, to).expect("the output is as long as the input");
+            let _ = slot.set(to);
+        }
+    };
+    let (digest, ()) = beside(tag_and_digest, encrypt_all);
     (out, digest)
 }
 
@@ -231,8 +230,8 @@ fn wait_for<'a>(slot: &OnceLock<&'a [u8]>) -> &'a [u8] {
 }
 
 /// Opens a ciphertext [`seal`] made (tag appended): the plaintext, or [`Refused`]. As the crate
-/// does, on this thread: the tag is checked before anything is decrypted. (`e2e::open` runs it
-/// beside the binding's hash for a large body.)
+/// does, on this thread: the tag is checked before anything is decrypted. (`e2e::open` opens a
+/// large body on two threads instead: [`check_and_digest`] beside [`decrypt_unchecked`].)
 pub fn open(key: &[u8; 32], nonce: &[u8; 24], aad: &[u8], ct: &[u8]) -> Result<Vec<u8>, Refused> {
     let (body, tag) = ct.split_at(ct.len().checked_sub(TAG_LEN).ok_or(Refused)?);
     let (mut cipher, mut mac) = start(key, nonce, aad);
@@ -244,6 +243,34 @@ pub fn open(key: &[u8; 32], nonce: &[u8; 24], aad: &[u8], ct: &[u8]) -> Result<V
     let mut out = body.to_vec();
     cipher.apply_keystream(&mut out);
     Ok(out)
+}
+
+/// Of a ciphertext [`seal`] made (tag appended): whether its tag verifies under `key`, and its
+/// [`ct_digest`](super::ct_digest), from one pass over it. Decrypts nothing.
+pub fn check_and_digest(key: &[u8; 32], nonce: &[u8; 24], aad: &[u8], ct: &[u8]) -> (bool, [u8; 32]) {
+    let mut hasher = CtHasher::new();
+    let Some(body_len) = ct.len().checked_sub(TAG_LEN) else {
+        hasher.update(ct);
+        return (false, *hasher.finalize().as_bytes());
+    };
+    let (body, tag) = ct.split_at(body_len);
+    let (_, mut mac) = start(key, nonce, aad);
+    mac_and_hash(&mut mac, &mut hasher, body.chunks(CHUNK));
+    hasher.update(tag);
+    mac.update(&[lengths(aad, body_len)]);
+    (mac.verify(poly1305::Block::from_slice(tag)).is_ok(), *hasher.finalize().as_bytes())
+}
+
+/// The body of a ciphertext [`seal`] made (tag appended), decrypted **without checking its
+/// tag**: only for running beside [`check_and_digest`], and to be dropped (which wipes it)
+/// unless that found the tag good under the same key.
+pub(crate) fn decrypt_unchecked(key: &[u8; 32], nonce: &[u8; 24], ct: &[u8]) -> zeroize::Zeroizing<Vec<u8>> {
+    let body = &ct[..ct.len().saturating_sub(TAG_LEN)];
+    let mut cipher = XChaCha20::new(key.into(), nonce.into());
+    cipher.seek(BLOCK);
+    let mut out = zeroize::Zeroizing::new(body.to_vec());
+    cipher.apply_keystream(&mut out);
+    out
 }
 
 /// Runs `on_helper` on a helper thread and `here` on this one, at the same time; returns both
@@ -337,6 +364,22 @@ mod tests {
         }
     }
 
+    /// What opening a large body runs on two threads: the tag's check with the digest, and the
+    /// decryption, together what `open` does.
+    #[test]
+    fn checks_and_digests_in_one_pass_and_decrypts_apart() {
+        for len in LENGTHS {
+            let plaintext = body(len);
+            let ct = reference(b"header", &plaintext);
+            let digest = crate::crypto::ct_digest(&ct);
+            assert_eq!(check_and_digest(&KEY, &NONCE, b"header", &ct), (true, digest), "length {len}");
+            assert_eq!(*decrypt_unchecked(&KEY, &NONCE, &ct), plaintext, "length {len}");
+        }
+        let short = [0; TAG_LEN - 1];
+        assert_eq!(check_and_digest(&KEY, &NONCE, b"", &short), (false, crate::crypto::ct_digest(&short)));
+        assert!(decrypt_unchecked(&KEY, &NONCE, &short).is_empty());
+    }
+
     #[test]
     fn unwrap_unchecked_is_the_decryption_without_the_tag() {
         let message = [5u8; 32];
@@ -382,10 +425,12 @@ mod tests {
                         let (ct, digest) = seal(&KEY, &NONCE, b"header", &plaintext);
                         assert_eq!(ct, reference(b"header", &plaintext), "length {len}");
                         assert_eq!(digest, crate::crypto::ct_digest(&ct), "length {len}");
-                        let (checked, opened) =
-                            beside(|| crate::crypto::ct_digest(&ct), || open(&KEY, &NONCE, b"header", &ct));
-                        assert_eq!(<[u8; 32]>::from(checked), digest);
-                        assert_eq!(opened.unwrap(), plaintext, "length {len}");
+                        let (checked, opened) = beside(
+                            || check_and_digest(&KEY, &NONCE, b"header", &ct),
+                            || decrypt_unchecked(&KEY, &NONCE, &ct),
+                        );
+                        assert_eq!(checked, (true, digest), "length {len}");
+                        assert_eq!(*opened, plaintext, "length {len}");
                     }
                 });
             }
@@ -401,11 +446,18 @@ mod tests {
                 let mut bad = ct.clone();
                 bad[at] ^= 1;
                 assert_eq!(open(&KEY, &NONCE, b"header", &bad), Err(Refused), "length {len}, byte {at}");
+                assert!(!check_and_digest(&KEY, &NONCE, b"header", &bad).0, "length {len}, byte {at}");
             }
-            assert_eq!(open(&KEY, &NONCE, b"headex", &ct), Err(Refused), "length {len}: other aad");
-            assert_eq!(open(&[8; 32], &NONCE, b"header", &ct), Err(Refused), "length {len}: other key");
-            assert_eq!(open(&KEY, &[8; 24], b"header", &ct), Err(Refused), "length {len}: other nonce");
-            assert_eq!(open(&KEY, &NONCE, b"header", &ct[..ct.len() - 1]), Err(Refused), "length {len}: cut");
+            let cut = &ct[..ct.len() - 1];
+            for (key, nonce, aad, ct, what) in [
+                (&KEY, &NONCE, b"headex".as_slice(), ct.as_slice(), "other aad"),
+                (&[8; 32], &NONCE, b"header", &ct, "other key"),
+                (&KEY, &[8; 24], b"header", &ct, "other nonce"),
+                (&KEY, &NONCE, b"header", cut, "cut"),
+            ] {
+                assert_eq!(open(key, nonce, aad, ct), Err(Refused), "length {len}: {what}");
+                assert!(!check_and_digest(key, nonce, aad, ct).0, "length {len}: {what}");
+            }
         }
         assert_eq!(open(&KEY, &NONCE, b"", &[0; TAG_LEN - 1]), Err(Refused));
     }

@@ -344,23 +344,28 @@ fn open_with(
         let content_key: &[u8; KEY_LEN] = content_key[..].try_into().map_err(|_| SealError::Forged)?;
         return bulk::open(content_key, &nonce_bytes, &header, ct).map_err(|_| SealError::Forged);
     }
-    // A large body is opened while its wrap is checked: a helper hashes the ciphertext for the
-    // binding and unwraps the content key in full, while this thread checks and decrypts the
-    // body under the key the wrap gives unchecked. The body counts only if the checked key is
-    // that very key; otherwise what was decrypted is wiped (also if the helper panicked).
+    // A large body is opened while its wrap is checked, under the key the wrap gives unchecked:
+    // a helper checks the body's tag under that key and hashes the ciphertext (one pass), then
+    // computes the binding and unwraps the content key in full, while this thread decrypts the
+    // body. The body counts only if its tag verified and the checked key is that very key;
+    // otherwise what was decrypted is wiped (also if the helper panicked).
     let guess = bulk::unwrap_unchecked(
         &key.0,
         &nonce_bytes,
         wrapped[..KEY_LEN].try_into().expect("its length was checked above"),
     );
-    let (unwrapped, opened) = bulk::beside(
-        || unwrap_key(key, &nonce_bytes, &binding(&header, ct), wrapped),
-        || bulk::open(&guess, &nonce_bytes, &header, ct).map(zeroize::Zeroizing::new),
+    let ((tag_ok, unwrapped), mut plaintext) = bulk::beside(
+        || {
+            let (tag_ok, digest) = bulk::check_and_digest(&guess, &nonce_bytes, &header, ct);
+            (tag_ok, unwrap_key(key, &nonce_bytes, &binding_of(&header, &digest), wrapped))
+        },
+        || bulk::decrypt_unchecked(&guess, &nonce_bytes, ct),
     );
     let same_key = unwrapped.is_ok_and(|checked| bool::from(checked[..].ct_eq(&guess[..])));
-    match opened {
-        Ok(mut plaintext) if same_key => Ok(std::mem::take(&mut *plaintext)),
-        _ => Err(SealError::Forged),
+    if tag_ok && same_key {
+        Ok(std::mem::take(&mut *plaintext))
+    } else {
+        Err(SealError::Forged)
     }
 }
 
