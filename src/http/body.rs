@@ -112,12 +112,17 @@ where
         return Err(ApiError::TooLarge { limit });
     }
     let began = Instant::now();
-    let mut tail = BytesMut::with_capacity(declared.unwrap_or(0).min(limit as u64) as usize);
-    if let Some(hashing) = &mut hashing {
+    let capacity = declared.unwrap_or(0).min(limit as u64) as usize;
+    let mut tail = match &mut hashing {
         // A detached upload is stored as it came, in memory new to the broker: its pages are
-        // made ahead while it arrives, within the budget the uploads being read share.
-        hashing.pages = memory::prefault_beside(&mut tail);
-    }
+        // made ahead, within the budget the uploads being read share.
+        Some(hashing) => {
+            let (buf, pages) = memory::upload_buffer(capacity);
+            hashing.pages = pages;
+            buf
+        }
+        None => BytesMut::with_capacity(capacity),
+    };
     loop {
         let read = hashing.as_ref().map_or(0, CtHashing::front) + tail.len();
         let Some(chunk) = next_chunk(&mut payload, began, read).await? else { break };

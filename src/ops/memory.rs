@@ -8,8 +8,8 @@
 use std::{
     ffi::{OsStr, OsString},
     sync::{
-        atomic::{AtomicBool, AtomicUsize, Ordering},
-        OnceLock,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex, OnceLock,
     },
     time::Duration,
 };
@@ -34,32 +34,146 @@ pub fn release_free_memory() {
 }
 
 /// Buffers at least this large are worth a thread's wake-up to back with pages ahead of use
-/// ([`prefault_beside`]): a 1 MiB upload took the broker 256 page faults, a quarter of its CPU in
+/// ([`upload_buffer`]): a 1 MiB upload took the broker 256 page faults, a quarter of its CPU in
 /// a `large` round trip (perf, docs/BENCHMARKS.md round 14).
 pub const PREFAULT_MIN: usize = 256 * 1024;
 
-/// Backs `buf`'s capacity with memory now, on a blocking thread, while the caller fills it:
-/// `madvise(MADV_POPULATE_WRITE)` makes 64 KiB of pages per call, where writing into fresh
-/// memory takes one page fault per page. So a large upload's pages are made on the idle core
-/// instead of in the reading thread; between calls the task yields, so that a reader waiting for
-/// the same core gets it (in one call it had kept the reader off its core for 0.6 ms; in steps
-/// the 1 MiB round trip measured 20.9 against 20.0 ms). A page the caller reaches first is
-/// faulted there; the kernel never changes a page's contents, so the two may race freely.
+/// A buffer of `len` bytes' capacity for a detached upload the broker is about to read, with its
+/// pages made, or being made, ahead of the bytes (while the caller holds the [`Prefault`]):
+/// - the spare one, if there is one of about this size (at most 1/16 larger): made on a blocking
+///   thread after the upload before, while the broker had other things to do, so that none of
+///   its pages is faulted in by the reading thread, which is the chain a lone large message
+///   waits on (in the 1 MiB round trip about a fifth of the broker's reading thread went to
+///   those faults with the pages made only beside it; docs/BENCHMARKS.md, round 16);
+/// - else a new buffer whose pages a blocking thread makes while the caller fills it from the
+///   front.
 ///
-/// The whole capacity becomes resident at once, not as bytes arrive, so the buffers being
-/// filled share [`PREFAULT_BUDGET`]: the caller holds the returned [`Prefault`] until its buffer
-/// is filled or given up, and a buffer that finds the budget spent gets its pages as its bytes
-/// come, like any other. However many uploads trickle in, or stall until they time out, what
-/// they hold beyond the bytes they sent is at most the budget. Does nothing below
-/// [`PREFAULT_MIN`], without a tokio runtime, elsewhere than Linux, or once the kernel has
-/// refused the call (before 5.14).
-pub fn prefault_beside(buf: &mut bytes::BytesMut) -> Option<Prefault> {
-    static SHARED: Budget = Budget::new(PREFAULT_BUDGET);
-    prefault_within(buf, &SHARED)
+/// Once the caller drops the `Prefault` (its upload read, or refused), a spare is made for an
+/// upload of the same size, unless one that fits is there or being made. Spares count against
+/// [`PREFAULT_BUDGET`] like the buffers being filled, and one left unused for [`SPARE_IDLE`] is
+/// freed: an idle broker holds none. A stored upload keeps its buffer's slack (at most 1/16 of
+/// its size). Below [`PREFAULT_MIN`], without a tokio runtime, elsewhere than Linux or once the
+/// kernel has refused `MADV_POPULATE_WRITE`: a plain buffer.
+pub fn upload_buffer(len: usize) -> (bytes::BytesMut, Option<Prefault>) {
+    static UPLOADS: Spares = Spares::new(&UPLOAD_PAGES, SPARE_IDLE);
+    UPLOADS.buffer(len)
 }
 
-/// The most memory [`prefault_beside`] makes ahead of the bytes, over all the buffers still being
-/// filled: sixteen of the broker's largest uploads (16 MiB), or 256 of 1 MiB. (A broker set up
+/// How long an unused spare upload buffer is kept.
+pub const SPARE_IDLE: Duration = Duration::from_secs(10);
+
+/// The pages made ahead for uploads: the buffers being filled and the spare.
+static UPLOAD_PAGES: Budget = Budget::new(PREFAULT_BUDGET);
+
+/// The spare of [`upload_buffer`]: at most one, made for the size of the last upload.
+struct Spares {
+    budget: &'static Budget,
+    idle: Duration,
+    spare: Mutex<Option<Spare>>,
+    making: AtomicBool,
+    made: AtomicU64,
+}
+
+struct Spare {
+    buf: bytes::BytesMut,
+    share: Arc<Share>,
+    /// Which spare this is (counted from 1), for its idle timer.
+    number: u64,
+}
+
+/// Whether a spare of `capacity` bytes is the buffer for an upload of `len`: large enough, and
+/// not so much larger that the slack a stored upload keeps matters.
+fn fits(capacity: usize, len: usize) -> bool {
+    capacity >= len && capacity - len <= len / 16
+}
+
+/// The capacity of a spare made after an upload of `len` bytes: room for the next one to be a
+/// little larger (its JSON differs), in whole pages.
+fn spare_capacity(len: usize) -> usize {
+    (len + len / 64).next_multiple_of(4096)
+}
+
+impl Spares {
+    const fn new(budget: &'static Budget, idle: Duration) -> Self {
+        Self { budget, idle, spare: Mutex::new(None), making: AtomicBool::new(false), made: AtomicU64::new(0) }
+    }
+
+    fn buffer(&'static self, len: usize) -> (bytes::BytesMut, Option<Prefault>) {
+        if len < PREFAULT_MIN {
+            return (bytes::BytesMut::with_capacity(len), None);
+        }
+        let taken = {
+            let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+            match spare.as_ref() {
+                Some(s) if fits(s.buf.capacity(), len) => spare.take(),
+                _ => None,
+            }
+        };
+        let (buf, pages) = match taken {
+            Some(spare) => (spare.buf, Some(Prefault { share: spare.share, task: None, then: None })),
+            None => {
+                let mut buf = bytes::BytesMut::with_capacity(len);
+                let pages = prefault_within(&mut buf, self.budget);
+                (buf, pages)
+            }
+        };
+        let pages = pages.map(|mut p| {
+            p.then = Some((self, len));
+            p
+        });
+        (buf, pages)
+    }
+
+    /// Makes a spare for an upload of `len` bytes on a blocking thread, unless one that fits is
+    /// there or one is being made, the budget is spent, or there is no runtime.
+    fn make(&'static self, len: usize) {
+        if self.spare.lock().unwrap_or_else(|e| e.into_inner()).as_ref().is_some_and(|s| fits(s.buf.capacity(), len))
+            || POPULATE_REFUSED.load(Ordering::Relaxed)
+            || self.making.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let capacity = spare_capacity(len);
+        let runtime = tokio::runtime::Handle::try_current();
+        let Some(runtime) = runtime.ok().filter(|_| self.budget.take(capacity)) else {
+            self.making.store(false, Ordering::Release);
+            return;
+        };
+        let share = Arc::new(Share { budget: self.budget, len: capacity, done_with: AtomicBool::new(false) });
+        runtime.clone().spawn_blocking(move || {
+            let buf = bytes::BytesMut::with_capacity(capacity);
+            if populate_write(buf.as_ptr() as usize, buf.capacity(), &share.done_with) {
+                let number = self.made.fetch_add(1, Ordering::AcqRel) + 1;
+                *self.spare.lock().unwrap_or_else(|e| e.into_inner()) = Some(Spare { buf, share, number });
+                runtime.spawn(async move {
+                    tokio::time::sleep(self.idle).await;
+                    let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+                    if spare.as_ref().is_some_and(|s| s.number == number) {
+                        *spare = None;
+                    }
+                });
+            } else {
+                POPULATE_REFUSED.store(true, Ordering::Relaxed);
+            }
+            self.making.store(false, Ordering::Release);
+        });
+    }
+
+    /// Bytes of the spare, if there is one.
+    #[cfg(test)]
+    fn spare_capacity(&self) -> Option<usize> {
+        self.spare.lock().unwrap().as_ref().map(|s| s.buf.capacity())
+    }
+}
+
+/// [`prefault_within`] the uploads' budget.
+#[cfg(test)]
+fn prefault_beside(buf: &mut bytes::BytesMut) -> Option<Prefault> {
+    prefault_within(buf, &UPLOAD_PAGES)
+}
+
+/// The most memory [`upload_buffer`] makes ahead of the bytes, over all the buffers still being
+/// filled and the spare: sixteen of the broker's largest uploads (16 MiB), or 256 of 1 MiB. (A broker set up
 /// for uploads larger than this gets their pages as their bytes come.)
 pub const PREFAULT_BUDGET: usize = 256 << 20;
 
@@ -88,8 +202,10 @@ impl Budget {
 /// this is dropped and the task making the pages is done; dropping it also stops that task at
 /// its next step (a buffer given up, or filled, needs no more pages made).
 pub struct Prefault {
-    share: std::sync::Arc<Share>,
+    share: Arc<Share>,
     task: Option<tokio::task::JoinHandle<()>>,
+    /// Where to make a spare for the next upload of this size, once this one is done.
+    then: Option<(&'static Spares, usize)>,
 }
 
 /// One buffer's part of the budget, held by its [`Prefault`] and by the task.
@@ -118,9 +234,27 @@ impl Prefault {
 impl Drop for Prefault {
     fn drop(&mut self) {
         self.share.done_with.store(true, Ordering::Release);
+        if let Some((spares, len)) = self.then {
+            spares.make(len);
+        }
     }
 }
 
+/// Backs `buf`'s capacity with memory now, on a blocking thread, while the caller fills it:
+/// `madvise(MADV_POPULATE_WRITE)` makes 64 KiB of pages per call, where writing into fresh
+/// memory takes one page fault per page. So a large upload's pages are made on the idle core
+/// instead of in the reading thread; between calls the task yields, so that a reader waiting for
+/// the same core gets it (in one call it had kept the reader off its core for 0.6 ms; in steps
+/// the 1 MiB round trip measured 20.9 against 20.0 ms). A page the caller reaches first is
+/// faulted there; the kernel never changes a page's contents, so the two may race freely.
+///
+/// The whole capacity becomes resident at once, not as bytes arrive, so the buffers being
+/// filled share a budget ([`PREFAULT_BUDGET`] for uploads): the caller holds the returned [`Prefault`] until its buffer
+/// is filled or given up, and a buffer that finds the budget spent gets its pages as its bytes
+/// come, like any other. However many uploads trickle in, or stall until they time out, what
+/// they hold beyond the bytes they sent is at most the budget. Does nothing below
+/// [`PREFAULT_MIN`], without a tokio runtime, elsewhere than Linux, or once the kernel has
+/// refused the call (before 5.14).
 fn prefault_within(buf: &mut bytes::BytesMut, budget: &'static Budget) -> Option<Prefault> {
     let len = buf.capacity();
     if !cfg!(target_os = "linux")
@@ -131,7 +265,7 @@ fn prefault_within(buf: &mut bytes::BytesMut, budget: &'static Budget) -> Option
     {
         return None;
     }
-    let share = std::sync::Arc::new(Share { budget, len, done_with: AtomicBool::new(false) });
+    let share = Arc::new(Share { budget, len, done_with: AtomicBool::new(false) });
     // An empty view of the same allocation: it keeps the memory allocated until the task is
     // done, even if the caller drops `buf` (a refused upload) or moves past it.
     let keep = buf.split_to(0);
@@ -145,7 +279,7 @@ fn prefault_within(buf: &mut bytes::BytesMut, budget: &'static Budget) -> Option
             drop(keep);
         }
     });
-    Some(Prefault { share, task: Some(task) })
+    Some(Prefault { share, task: Some(task), then: None })
 }
 
 /// Set once the kernel refused `MADV_POPULATE_WRITE`: it will again.
@@ -373,6 +507,58 @@ mod tests {
         assert_eq!(SMALL.held.load(Ordering::Acquire), 0);
         prefault_within(&mut second, &SMALL).expect("free again").made().await;
         assert!(SMALL.take(64 << 20), "all of it free again");
+    }
+
+    /// Polls `f` every 10 ms until it holds, for at most 10 s.
+    async fn eventually(what: &str, f: impl Fn() -> bool) {
+        for _ in 0..1000 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("never: {what}");
+    }
+
+    /// Once an upload is read, a spare buffer with its pages made waits for the next of about its
+    /// size; one of another size gets a buffer of its own; an unused spare is freed, and every
+    /// share of the budget comes back.
+    #[cfg(target_os = "linux")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_next_upload_of_a_size_gets_a_spare_with_its_pages_made() {
+        if !kernel_populates() {
+            return eprintln!("skipped: this kernel has no MADV_POPULATE_WRITE");
+        }
+        static BUDGET: Budget = Budget::new(256 << 20);
+        static SPARES: Spares = Spares::new(&BUDGET, Duration::from_millis(500));
+        // Over glibc's largest mmap threshold (32 MiB): mapped fresh, no page made yet.
+        let len = 40 << 20;
+        let (first, pages) = SPARES.buffer(len);
+        assert_eq!(first.capacity(), len);
+        assert!(pages.is_some() && SPARES.spare_capacity().is_none());
+        drop(pages); // the upload read: a spare for the next is made
+        eventually("a spare is made", || SPARES.spare_capacity() == Some(spare_capacity(len))).await;
+
+        let (next, pages) = SPARES.buffer(len + 100);
+        assert_eq!(next.capacity(), spare_capacity(len), "the spare, not a new buffer");
+        let (resident, all) = resident_pages(&next);
+        assert_eq!(resident, all, "its pages were made before a byte was written");
+        assert!(SPARES.spare_capacity().is_none(), "taken");
+        drop(pages);
+        eventually("another spare is made", || SPARES.spare_capacity().is_some()).await;
+
+        let other = 34 << 20;
+        let (mine, pages) = SPARES.buffer(other);
+        assert_eq!(mine.capacity(), other, "a spare 7 MiB larger is not taken");
+        assert!(SPARES.spare_capacity().is_some_and(|c| c > other));
+        drop(pages);
+        eventually("a spare of the new size replaces it", || SPARES.spare_capacity() == Some(spare_capacity(other)))
+            .await;
+
+        eventually("an unused spare is freed", || SPARES.spare_capacity().is_none()).await;
+        eventually("all of the budget is back", || BUDGET.held.load(Ordering::Acquire) == 0).await;
+        assert!(SPARES.buffer(PREFAULT_MIN - 1).1.is_none(), "small buffers are left alone");
+        drop((first, next, mine));
     }
 
     /// A buffer given up (or filled) needs no more pages: its task stops at its next step.
