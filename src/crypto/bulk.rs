@@ -3,13 +3,14 @@
 //! The AEAD is the one `chacha20poly1305::XChaCha20Poly1305` computes, byte for byte (the tests
 //! compare them): ChaCha20 under the HChaCha20 subkey, its first keystream block keying
 //! Poly1305, the body encrypted from block 1, and the tag over `aad ‖ pad ‖ ct ‖ pad ‖ lengths`.
-//! It is put together here from the same crates' `chacha20` and `poly1305` so that the passes
-//! over a large body can run beside each other instead of one after another:
-//! - sealing encrypts and MACs the body in 64 KiB chunks while a helper thread hashes
-//!   ([`ct_digest`](super::ct_digest)) each finished chunk for the message's binding;
-//! - a large body is opened (`e2e::open`) while a helper hashes its ciphertext for the binding
-//!   and checks the wrapped key; [`open`] itself checks the tag before it decrypts anything, as
-//!   the crate does.
+//! It is put together here from RustCrypto's `chacha20` (0.10, for its AVX-512 backend; the
+//! crate builds on 0.9) and `poly1305` so that the passes over a large body can run beside each
+//! other instead of one after another:
+//! - sealing encrypts the body in 64 KiB chunks while a helper thread MACs and hashes
+//!   ([`ct_digest`](super::ct_digest)) each finished chunk, then writes the tag;
+//! - a large body is opened (`e2e::open`) by decrypting it ([`decrypt_unchecked`]) while a
+//!   helper checks its tag and hashes it ([`check_and_digest`]) and checks the wrapped key;
+//!   [`open`], for small bodies, checks the tag before it decrypts anything, as the crate does.
 //!
 //! The helpers are long-lived threads (a rayon pool of one fewer than the cores, at least one):
 //! a thread started per body ran on the busy core that started it, after the work it was to
@@ -35,6 +36,14 @@ use zeroize::Zeroize;
 use super::CtHasher;
 use crate::ops::cpu;
 
+// The keystream the cipher buffers (the rest of a block it used part of: the MAC key's, a wrapped
+// key's) is wiped when it is dropped: `cipher`'s `zeroize` feature, which chacha20's does not
+// turn on by itself.
+const _: () = {
+    const fn wiped_on_drop<T: zeroize::ZeroizeOnDrop>() {}
+    wiped_on_drop::<XChaCha20>();
+};
+
 /// Bytes of the Poly1305 tag at the end of a ciphertext.
 pub const TAG_LEN: usize = 16;
 /// Bodies from this size are sealed and opened on two threads.
@@ -42,7 +51,7 @@ pub const PARALLEL_MIN: usize = 256 * 1024;
 /// The pipeline's step: small enough to stay in cache between the two threads, a multiple of
 /// Poly1305's 16-byte block so that each chunk but the last is MACed unpadded.
 const CHUNK: usize = 64 * 1024;
-/// Spins of the hasher before it yields while waiting for a chunk (about as long as a chunk
+/// Spins of the helper before it yields while waiting for a chunk (about as long as a chunk
 /// takes to encrypt).
 const SPINS: u32 = 4_000;
 /// ChaCha20's block: the first one keys Poly1305, the body starts at the second.

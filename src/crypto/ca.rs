@@ -239,7 +239,7 @@ pub fn revoke_serial(dir: &Path, serial: &[u8]) -> Result<(), CryptoError> {
 pub fn parse_serial(text: &str) -> Result<Vec<u8>, CryptoError> {
     let hex: String = text.chars().filter(|c| *c != ':').collect();
     let bad = || CryptoError::Certificate(format!("{text:?} is not a serial number in hex"));
-    if hex.is_empty() || hex.len() % 2 != 0 {
+    if hex.is_empty() || !hex.len().is_multiple_of(2) {
         return Err(bad());
     }
     (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).map_err(|_| bad())).collect()

@@ -8,7 +8,7 @@
 //!   with XChaCha20-Poly1305 under the content key, with the message header ([`Subject`] plus the
 //!   envelope's own fields) as associated data. The content key is then wrapped once per
 //!   recipient proxy under the sender→recipient pairwise key, with associated data
-//!   `SHA-256(header ‖ SHA-256(ciphertext))`.
+//!   `SHA-256(header ‖ BLAKE3(ciphertext))` ([`ct_digest`](super::ct_digest)).
 //!
 //! So a recipient that unwraps its key has proof (under a key only it and the sender hold) of
 //! every header field and of the exact ciphertext; it can read the body, but can't make another
@@ -245,8 +245,8 @@ pub fn seal(
 
 /// [`seal`], with the ciphertext beside the envelope instead of in it: the envelope's `ct` is
 /// empty and `detached` its length (see `wire::broker::Detached`). What is sealed and bound is
-/// the same either way. Also returns the ciphertext's SHA-256 (a detached upload's request MAC
-/// covers it, `session::detached_digest`).
+/// the same either way. Also returns the ciphertext's [`ct_digest`](super::ct_digest) (a
+/// detached upload's request MAC covers it, `session::detached_digest`).
 pub fn seal_detached(
     subject: &Subject<'_>,
     sender_kid: KeyId,
@@ -679,6 +679,39 @@ mod tests {
         let (_, a_to_b) = f.b.keys_with(&f.a);
         let forged = reseal_as_recipient(&env, &subject, &f.b.proxy, &a_to_b, &vec![b'y'; body.len()]).unwrap();
         assert_eq!(open_at(&f.c, &f.a, &forged, &subject), Err(SealError::Forged));
+    }
+
+    /// A large body whose tag is wrong is refused even under a wrap that binds that very
+    /// ciphertext (what only its sender, or a recipient re-wrapping for itself, can make): the
+    /// one case in which the body's own tag decides, not the binding. The same re-wrap over the
+    /// ciphertext as sealed opens.
+    #[test]
+    fn a_large_body_with_a_bad_tag_is_refused_under_a_good_wrap() {
+        let f = fixture();
+        let subject = task(&f, Uuid::new_v4());
+        let body = vec![b'x'; bulk::PARALLEL_MIN + 100];
+        let env = sealed(&f, &subject, &body);
+        let (_, a_to_b) = f.b.keys_with(&f.a);
+        let nonce = decode_nonce(&env).unwrap();
+        let header = header(&subject, &env.sk, env.ts, env.ttl_ms, &env.n, &env.keys);
+        let ct = decode_bulk(&env.ct).unwrap();
+        let w = b64().decode(&wrap_for(&env, &f.b.proxy).unwrap().w).unwrap();
+        let content_key = unwrap_key(&a_to_b, &nonce, &binding(&header, &ct), w).unwrap();
+        let rewrapped = |ct: &[u8]| {
+            let w = XChaCha20Poly1305::new(&a_to_b.0.into())
+                .encrypt(XNonce::from_slice(&nonce), Payload { msg: &content_key[..], aad: &binding(&header, ct) })
+                .unwrap();
+            let mut e = Envelope { ct: encode_bulk(ct), ..env.clone() };
+            let at = e.keys.iter().position(|k| k.p == f.b.proxy).unwrap();
+            e.keys[at].w = b64().encode(w);
+            e
+        };
+        assert_eq!(open_at(&f.b, &f.a, &rewrapped(&ct), &subject).unwrap(), body, "the re-wrap itself opens");
+        for at in [ct.len() - bulk::TAG_LEN, ct.len() - 1] {
+            let mut bad_tag = ct.clone();
+            bad_tag[at] ^= 1;
+            assert_eq!(open_at(&f.b, &f.a, &rewrapped(&bad_tag), &subject), Err(SealError::Forged), "tag byte {at}");
+        }
     }
 
     #[test]

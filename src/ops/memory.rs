@@ -125,13 +125,18 @@ impl Spares {
     }
 
     /// Makes a spare for an upload of `len` bytes on a blocking thread, unless one that fits is
-    /// there or one is being made, the budget is spent, or there is no runtime.
+    /// there or one is being made, the budget is spent, or there is no runtime. Whether one is
+    /// being made is set and cleared under the spare's lock, so a spare seen there is never
+    /// still counted as being made.
     fn make(&'static self, len: usize) {
-        if self.spare.lock().unwrap_or_else(|e| e.into_inner()).as_ref().is_some_and(|s| fits(s.buf.capacity(), len))
-            || POPULATE_REFUSED.load(Ordering::Relaxed)
-            || self.making.swap(true, Ordering::AcqRel)
-        {
+        if POPULATE_REFUSED.load(Ordering::Relaxed) {
             return;
+        }
+        {
+            let spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+            if spare.as_ref().is_some_and(|s| fits(s.buf.capacity(), len)) || self.making.swap(true, Ordering::AcqRel) {
+                return;
+            }
         }
         let capacity = spare_capacity(len);
         let runtime = tokio::runtime::Handle::try_current();
@@ -142,20 +147,33 @@ impl Spares {
         let share = Arc::new(Share { budget: self.budget, len: capacity, done_with: AtomicBool::new(false) });
         runtime.clone().spawn_blocking(move || {
             let buf = bytes::BytesMut::with_capacity(capacity);
-            if populate_write(buf.as_ptr() as usize, buf.capacity(), &share.done_with) {
-                let number = self.made.fetch_add(1, Ordering::AcqRel) + 1;
-                *self.spare.lock().unwrap_or_else(|e| e.into_inner()) = Some(Spare { buf, share, number });
-                runtime.spawn(async move {
-                    tokio::time::sleep(self.idle).await;
-                    let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
-                    if spare.as_ref().is_some_and(|s| s.number == number) {
-                        *spare = None;
-                    }
-                });
-            } else {
+            if !populate_write(buf.as_ptr() as usize, buf.capacity(), &share.done_with) {
                 POPULATE_REFUSED.store(true, Ordering::Relaxed);
+                self.making.store(false, Ordering::Release);
+                return;
             }
-            self.making.store(false, Ordering::Release);
+            let number = self.made.fetch_add(1, Ordering::AcqRel) + 1;
+            let replaced = {
+                let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+                self.making.store(false, Ordering::Release);
+                spare.replace(Spare { buf, share, number })
+            };
+            drop(replaced);
+            runtime.spawn(async move {
+                tokio::time::sleep(self.idle).await;
+                let idle = {
+                    let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+                    spare.take_if(|s| s.number == number)
+                };
+                // Freed where glibc can give it back: a buffer of about 1 MiB may come from a
+                // heap rather than its own mapping, and would stay resident there.
+                if let Some(idle) = idle {
+                    tokio::task::spawn_blocking(move || {
+                        drop(idle);
+                        release_free_memory();
+                    });
+                }
+            });
         });
     }
 
