@@ -548,7 +548,7 @@ mod tests {
             return eprintln!("skipped: this kernel has no MADV_POPULATE_WRITE");
         }
         static BUDGET: Budget = Budget::new(256 << 20);
-        static SPARES: Spares = Spares::new(&BUDGET, Duration::from_millis(500));
+        static SPARES: Spares = Spares::new(&BUDGET, Duration::from_secs(2));
         // Over glibc's largest mmap threshold (32 MiB): mapped fresh, no page made yet.
         let len = 40 << 20;
         let (first, pages) = SPARES.buffer(len);
