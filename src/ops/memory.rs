@@ -69,9 +69,15 @@ static UPLOAD_PAGES: Budget = Budget::new(PREFAULT_BUDGET);
 struct Spares {
     budget: &'static Budget,
     idle: Duration,
-    spare: Mutex<Option<Spare>>,
-    making: AtomicBool,
+    slot: Mutex<Slot>,
     made: AtomicU64,
+}
+
+/// The spare, and whether one is being made: one lock for both, so a spare seen there is never
+/// still counted as being made.
+struct Slot {
+    spare: Option<Spare>,
+    making: bool,
 }
 
 struct Spare {
@@ -95,20 +101,18 @@ fn spare_capacity(len: usize) -> usize {
 
 impl Spares {
     const fn new(budget: &'static Budget, idle: Duration) -> Self {
-        Self { budget, idle, spare: Mutex::new(None), making: AtomicBool::new(false), made: AtomicU64::new(0) }
+        Self { budget, idle, slot: Mutex::new(Slot { spare: None, making: false }), made: AtomicU64::new(0) }
+    }
+
+    fn slot(&self) -> std::sync::MutexGuard<'_, Slot> {
+        self.slot.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn buffer(&'static self, len: usize) -> (bytes::BytesMut, Option<Prefault>) {
         if len < PREFAULT_MIN {
             return (bytes::BytesMut::with_capacity(len), None);
         }
-        let taken = {
-            let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
-            match spare.as_ref() {
-                Some(s) if fits(s.buf.capacity(), len) => spare.take(),
-                _ => None,
-            }
-        };
+        let taken = self.slot().spare.take_if(|s| fits(s.buf.capacity(), len));
         let (buf, pages) = match taken {
             Some(spare) => (spare.buf, Some(Prefault { share: spare.share, task: None, then: None })),
             None => {
@@ -125,23 +129,22 @@ impl Spares {
     }
 
     /// Makes a spare for an upload of `len` bytes on a blocking thread, unless one that fits is
-    /// there or one is being made, the budget is spent, or there is no runtime. Whether one is
-    /// being made is set and cleared under the spare's lock, so a spare seen there is never
-    /// still counted as being made.
+    /// there or one is being made, the budget is spent, or there is no runtime.
     fn make(&'static self, len: usize) {
         if POPULATE_REFUSED.load(Ordering::Relaxed) {
             return;
         }
         {
-            let spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
-            if spare.as_ref().is_some_and(|s| fits(s.buf.capacity(), len)) || self.making.swap(true, Ordering::AcqRel) {
+            let mut slot = self.slot();
+            if slot.making || slot.spare.as_ref().is_some_and(|s| fits(s.buf.capacity(), len)) {
                 return;
             }
+            slot.making = true;
         }
         let capacity = spare_capacity(len);
         let runtime = tokio::runtime::Handle::try_current();
         let Some(runtime) = runtime.ok().filter(|_| self.budget.take(capacity)) else {
-            self.making.store(false, Ordering::Release);
+            self.slot().making = false;
             return;
         };
         let share = Arc::new(Share { budget: self.budget, len: capacity, done_with: AtomicBool::new(false) });
@@ -149,22 +152,19 @@ impl Spares {
             let buf = bytes::BytesMut::with_capacity(capacity);
             if !populate_write(buf.as_ptr() as usize, buf.capacity(), &share.done_with) {
                 POPULATE_REFUSED.store(true, Ordering::Relaxed);
-                self.making.store(false, Ordering::Release);
+                self.slot().making = false;
                 return;
             }
             let number = self.made.fetch_add(1, Ordering::AcqRel) + 1;
             let replaced = {
-                let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
-                self.making.store(false, Ordering::Release);
-                spare.replace(Spare { buf, share, number })
+                let mut slot = self.slot();
+                slot.making = false;
+                slot.spare.replace(Spare { buf, share, number })
             };
             drop(replaced);
             runtime.spawn(async move {
                 tokio::time::sleep(self.idle).await;
-                let idle = {
-                    let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
-                    spare.take_if(|s| s.number == number)
-                };
+                let idle = self.slot().spare.take_if(|s| s.number == number);
                 // Freed where glibc can give it back: a buffer of about 1 MiB may come from a
                 // heap rather than its own mapping, and would stay resident there.
                 if let Some(idle) = idle {
@@ -179,8 +179,8 @@ impl Spares {
 
     /// Bytes of the spare, if there is one.
     #[cfg(test)]
-    fn spare_capacity(&self) -> Option<usize> {
-        self.spare.lock().unwrap().as_ref().map(|s| s.buf.capacity())
+    fn spare_bytes(&self) -> Option<usize> {
+        self.slot().spare.as_ref().map(|s| s.buf.capacity())
     }
 }
 
@@ -553,27 +553,26 @@ mod tests {
         let len = 40 << 20;
         let (first, pages) = SPARES.buffer(len);
         assert_eq!(first.capacity(), len);
-        assert!(pages.is_some() && SPARES.spare_capacity().is_none());
+        assert!(pages.is_some() && SPARES.spare_bytes().is_none());
         drop(pages); // the upload read: a spare for the next is made
-        eventually("a spare is made", || SPARES.spare_capacity() == Some(spare_capacity(len))).await;
+        eventually("a spare is made", || SPARES.spare_bytes() == Some(spare_capacity(len))).await;
 
         let (next, pages) = SPARES.buffer(len + 100);
         assert_eq!(next.capacity(), spare_capacity(len), "the spare, not a new buffer");
         let (resident, all) = resident_pages(&next);
         assert_eq!(resident, all, "its pages were made before a byte was written");
-        assert!(SPARES.spare_capacity().is_none(), "taken");
+        assert!(SPARES.spare_bytes().is_none(), "taken");
         drop(pages);
-        eventually("another spare is made", || SPARES.spare_capacity().is_some()).await;
+        eventually("another spare is made", || SPARES.spare_bytes().is_some()).await;
 
         let other = 34 << 20;
         let (mine, pages) = SPARES.buffer(other);
         assert_eq!(mine.capacity(), other, "a spare 7 MiB larger is not taken");
-        assert!(SPARES.spare_capacity().is_some_and(|c| c > other));
+        assert!(SPARES.spare_bytes().is_some_and(|c| c > other));
         drop(pages);
-        eventually("a spare of the new size replaces it", || SPARES.spare_capacity() == Some(spare_capacity(other)))
-            .await;
+        eventually("a spare of the new size replaces it", || SPARES.spare_bytes() == Some(spare_capacity(other))).await;
 
-        eventually("an unused spare is freed", || SPARES.spare_capacity().is_none()).await;
+        eventually("an unused spare is freed", || SPARES.spare_bytes().is_none()).await;
         eventually("all of the budget is back", || BUDGET.held.load(Ordering::Acquire) == 0).await;
         assert!(SPARES.buffer(PREFAULT_MIN - 1).1.is_none(), "small buffers are left alone");
         drop((first, next, mine));
